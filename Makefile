@@ -1,0 +1,34 @@
+# Two commands matter: `make demo` and `make test`. Both create .venv when missing and install
+# the project into it. On CPU machines torch is pinned by constraints-cpu.txt so pip never pulls
+# CUDA wheels; GPU users: install your torch into .venv first, then run with CONSTRAINTS= (empty).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONSTRAINTS ?= constraints-cpu.txt
+PIP_CONSTRAINT_FLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+ARGS ?=
+
+.PHONY: install demo test test-slow bench clean
+
+$(VENV)/.installed-$(CONSTRAINTS): pyproject.toml $(CONSTRAINTS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(PIP_CONSTRAINT_FLAG) -e '.[test]'
+	@touch $@
+
+install: $(VENV)/.installed-$(CONSTRAINTS)
+
+demo: install
+	$(PY) -m policyflow train --config configs/demo.yaml $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: install
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+bench: install
+	$(PY) benchmarks/sampler_throughput.py
+	$(PY) benchmarks/rl_iteration.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

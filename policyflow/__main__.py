@@ -1,0 +1,5 @@
+import sys
+
+from policyflow.cli import main
+
+sys.exit(main())
