@@ -1,0 +1,42 @@
+"""Reward shaping: small, generic terms added to or gating a task's reward. Layer 0: torch only.
+
+Tensor in, tensor out; integer inputs come back in the default float dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _float(values: Tensor) -> Tensor:
+    return values if values.is_floating_point() else values.to(torch.get_default_dtype())
+
+
+def overlong_penalty(lengths: Tensor, max_len: int, cache_len: int) -> Tensor:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), with L = max_len, C = cache_len:
+
+        R(|y|) = 0                          |y| ≤ L − C
+                 ((L − C) − |y|) / C        L − C < |y| ≤ L
+                 −1                         |y| > L
+
+    `cache_len = 0` gives the hard cut (0 up to L, −1 beyond).
+    """
+    if not 0 <= cache_len <= max_len:
+        raise ValueError(f"need 0 <= cache_len <= max_len, got cache_len={cache_len}, max_len={max_len}")
+    lengths = _float(lengths)
+    ramp = ((max_len - cache_len) - lengths) / max(cache_len, 1)
+    return torch.where(lengths > max_len, -1.0, ramp.clamp(-1.0, 0.0))
+
+
+def format_gate(rewards: Tensor, ok: Tensor, penalty: float = 0.0) -> Tensor:
+    """The reward where the output is well formed (`ok` true), else the constant `penalty`."""
+    rewards = _float(rewards)
+    return torch.where(ok.bool(), rewards, penalty)
+
+
+def count_penalty(counts: Tensor, per_item: float, max_penalty: float | None = None) -> Tensor:
+    """−per_item · count (e.g. per search or tool call), floored at −max_penalty when given."""
+    penalty = -per_item * _float(counts)
+    return penalty if max_penalty is None else penalty.clamp(min=-max_penalty)

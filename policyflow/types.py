@@ -1,0 +1,159 @@
+"""Records passed between stages (DESIGN.md §3). Layer 0: stdlib and torch only.
+
+Stages hand each other these dataclasses, never string-keyed bags. Tensor fields carry a
+shape suffix: B sequences, T tokens, G group members, P prompts, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+SegmentKind = Literal["prompt", "gen", "obs"]
+TrajectoryStatus = Literal["complete", "truncated", "aborted", "failed"]
+FinishReason = Literal["eos", "stop", "length", "aborted"]
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """What every policy loss returns: a scalar to backpropagate and detached metrics."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sequence produced by an engine call.
+
+    `token_ids[i]` was drawn with log-probability `logprobs[i]` (under the sampling
+    distribution at temperature 1 scaling applied, i.e. the behaviour policy) by weights of
+    policy version `versions[i]`.
+    """
+
+    prompt_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    versions: tuple[int, ...]
+    finish_reason: FinishReason
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous run of tokens of one kind. Only `gen` segments carry log-probs/versions."""
+
+    kind: SegmentKind
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] | None = None
+    versions: tuple[int, ...] | None = None
+    turn: int = 0
+    tag: str | None = None
+
+    @property
+    def trainable(self) -> bool:
+        return self.kind == "gen"
+
+    def __post_init__(self) -> None:
+        if self.kind == "gen":
+            if self.logprobs is None or self.versions is None:
+                raise ValueError("a gen segment needs logprobs and versions")
+            if not (len(self.logprobs) == len(self.versions) == len(self.token_ids)):
+                raise ValueError(
+                    f"gen segment lengths differ: {len(self.token_ids)} tokens, "
+                    f"{len(self.logprobs)} logprobs, {len(self.versions)} versions"
+                )
+        elif self.logprobs is not None or self.versions is not None:
+            raise ValueError(f"a {self.kind} segment carries no logprobs or versions")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One engine call: the segments that formed its exact context and the one it produced."""
+
+    context: tuple[int, ...]  # indices into Trajectory.segments
+    produced: int  # index of the gen segment
+    position_offset: int = 0
+
+
+@dataclass
+class Timings:
+    generation_s: float = 0.0
+    tools_s: float = 0.0
+    queue_s: float = 0.0
+
+
+@dataclass
+class Trajectory:
+    """One rollout: the segments it consists of, how it was produced, and its reward."""
+
+    id: str
+    task_id: str
+    group_id: str
+    segments: list[Segment]
+    calls: list[Call]
+    reward: float = 0.0
+    reward_parts: dict[str, float] = field(default_factory=dict)
+    completion_text: str = ""
+    num_turns: int = 1
+    num_tool_calls: int = 0
+    start_version: int = 0
+    end_version: int = 0
+    status: TrajectoryStatus = "complete"
+    finish_reason: FinishReason = "eos"
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def num_gen_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.segments if s.kind == "gen")
+
+    @property
+    def min_version(self) -> int:
+        """Oldest policy version of any generated token (start_version if none)."""
+        versions = [v for s in self.segments if s.versions for v in s.versions]
+        return min(versions) if versions else self.start_version
+
+
+@dataclass
+class Group:
+    """The G trajectories of one task instance (GRPO group), admitted and aged together."""
+
+    id: str
+    task_id: str
+    prompt: str
+    answer: str
+    trajectories: list[Trajectory]
+
+    @property
+    def rewards(self) -> list[float]:
+        return [t.reward for t in self.trajectories]
+
+    @property
+    def min_version(self) -> int:
+        return min(t.min_version for t in self.trajectories)
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """Right-padded tensors for one optimisation step.
+
+    Position t of `*_BT` describes token t; `behav_logprobs_BT[b, t]` is log p(token t | < t)
+    under the behaviour policy and is meaningful only where `loss_mask_BT` is 1.
+    """
+
+    input_ids_BT: torch.Tensor
+    attention_mask_BT: torch.Tensor
+    loss_mask_BT: torch.Tensor
+    behav_logprobs_BT: torch.Tensor
+    versions_BT: torch.Tensor
+    advantages_B: torch.Tensor
+    group_index_B: torch.Tensor
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.input_ids_BT.shape[0])
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        return TrainBatch(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
