@@ -1,0 +1,112 @@
+"""The task interface: problems with a prompt, a reference answer, and a verifiable reward."""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class TaskError(ValueError):
+    """A task cannot be built or used as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One task instance. `columns` carries any extra data a reward function may read."""
+
+    id: str
+    prompt: str
+    answer: str
+    columns: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Score:
+    """Rewards for a batch of completions, with the task's own correctness verdict.
+
+    `correct[i]` is the task's answer check (used for accuracy); `rewards[i]` is what RL
+    optimises. `errors` counts samples whose reward function raised or timed out (they get
+    reward 0.0 and are logged, never dropped).
+    """
+
+    rewards: list[float]
+    correct: list[bool]
+    errors: int = 0
+    parts: dict[str, list[float]] = field(default_factory=dict)
+
+
+class Task(ABC):
+    """A source of problems with a reward. Synthetic tasks are seeded; train and held-out are disjoint."""
+
+    name: str = "task"
+    # Strings that end a completion (in addition to the EOS token).
+    stop: tuple[str, ...] = ()
+
+    @abstractmethod
+    def train_problem(self, index: int) -> Problem:
+        """The index-th training problem; deterministic given the task's seed. Never a held-out one."""
+
+    @abstractmethod
+    def eval_problems(self) -> Sequence[Problem]:
+        """The fixed held-out set."""
+
+    def render_prompt(self, problem: Problem) -> str:
+        """The text the model is conditioned on."""
+        return problem.prompt
+
+    def sft_completion(self, problem: Problem) -> str:
+        """The reference completion used for the supervised warm-start."""
+        return problem.answer
+
+    @abstractmethod
+    def extract_answer(self, completion: str) -> str | None:
+        """The answer in a completion, or None if there is none."""
+
+    @abstractmethod
+    def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> Score:
+        """Rewards and correctness for completions[i] answering problems[i]."""
+
+
+def check_batch(problems: Sequence[Problem], completions: Sequence[str]) -> None:
+    """Raise ValueError unless there is exactly one completion per problem."""
+    if len(problems) != len(completions):
+        raise ValueError(f"score() got {len(problems)} problems but {len(completions)} completions; pass one completion per problem")
+
+
+def seeded_rng(seed: int, *labels: object) -> random.Random:
+    """A generator determined by (seed, *labels) alone, stable across processes and runs.
+
+    Python seeds `random.Random` from a string through SHA-512, so this does not depend on
+    PYTHONHASHSEED.
+    """
+    return random.Random("/".join(str(part) for part in (seed, *labels)))
+
+
+def sample_distinct(draw: Callable[[random.Random], T], key: Callable[[T], Hashable], count: int, rng: random.Random, what: str) -> list[T]:
+    """`count` draws with pairwise different keys (the held-out set of a synthetic task)."""
+    chosen: list[T] = []
+    seen: set[Hashable] = set()
+    for _ in range(100 * count + 1000):
+        if len(chosen) == count:
+            return chosen
+        item = draw(rng)
+        if key(item) not in seen:
+            seen.add(key(item))
+            chosen.append(item)
+    if len(chosen) == count:
+        return chosen
+    raise TaskError(f"could not draw {count} distinct held-out {what} (got {len(chosen)}); lower num_eval or widen the problem space")
+
+
+def sample_excluding(draw: Callable[[random.Random], T], key: Callable[[T], Hashable], excluded: frozenset[Hashable] | set[Hashable], rng: random.Random, what: str) -> T:
+    """One draw whose key is not in `excluded` (a training problem is never a held-out one)."""
+    for _ in range(10_000):
+        item = draw(rng)
+        if key(item) not in excluded:
+            return item
+    raise TaskError(f"could not draw a training {what} outside the held-out set; lower num_eval or widen the problem space")
