@@ -1,0 +1,538 @@
+"""Sampling engine: batched, versioned autoregressive generation with a KV cache.
+
+    engine = Engine(model, tokenizer, version=0)
+    engine.submit(Request(prompt_ids, SamplingParams(max_new_tokens=32), id="q1"))
+    while engine.has_work:
+        for done in engine.step():          # one decode step over all active slots
+            ...                             # done.request, done.sample (a types.Sample)
+    engine.update_weights(state_dict, version=1, mode="continue")   # or "drain" / "abort"
+
+`Sampler.generate(prompt_ids_list, params)` is the same loop for a fixed list of prompts.
+
+What each token carries (the contract with the trainer, DESIGN.md §3):
+
+* `Sample.logprobs[i]` is the log-probability of `token_ids[i]` under the distribution the
+  token was actually drawn from: softmax(logits / temperature), restricted to the top-p
+  nucleus and renormalised. That is the behaviour policy. At temperature 1 and top_p 1 it is
+  the model's own log-softmax, and it matches the trainer's recomputation
+  (`ops.shifted_token_logprobs` on a right-padded `prompt + completion` batch) to < 1e-4 in
+  float32 (tests/test_sampler.py). At temperature 0 (greedy) the token is the argmax and the
+  log-prob is the model's log-softmax at temperature 1 (the greedy "distribution" would give
+  log 1 = 0 everywhere, which is useless for training).
+* `Sample.versions[i]` is the engine's `version` when token i was sampled. With a
+  `continue` weight swap, the in-flight sequences keep their KV cache (computed by the old
+  weights) and later tokens carry the new version; this is the accepted practice of AReaL.
+* `finish_reason`: "eos" (a stop token id was sampled; it is included in `token_ids`),
+  "stop" (a stop string appeared in the decoded completion; the tokens up to and including
+  the one that completed it are kept, `text` is cut right after the stop string), "length"
+  (`max_new_tokens` reached), "aborted" (cut off by `abort()`; see `Request.resume`).
+
+Backends (chosen by `backend="auto"`): the fast slot decoder for Llama-family models
+(`fast_decoder.py`, continuous batching) or the model's own HF forward (`hf_decoder.py`,
+any causal LM, static batches). Both keep finished rows out of the compute: the batch is
+compacted after every step.
+
+Threads: the library never sets torch's thread count; the caller does.
+Reproducibility: with the same `torch.Generator` state (on the model's device), the same
+requests submitted in the same order and the same weights, outputs are identical; both
+backends draw the same tokens. The random stream is shared by the whole batch, so a
+request's tokens depend on what else is in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from policyflow.engine.fast_decoder import FastDecoder, fast_path_problem
+from policyflow.engine.hf_decoder import HFDecoder
+from policyflow.types import FinishReason, Sample
+
+SwapMode = Literal["continue", "drain", "abort"]
+SWAP_MODES: tuple[str, ...] = ("continue", "drain", "abort")
+BackendName = Literal["auto", "fast", "generic"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request.
+
+    temperature: 0 means greedy (argmax; log-probs are the T=1 model log-softmax).
+    top_p: nucleus mass kept (1 keeps everything); log-probs are renormalised over it.
+    max_new_tokens: hard cap on generated tokens ("length").
+    stop: strings that end the completion when they appear in its decoded text ("stop").
+    stop_token_ids: token ids that end it ("eos"); None means the model's EOS ids.
+    ignore_eos: never stop on a token id (benchmarks: fixed-length generation).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        if self.stop_token_ids is not None:
+            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request; `id` is the caller's key, echoed back in `Finished`."""
+
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    id: Hashable = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompt_ids", tuple(int(t) for t in self.prompt_ids))
+        if not self.prompt_ids:
+            raise ValueError("a request needs at least one prompt token")
+
+    def resume(self, partial: Sample) -> Request:
+        """The request that continues an aborted `partial`: its tokens become prompt.
+
+        Join the two outputs with `join_samples(partial, rest)`. A stop string that straddles
+        the boundary is not detected (each part is checked on its own text).
+        """
+        left = self.params.max_new_tokens - len(partial.token_ids)
+        if left < 1:
+            raise ValueError("the partial output already used all max_new_tokens; nothing to resume")
+        params = dataclasses.replace(self.params, max_new_tokens=left)
+        return Request(self.prompt_ids + tuple(partial.token_ids), params, self.id)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished (or aborted) request and what was generated for it."""
+
+    request: Request
+    sample: Sample
+
+
+def join_samples(first: Sample, rest: Sample) -> Sample:
+    """One sample from an aborted `first` and the `rest` generated by `Request.resume`."""
+    return Sample(
+        prompt_ids=first.prompt_ids,
+        token_ids=first.token_ids + rest.token_ids,
+        logprobs=first.logprobs + rest.logprobs,
+        versions=first.versions + rest.versions,
+        finish_reason=rest.finish_reason,
+        text=first.text + rest.text,
+    )
+
+
+def sample_tokens(
+    logits_NV: torch.Tensor,
+    temperature: float | torch.Tensor = 1.0,
+    top_p: float | torch.Tensor = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row; return (token ids [N], their behaviour log-probs [N]).
+
+    Row n samples from p_n = softmax(logits_n / T_n) restricted to its top-p nucleus (the
+    most probable tokens whose mass before them is < top_p_n; the argmax is always kept) and
+    renormalised; the log-prob returned is log p_n(token). Rows with T_n = 0 take the argmax
+    and return the temperature-1 log-softmax of it. `temperature` and `top_p` are floats
+    (shared by all rows: the cheap path) or [N] tensors.
+    """
+    logits = logits_NV.float()
+    if not isinstance(temperature, torch.Tensor) and not isinstance(top_p, torch.Tensor):
+        if temperature <= 0:
+            return _greedy(logits)
+        logp = torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
+        if top_p < 1:
+            logp = _nucleus(logp, top_p)
+        return _draw(logp, generator)
+    n = logits.shape[0]
+    temperature_N = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).expand(n)
+    top_p_N = torch.as_tensor(top_p, dtype=torch.float32, device=logits.device).expand(n)
+    greedy = temperature_N <= 0
+    if bool(greedy.all()):
+        return _greedy(logits)
+    temperature_N = torch.where(greedy, torch.ones_like(temperature_N), temperature_N)
+    logp = torch.log_softmax(logits / temperature_N[:, None], dim=-1)
+    if bool((top_p_N < 1).any()):
+        logp = _nucleus(logp, torch.where(top_p_N < 1, top_p_N, torch.inf)[:, None])
+    tokens, chosen = _draw(logp, generator)
+    if bool(greedy.any()):
+        best, best_logp = _greedy(logits)
+        tokens, chosen = torch.where(greedy, best, tokens), torch.where(greedy, best_logp, chosen)
+    return tokens, chosen
+
+
+def _greedy(logits_NV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = logits_NV.argmax(-1)
+    return tokens, torch.log_softmax(logits_NV, -1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _nucleus(logp_NV: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    """Log-probs restricted to the top-p nucleus and renormalised (dropped tokens: -inf).
+
+    A token is kept when the mass of the strictly more probable tokens is < top_p, so the
+    argmax always stays and top_p = 1 keeps everything.
+    """
+    sorted_logp, order = logp_NV.sort(dim=-1, descending=True)
+    sorted_p = sorted_logp.exp()
+    drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    logp = logp_NV.masked_fill(drop, float("-inf"))
+    return logp - torch.logsumexp(logp, dim=-1, keepdim=True)
+
+
+def _draw(logp_NV: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-CDF sampling, one uniform per row (much cheaper than `torch.multinomial`).
+
+    Returns (tokens, their log-probs).
+    """
+    cdf = logp_NV.exp().cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+    chosen = logp_NV.gather(-1, tokens[:, None]).squeeze(-1)
+    impossible = torch.isneginf(chosen)  # u rounded up onto a trailing zero-probability token
+    if bool(impossible.any()):
+        tokens = torch.where(impossible, logp_NV.argmax(-1), tokens)
+        chosen = logp_NV.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, chosen
+
+
+@dataclass
+class _Row:
+    """Book-keeping of one in-flight sequence (one cache row)."""
+
+    request: Request
+    stop_ids: frozenset[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    text: str = ""  # decoded completion, kept only when the request has stop strings
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is not None:
+            ids.update([value] if isinstance(value, int) else value)
+            break
+    return frozenset(int(i) for i in ids)
+
+
+class Engine:
+    """Slot-based generation engine: a request queue, active rows, one decode step at a time.
+
+    Rows are admitted from the queue into free slots at the start of every `step()` (with the
+    fast backend; the generic backend admits only when the batch is empty). `max_batch` is the
+    number of slots. Not thread-safe: call it from one thread (an asyncio actor wraps it).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer=None,
+        *,
+        version: int = 0,
+        max_batch: int = 256,
+        backend: BackendName = "auto",
+        generator: torch.Generator | None = None,
+    ):
+        if backend not in ("auto", "fast", "generic"):
+            raise ValueError(f"backend must be 'auto', 'fast' or 'generic', got {backend!r}")
+        problem = fast_path_problem(model)
+        if backend == "fast" and problem:
+            raise ValueError(f"the fast backend cannot run this model: {problem}; use backend='generic'")
+        use_fast = backend == "fast" or (backend == "auto" and problem is None)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        pad = getattr(model.config, "pad_token_id", None) if pad is None else pad
+        self.backend: FastDecoder | HFDecoder = FastDecoder(model) if use_fast else HFDecoder(model, pad or 0)
+        self.backend_name = "fast" if use_fast else "generic"
+        self.fast_path_problem = problem  # why auto chose the generic backend (None if fast)
+        self.model, self.tokenizer = model, tokenizer
+        self.version = int(version)
+        self.max_batch = int(max_batch)
+        self.generator = generator
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._queue: deque[Request] = deque()
+        self._rows: list[_Row] = []
+        self._outbox: list[Finished] = []
+        self._pending: tuple[Mapping[str, torch.Tensor] | None, int] | None = None  # drain swap
+        self._row_params: tuple[float | torch.Tensor, float | torch.Tensor] | None = None
+        self._last_tokens = torch.zeros(0, dtype=torch.long)  # one pending token per active row
+
+    # -- state --------------------------------------------------------------------------
+    @property
+    def num_active(self) -> int:
+        return len(self._rows)
+
+    @property
+    def num_queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._rows or self._queue or self._outbox or self._pending)
+
+    @property
+    def draining(self) -> bool:
+        """True while a `drain` weight swap waits for the in-flight sequences to finish."""
+        return self._pending is not None
+
+    # -- requests -----------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        """Queue a request; it starts at a later `step()` when a slot is free."""
+        if request.params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer: pass tokenizer= to the engine")
+        self._queue.append(request)
+
+    def abort(self) -> None:
+        """Stop every in-flight sequence; the next `step()` returns them, finish_reason "aborted".
+
+        Queued requests stay queued. Requeue a partial output with `request.resume(sample)`.
+        """
+        for row in self._rows:
+            self._outbox.append(self._finish(row, "aborted"))
+        self._rows = []
+        self._row_params = None
+        self.backend.select_rows([])
+
+    def step(self) -> list[Finished]:
+        """Admit queued requests into free slots, run one decode step, return what finished."""
+        finished, self._outbox = self._outbox, []
+        if self._pending is not None and not self._rows:
+            self._load(*self._pending)
+        parts = []
+        if self._rows:
+            parts.append(self.backend.decode(self._last_tokens))
+        admitted = self._admit()
+        if admitted:
+            reserve = max(len(r.prompt_ids) + r.params.max_new_tokens for r in admitted)
+            parts.append(self.backend.prefill([r.prompt_ids for r in admitted], reserve=reserve))
+            self._rows.extend(_Row(r, self._stop_ids(r.params)) for r in admitted)
+            self._row_params = None
+        if not parts:
+            return finished
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        temperature, top_p = self._sampling_params()
+        tokens, logprobs = sample_tokens(logits, temperature, top_p, self.generator)
+        self._last_tokens = tokens  # fed to the next decode step
+        done = self._record(tokens.tolist(), logprobs.tolist())
+        if done:
+            finished.extend(self._finish(self._rows[i], reason) for i, reason in done.items())
+            self._compact(set(done))
+        if self._pending is not None and not self._rows:
+            self._load(*self._pending)
+        return finished
+
+    # -- weights ------------------------------------------------------------------------
+    def update_weights(
+        self, state_dict: Mapping[str, torch.Tensor] | None, version: int, mode: SwapMode = "continue"
+    ) -> None:
+        """Swap to `state_dict` (None: the module was already updated in place) as `version`.
+
+        continue: swap now; in-flight sequences go on with their old KV cache, later tokens
+                  carry the new version.
+        drain:    admit nothing new; swap when the in-flight sequences have finished (inside
+                  `step()`); queued requests then start on the new weights.
+        abort:    stop in-flight sequences (returned by the next `step()` as "aborted"), swap.
+        Always called between decode steps (the engine is single-threaded).
+        """
+        if mode not in SWAP_MODES:
+            raise ValueError(f"mode must be one of {SWAP_MODES}, got {mode!r}")
+        if mode == "drain" and self._rows:
+            self._pending = (state_dict, int(version))
+            return
+        if mode == "abort":
+            self.abort()
+        self._load(state_dict, int(version))
+
+    def _load(self, state_dict: Mapping[str, torch.Tensor] | None, version: int) -> None:
+        if state_dict is not None:
+            load_weights(self.model, state_dict)
+        self.backend.refresh()
+        self.version = version
+        self._pending = None
+
+    # -- internals ----------------------------------------------------------------------
+    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        if params.ignore_eos:
+            return frozenset()
+        return frozenset(params.stop_token_ids) if params.stop_token_ids is not None else self.eos_ids
+
+    def _admit(self) -> list[Request]:
+        if self._pending is not None or not self._queue:
+            return []
+        if self._rows and not self.backend.continuous:
+            return []
+        free = self.max_batch - len(self._rows)
+        return [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
+
+    def _sampling_params(self) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """Per-row temperature and top_p: floats when every row shares them (cheap path)."""
+        if self._row_params is None:
+            temps = [row.request.params.temperature for row in self._rows]
+            top_ps = [row.request.params.top_p for row in self._rows]
+            if len(set(temps)) == 1 and len(set(top_ps)) == 1:
+                self._row_params = (temps[0], top_ps[0])
+            else:
+                device = self.backend.device
+                self._row_params = (
+                    torch.tensor(temps, dtype=torch.float32, device=device),
+                    torch.tensor(top_ps, dtype=torch.float32, device=device),
+                )
+        return self._row_params
+
+    def _record(self, tokens: list[int], logprobs: list[float]) -> dict[int, FinishReason]:
+        """Append each row's new token; return {row index: finish reason} for finished rows."""
+        done: dict[int, FinishReason] = {}
+        stop_rows: list[int] = []
+        version = self.version
+        for i, (row, token, logprob) in enumerate(zip(self._rows, tokens, logprobs)):
+            row.tokens.append(token)
+            row.logprobs.append(logprob)
+            row.versions.append(version)
+            if token in row.stop_ids:
+                done[i] = "eos"
+            elif row.request.params.stop:
+                stop_rows.append(i)
+            elif len(row.tokens) >= row.request.params.max_new_tokens:
+                done[i] = "length"
+        if stop_rows:
+            texts = self.tokenizer.batch_decode([self._rows[i].tokens for i in stop_rows], skip_special_tokens=True)
+            for i, text in zip(stop_rows, texts):
+                row = self._rows[i]
+                cut = _stop_cut(text, row.request.params.stop, len(row.text))
+                row.text = text if cut is None else text[:cut]
+                if cut is not None:
+                    done[i] = "stop"
+                elif len(row.tokens) >= row.request.params.max_new_tokens:
+                    done[i] = "length"
+        return done
+
+    def _finish(self, row: _Row, reason: FinishReason) -> Finished:
+        if reason == "stop" or self.tokenizer is None:
+            text = row.text
+        else:
+            text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        sample = Sample(
+            prompt_ids=row.request.prompt_ids,
+            token_ids=tuple(row.tokens),
+            logprobs=tuple(row.logprobs),
+            versions=tuple(row.versions),
+            finish_reason=reason,
+            text=text,
+        )
+        return Finished(row.request, sample)
+
+    def _compact(self, gone: set[int]) -> None:
+        """Drop finished rows; tail rows move into the holes so active rows stay a prefix."""
+        n_keep = len(self._rows) - len(gone)
+        tail = iter(i for i in range(n_keep, len(self._rows)) if i not in gone)
+        keep = [next(tail) if i in gone else i for i in range(n_keep)]
+        self.backend.select_rows(keep)
+        self._rows = [self._rows[k] for k in keep]
+        self._last_tokens = self._last_tokens[torch.tensor(keep, dtype=torch.long, device=self._last_tokens.device)]
+        self._row_params = None
+
+
+def _stop_cut(text: str, stops: Sequence[str], checked: int) -> int | None:
+    """End index (exclusive) of the earliest stop string in `text`, or None.
+
+    Only matches that end after `checked` (the text length seen at the previous step) can be
+    new, so the search starts just before it.
+    """
+    best: int | None = None
+    for s in stops:
+        at = text.find(s, max(0, checked - len(s) + 1))
+        if at >= 0 and (best is None or at + len(s) < best):
+            best = at + len(s)
+    return best
+
+
+def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Copy `state_dict` into `model` in place; a tied `lm_head.weight` may be absent."""
+    with torch.no_grad():
+        result = model.load_state_dict(dict(state_dict), strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"state_dict does not match the model: missing {missing[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]}; pass the full model.state_dict() of the same architecture"
+        )
+
+
+class Sampler:
+    """Generate completions for a list of prompts: a thin loop over `Engine`.
+
+    `version` is the policy version of the weights held; every sampled token is tagged with it.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer=None,
+        *,
+        version: int = 0,
+        max_batch: int = 256,
+        backend: BackendName = "auto",
+        generator: torch.Generator | None = None,
+    ):
+        self.engine = Engine(
+            model, tokenizer, version=version, max_batch=max_batch, backend=backend, generator=generator
+        )
+
+    @property
+    def version(self) -> int:
+        return self.engine.version
+
+    @property
+    def backend_name(self) -> str:
+        return self.engine.backend_name
+
+    def set_weights(self, state_dict: Mapping[str, torch.Tensor] | None, version: int) -> None:
+        """Load new weights (None: already loaded into the module in place) as `version`."""
+        self.engine.update_weights(state_dict, version, mode="continue")
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> list[Sample]:
+        """One `Sample` per prompt (token ids), in order. `generator` overrides the engine's."""
+        engine = self.engine
+        if engine.has_work:
+            raise RuntimeError(
+                "generate() needs an idle engine (nothing queued, in flight or undelivered); "
+                "drive Engine.step() yourself instead"
+            )
+        params = params or SamplingParams()
+        saved = engine.generator
+        if generator is not None:
+            engine.generator = generator
+        results: list[Sample | None] = [None] * len(prompts)
+        try:
+            for i, prompt in enumerate(prompts):
+                engine.submit(Request(tuple(prompt), params, id=i))
+            while engine.has_work:
+                for done in engine.step():
+                    results[done.request.id] = done.sample
+        finally:
+            engine.generator = saved
+        return results  # type: ignore[return-value]
