@@ -1,0 +1,71 @@
+"""Command line: `policyflow train | sft | eval | config` (also `python -m policyflow`).
+
+Overrides are `section.key=value` words after the options, e.g.
+`policyflow train --config configs/demo.yaml train.steps=10 loss.name=dapo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from policyflow.config import ConfigError, describe_fields, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="policyflow", description="RL post-training for language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = {
+        "train": "SFT warm-start (fresh runs with sft.max_steps > 0), then RL, evaluation and a checkpoint",
+        "sft": "supervised warm-start only; saves the model to runs/<name>/sft",
+        "eval": "held-out accuracy (greedy and sampled) of a model",
+        "config": "print the resolved config, or with --fields every field with its default and description",
+    }
+    for name, help_text in commands.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", type=Path, default=None, help="YAML preset (configs/*.yaml)")
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+        if name == "train":
+            p.add_argument("--resume", type=Path, default=None, help="run folder to continue from its latest checkpoint")
+        if name == "eval":
+            p.add_argument("--model", type=Path, default=None, help="model folder (default: model.path or the tiny model)")
+        if name == "config":
+            p.add_argument("--fields", action="store_true", help="list every field with default and description")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ConfigError as err:
+        print(f"policyflow: config error: {err}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as err:
+        # Model/task loading errors (ModelLoadError, TaskError) are ValueErrors with a user-facing message.
+        print(f"policyflow: {type(err).__name__}: {err}", file=sys.stderr)
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train" and args.resume is not None and args.config is None:
+        saved = args.resume / "config.yaml"
+        args.config = saved if saved.is_file() else None
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "config":
+        print("\n".join(describe_fields()) if args.fields else json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return 0
+    from policyflow import coordinator  # heavy imports (torch, transformers) only when needed
+
+    if args.command == "train":
+        coordinator.train(cfg, resume=args.resume)
+    elif args.command == "sft":
+        coordinator.run_sft(cfg)
+    else:
+        print(json.dumps(coordinator.run_eval(cfg, args.model), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

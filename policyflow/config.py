@@ -1,0 +1,263 @@
+"""The one typed configuration: frozen pydantic models, unknown keys forbidden, a description per field.
+
+Defaults live here and only here. Presets in `configs/*.yaml` override them, and command-line
+overrides `section.key=value` override presets. Any error becomes a one-line `ConfigError`
+naming the field, the value, and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, phrased for the user in one line."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class RunConfig(Section):
+    name: str = Field("demo", description="Run name; outputs go to <output_dir>/<name>/.")
+    output_dir: str = Field("runs", description="Folder holding one sub-folder per run.")
+    seed: int = Field(0, description="Seed for model init, data order, sampling and dropout.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs; auto picks cuda when available.")
+    threads: int = Field(0, ge=0, description="torch intra-op threads per process; 0 = the CPU cores this process may use divided by the number of worker processes.")
+    log_every: int = Field(1, ge=1, description="Append a metrics line every N RL steps.")
+    samples_every: int = Field(10, ge=1, description="Append prompts, completions and rewards to samples.jsonl every N RL steps.")
+    progress: bool = Field(True, description="Show a live progress bar on stderr.")
+
+
+class TinyModelConfig(Section):
+    hidden_size: int = Field(128, ge=8, description="Hidden width of the tiny Qwen2-style model.")
+    num_layers: int = Field(4, ge=1, description="Decoder layers.")
+    intermediate_size: int = Field(512, ge=8, description="MLP width.")
+    num_heads: int = Field(4, ge=1, description="Attention heads.")
+    num_kv_heads: int = Field(2, ge=1, description="Key/value heads (grouped-query attention).")
+    max_positions: int = Field(256, ge=16, description="Longest sequence (prompt + completion).")
+
+
+class ModelConfig(Section):
+    path: str | None = Field(None, description="Local Hugging Face model folder (with config.json); empty = build the tiny model.")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Sizes of the tiny model built when path is empty.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype.")
+    chat_template: bool = Field(False, description="Render prompts with the tokenizer's chat template (instruct checkpoints).")
+
+
+class TaskConfig(Section):
+    name: Literal["arithmetic", "countdown", "jsonl"] = Field("arithmetic", description="Which task supplies prompts and rewards.")
+    seed: int = Field(0, description="Seed of the synthetic problem generator and of the jsonl held-out split.")
+    num_eval: int = Field(200, ge=1, description="Held-out problems (synthetic tasks).")
+    min_digits: int = Field(1, ge=1, le=9, description="arithmetic: fewest digits per operand.")
+    max_digits: int = Field(3, ge=1, le=9, description="arithmetic: most digits per operand.")
+    path: str | None = Field(None, description="jsonl: training file with prompt/answer columns.")
+    eval_path: str | None = Field(None, description="jsonl: held-out file; empty = split eval_fraction off the training file.")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="jsonl: held-out fraction when eval_path is empty.")
+    prompt_column: str = Field("prompt", description="jsonl: the prompt column.")
+    answer_column: str = Field("answer", description="jsonl: the reference answer column.")
+    reward: str = Field("exact", description="jsonl: 'exact', 'numeric', or an import path 'module:function' called as fn(prompts, completions, **columns) -> list[float].")
+    on_bad_row: Literal["skip", "error"] = Field("error", description="jsonl: what a malformed row does (reported with its line number either way).")
+    reward_timeout_s: float = Field(10.0, gt=0, description="Seconds a reward function may take per batch before its samples are counted as errors.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskConfig:
+        if self.min_digits > self.max_digits:
+            raise ValueError(f"task.min_digits={self.min_digits} exceeds task.max_digits={self.max_digits}")
+        if self.name == "jsonl" and not self.path:
+            raise ValueError("task.path is required when task.name=jsonl (a local .jsonl file with prompt/answer columns)")
+        return self
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature for RL rollouts; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass for RL rollouts.")
+    max_new_tokens: int = Field(8, ge=1, description="Longest completion; longer ones are truncated (finish reason 'length').")
+    stop: tuple[str, ...] = Field((), description="Extra stop strings (the task may add its own).")
+
+
+class SFTConfig(Section):
+    max_steps: int = Field(600, ge=0, description="Most supervised warm-start steps.")
+    batch_size: int = Field(64, ge=1, description="Problems per SFT step.")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate for SFT.")
+    target_accuracy: float = Field(0.3, ge=0, le=1, description="Stop SFT once greedy held-out accuracy reaches this.")
+    eval_every: int = Field(25, ge=1, description="Check held-out accuracy every N SFT steps.")
+    eval_prompts: int = Field(100, ge=1, description="Held-out problems used for the SFT stopping check.")
+
+
+class TrainConfig(Section):
+    steps: int = Field(60, ge=0, description="RL steps (optimizer steps on fresh rollouts).")
+    prompts_per_step: int = Field(32, ge=1, description="Prompts (groups) per RL step: B.")
+    group_size: int = Field(8, ge=1, description="Samples per prompt: G.")
+    epochs: int = Field(1, ge=1, description="Optimisation passes over each batch (PPO's mu).")
+    minibatches: int = Field(1, ge=1, description="Optimizer steps per epoch (the batch split evenly).")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate for RL.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
+    skip_zero_variance: bool = Field(True, description="Leave out groups whose rewards are all equal (no learning signal); they are counted.")
+    mask_truncated: bool = Field(False, description="DAPO: mask completions cut at max_new_tokens out of the loss.")
+    kl_coef: float = Field(0.0, ge=0, description="Weight of the KL penalty to a frozen reference model (0 = no reference model).")
+    kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
+
+
+class LossConfig(Section):
+    name: Literal["grpo", "dapo", "dr_grpo", "gspo", "gspo_token", "gmpo", "decoupled_ppo"] = Field(
+        "grpo", description="Policy objective (see policyflow.losses.POLICY_LOSSES)."
+    )
+    clip_low: float | None = Field(None, ge=0, description="Lower clip range; empty = the loss's paper default.")
+    clip_high: float | None = Field(None, ge=0, description="Upper clip range; empty = the loss's paper default.")
+    behav_weight_cap: float | None = Field(None, gt=0, description="decoupled_ppo: drop tokens whose behaviour weight exceeds this.")
+
+    def hyper(self) -> dict[str, float]:
+        """The hyperparameters the chosen loss takes, defaults filled in."""
+        return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
+
+
+class AdvantageConfig(Section):
+    name: Literal["grpo", "dr_grpo", "rloo", "gfpo"] = Field("grpo", description="Advantage estimator.")
+    gfpo_k: int = Field(4, ge=1, description="gfpo: responses kept per group.")
+    gfpo_metric: Literal["length", "token_efficiency"] = Field("length", description="gfpo: how kept responses are chosen.")
+
+
+class EvalConfig(Section):
+    num_prompts: int = Field(200, ge=1, description="Held-out problems evaluated before and after training.")
+    temperature: float = Field(1.0, gt=0, description="Temperature of the sampled-accuracy evaluation.")
+    every: int = Field(20, ge=0, description="Evaluate during RL every N steps (0 = only before and after).")
+
+
+class CheckpointConfig(Section):
+    every: int = Field(0, ge=0, description="Save a checkpoint every N RL steps (0 = only at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig, description="Run identity, seed, device, threads, logging.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
+    task: TaskConfig = Field(default_factory=TaskConfig, description="Problems and rewards.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Rollout sampling.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised warm-start.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="RL optimisation.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Policy objective.")
+    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig, description="Advantage estimator.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and one-line errors
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML preset at `path`, then `section.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml(path)
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        presets = ", ".join(sorted(p.name for p in Path("configs").glob("*.yaml"))) or "none found in ./configs"
+        raise ConfigError(f"config file {str(file)!r} not found (presets: {presets})")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(file)!r} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(file)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in the nested dict `raw`; the value is parsed as YAML (so 3, 0.1, true, [a, b] work)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def validate_config(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err.errors()[0])) from None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(p) for p in error["loc"] if not isinstance(p, int)]
+    field = ".".join(loc) or "config"
+    kind, value = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        allowed = _field_names(loc[:-1])
+        hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+        did_you_mean = f" (did you mean {'.'.join(loc[:-1] + hint)}?)" if hint else ""
+        return f"unknown config key {field}{did_you_mean}; allowed keys here: {', '.join(allowed)}"
+    if kind == "literal_error":
+        allowed = _literal_values(loc)
+        hint = difflib.get_close_matches(str(value), allowed, n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return f"{field}={value!r} is not allowed{did_you_mean}; allowed: {', '.join(allowed)}"
+    if kind == "value_error":  # our own validators: their message already names the fields
+        return str(error.get("ctx", {}).get("error", error["msg"]))
+    return f"{field}={value!r} is invalid: {error['msg'].lower()}"
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        info = model.model_fields.get(part)
+        annotation = getattr(info, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _field_names(loc: list[str]) -> list[str]:
+    model = _model_at(loc)
+    return list(model.model_fields) if model else []
+
+
+def _literal_values(loc: list[str]) -> list[str]:
+    model = _model_at(loc[:-1])
+    if model is None:
+        return []
+    annotation = model.model_fields[loc[-1]].annotation
+    return [str(a) for a in getattr(annotation, "__args__", ())]
+
+
+def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """One line per leaf field: `section.key (default): description` — used by `policyflow config`."""
+    lines = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines += describe_fields(annotation, f"{prefix}{name}.")
+        else:
+            default = info.get_default(call_default_factory=True)
+            lines.append(f"{prefix}{name} ({default!r}): {info.description}")
+    return lines
