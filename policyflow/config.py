@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from policyflow.losses import POLICY_LOSSES, allowed_hyper
+
 
 class ConfigError(ValueError):
     """A configuration mistake, phrased for the user in one line."""
@@ -56,6 +58,9 @@ class TaskConfig(Section):
     num_eval: int = Field(200, ge=1, description="Held-out problems (synthetic tasks).")
     min_digits: int = Field(1, ge=1, le=9, description="arithmetic: fewest digits per operand.")
     max_digits: int = Field(3, ge=1, le=9, description="arithmetic: most digits per operand.")
+    num_numbers: int = Field(3, ge=2, description="countdown: numbers given per problem.")
+    max_number: int = Field(20, ge=1, description="countdown: largest given number.")
+    max_target: int = Field(100, ge=1, description="countdown: largest target.")
     path: str | None = Field(None, description="jsonl: training file with prompt/answer columns.")
     eval_path: str | None = Field(None, description="jsonl: held-out file; empty = split eval_fraction off the training file.")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="jsonl: held-out fraction when eval_path is empty.")
@@ -102,6 +107,9 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
     skip_zero_variance: bool = Field(True, description="Leave out groups whose rewards are all equal (no learning signal); they are counted.")
     mask_truncated: bool = Field(False, description="DAPO: mask completions cut at max_new_tokens out of the loss.")
+    dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling: replace zero-variance groups by sampling more prompts until the batch is full.")
+    max_resample_rounds: int = Field(3, ge=0, description="dynamic_sampling: most extra sampling rounds per step (then train on what is there).")
+    overlong_cache_len: int | None = Field(None, ge=0, description="DAPO soft overlong punishment: the last N tokens before max_new_tokens ramp the reward down to -1; empty = off.")
     kl_coef: float = Field(0.0, ge=0, description="Weight of the KL penalty to a frozen reference model (0 = no reference model).")
     kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
 
@@ -113,6 +121,15 @@ class LossConfig(Section):
     clip_low: float | None = Field(None, ge=0, description="Lower clip range; empty = the loss's paper default.")
     clip_high: float | None = Field(None, ge=0, description="Upper clip range; empty = the loss's paper default.")
     behav_weight_cap: float | None = Field(None, gt=0, description="decoupled_ppo: drop tokens whose behaviour weight exceeds this.")
+
+    @model_validator(mode="after")
+    def _check(self) -> LossConfig:
+        allowed = allowed_hyper(self.name)
+        for key, value in self.model_dump(exclude={"name"}).items():
+            if value is not None and key not in allowed:
+                takers = [k for k in POLICY_LOSSES if key in allowed_hyper(k)]
+                raise ValueError(f"loss.{key}={value!r} does not apply to loss.name={self.name!r}; it is used by: {', '.join(takers)}")
+        return self
 
     def hyper(self) -> dict[str, float]:
         """The hyperparameters the chosen loss takes, defaults filled in."""

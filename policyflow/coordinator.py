@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from policyflow.advantages import ADVANTAGES
+from policyflow.rewards import overlong_penalty
 from policyflow.checkpoint import LoopState, latest_checkpoint, load_state, save_checkpoint, set_rng_state
 from policyflow.config import Config
 from policyflow.engine import Sampler, SamplingParams
@@ -87,12 +88,53 @@ def _task_kwargs(cfg: Config) -> dict:
     if t.name == "arithmetic":
         return dict(seed=t.seed, min_digits=t.min_digits, max_digits=t.max_digits, num_eval=t.num_eval)
     if t.name == "countdown":
-        return dict(seed=t.seed, num_eval=t.num_eval)
+        return dict(seed=t.seed, num_eval=t.num_eval, num_numbers=t.num_numbers, max_number=t.max_number, max_target=t.max_target)
     return dict(
         path=t.path, prompt_column=t.prompt_column, answer_column=t.answer_column, reward=t.reward,
         eval_path=t.eval_path, eval_fraction=t.eval_fraction, seed=t.seed, on_bad_row=t.on_bad_row,
         reward_timeout_s=t.reward_timeout_s,
     )
+
+
+def collect_groups(session: Session, loop: LoopState, generator: torch.Generator) -> tuple[list[Group], dict[str, float]]:
+    """B groups of G scored samples on fresh problems.
+
+    With `train.dynamic_sampling` (DAPO), groups whose rewards are all equal are replaced by
+    sampling more prompts, for at most `train.max_resample_rounds` extra rounds.
+    """
+    cfg, task = session.cfg, session.task
+    B, G = cfg.train.prompts_per_step, cfg.train.group_size
+    groups: list[Group] = []
+    start, errors, rounds = time.perf_counter(), 0, 0
+    while True:
+        need = B - len(groups)
+        problems = [task.train_problem(loop.next_problem + i) for i in range(need)]
+        loop.next_problem += need
+        prompt_ids = encode_prompts(session.tokenizer, task, problems, cfg.model.chat_template)
+        new, new_errors = rollout_groups(session.sampler, task, problems, prompt_ids, G, session.params, generator)
+        errors += new_errors
+        if cfg.train.overlong_cache_len is not None:
+            shape_overlong(new, cfg.sampling.max_new_tokens, cfg.train.overlong_cache_len)
+        if not cfg.train.dynamic_sampling:
+            groups += new
+            break
+        groups += [g for g in new if max(g.rewards) > min(g.rewards)]
+        if len(groups) >= B or rounds >= cfg.train.max_resample_rounds:
+            groups = groups[:B]
+            break
+        rounds += 1
+    metrics = rollout_metrics(groups, time.perf_counter() - start, errors)
+    metrics["rollout/resample_rounds"] = float(rounds)
+    return groups, metrics
+
+
+def shape_overlong(groups: list[Group], max_len: int, cache_len: int) -> None:
+    """Add DAPO's soft overlong penalty to each trajectory's reward (kept as reward part `overlong`)."""
+    trajectories = [t for g in groups for t in g.trajectories]
+    lengths_B = torch.tensor([t.num_gen_tokens for t in trajectories])
+    for t, penalty in zip(trajectories, overlong_penalty(lengths_B, max_len, cache_len).tolist()):
+        t.reward += penalty
+        t.reward_parts["overlong"] = penalty
 
 
 def build_batch(groups: list[Group], cfg: Config, pad_id: int) -> tuple[TrainBatch | None, dict[str, float]]:
@@ -138,6 +180,9 @@ def train(cfg: Config, *, resume: Path | None = None, log=print) -> dict:
     if resume and checkpoint is None:
         raise FileNotFoundError(f"--resume {str(run_dir)!r}: no checkpoint under {run_dir / 'checkpoints'}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None:  # a fresh run starts fresh logs (a resumed one appends)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            (run_dir / name).unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     session = open_session(cfg, model_path=checkpoint)
     model, tokenizer, task = session.model, session.tokenizer, session.task
@@ -166,20 +211,12 @@ def train(cfg: Config, *, resume: Path | None = None, log=print) -> dict:
         set_rng_state(state["rng"], generator)
         log(f"resumed from {checkpoint} at step {loop.step}")
 
-    B, G = cfg.train.prompts_per_step, cfg.train.group_size
     progress = Progress(cfg.train.steps, loop.step, cfg.run.progress)
     wall_start = time.perf_counter() - loop.wall_seconds
     while loop.step < cfg.train.steps:
         # 1. Rollouts: G samples for each of B fresh prompts, tagged with the current version.
-        problems = [task.train_problem(loop.next_problem + i) for i in range(B)]
-        loop.next_problem += B
-        session.sampler.version = trainer.version
-        start = time.perf_counter()
-        groups, reward_errors = rollout_groups(
-            session.sampler, task, problems, encode_prompts(tokenizer, task, problems, cfg.model.chat_template),
-            G, session.params, generator,
-        )
-        metrics = rollout_metrics(groups, time.perf_counter() - start, reward_errors)
+        session.sampler.set_weights(None, trainer.version)  # the sampler shares the module: weights are already in place
+        groups, metrics = collect_groups(session, loop, generator)
         # 2. Advantages and the batch; 3. one policy-version update.
         batch, batch_stats = build_batch(groups, cfg, tokenizer.pad_token_id)
         metrics |= batch_stats
@@ -188,7 +225,7 @@ def train(cfg: Config, *, resume: Path | None = None, log=print) -> dict:
         else:
             trainer.version += 1  # nothing to learn from: the version still advances so steps and versions agree
         loop.step, loop.version = loop.step + 1, trainer.version
-        loop.consumed_task_ids += [p.id for p in problems]
+        loop.consumed_task_ids += [g.task_id for g in groups]
         # 4. Bookkeeping: eval, logs, samples, checkpoints.
         if cfg.eval.every and loop.step % cfg.eval.every == 0 and loop.step < cfg.train.steps:
             metrics |= session.evaluate().as_metrics()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers.utils import logging as hf_logging
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -111,6 +112,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
 def save_pretrained(model: PreTrainedModel, tokenizer, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    hf_logging.disable_progress_bar()  # a per-checkpoint "Writing model shards" bar would drown the run's own
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder

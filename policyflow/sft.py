@@ -58,7 +58,7 @@ def warm_start(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        loss_value = float(out.loss)
+        loss_value = float(out.loss.detach())
         on_step(step, loss_value)
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             acc = greedy_accuracy()

@@ -13,13 +13,9 @@ import time
 import torch
 
 from policyflow.config import LossConfig, TrainConfig
-from policyflow.losses import POLICY_LOSSES, kl_penalty
+from policyflow.losses import POLICY_LOSSES, TOKEN_LEVEL_LOSSES, kl_penalty
 from policyflow.ops import masked_mean, shifted_token_logprobs
 from policyflow.types import TrainBatch
-
-# Losses that take `ref_logprobs/kl_coef/kl_kind` themselves; for the others the trainer adds the
-# token-mean KL term.
-TOKEN_LEVEL_LOSSES = {"grpo", "dapo", "dr_grpo", "gspo_token", "decoupled_ppo"}
 
 
 def sequence_logprobs(model: torch.nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -112,6 +108,6 @@ class Trainer:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
-        metrics["loss/total"] = float(loss)
+        metrics["loss/total"] = float(loss.detach())
         metrics["loss/grad_norm"] = float(grad_norm)
         return metrics

@@ -1,0 +1,63 @@
+"""DESIGN.md §2: a module imports only from its own layer or lower ones (checked with an ast scan)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "policyflow"
+
+# Layer of each top-level module or sub-package of policyflow.
+LAYERS = {
+    "types": 0, "ops": 0, "losses": 0, "advantages": 0, "rewards": 0, "metrics": 0,
+    "config": 1, "model": 1, "tokens": 1, "engine": 1, "tasks": 1, "tools": 1, "agent": 1,
+    "trainer": 1, "checkpoint": 1, "logging": 1, "evaluate": 1, "selfplay": 1, "threads": 1,
+    "rollout": 1, "sft": 1,
+    "buffer": 2, "weights": 2, "coordinator": 2, "runtime": 2,
+    "cli": 4, "__main__": 4, "__init__": 4,
+}
+# Third-party imports allowed in layer 0 (everything else there is forbidden).
+LAYER0_THIRD_PARTY = {"torch"}
+
+
+def _component(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def _imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+            if node.module == "policyflow":
+                names += [f"policyflow.{a.name}" for a in node.names]
+    return names
+
+
+SOURCES = sorted(p for p in PACKAGE.rglob("*.py") if not (p.parent == PACKAGE and p.stem == "__init__"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_respect_layers(path: Path) -> None:
+    here = _component(path)
+    assert here in LAYERS, f"{here} has no layer in DESIGN.md §2; add it to LAYERS"
+    for name in _imports(path):
+        parts = name.split(".")
+        if parts[0] == "policyflow" and len(parts) > 1:
+            assert LAYERS[parts[1]] <= LAYERS[here], f"{path.name} (layer {LAYERS[here]}) imports {name} (layer {LAYERS[parts[1]]})"
+        elif parts[0] == "ray":
+            assert here == "runtime" and path.stem == "ray", f"{path.name} imports ray; only runtime/ray.py may"
+        elif LAYERS[here] == 0 and parts[0] not in LAYER0_THIRD_PARTY:
+            import sys
+
+            assert parts[0] in sys.stdlib_module_names or parts[0] == "__future__", f"layer-0 {path.name} imports {name}"
+
+
+def test_scan_sees_imports() -> None:
+    """The scanner itself: it must find the policyflow imports of a known module."""
+    found = _imports(PACKAGE / "trainer.py")
+    assert "policyflow.losses" in found and "torch" in found

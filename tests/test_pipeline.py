@@ -1,0 +1,162 @@
+"""The one-process pipeline: trainer step, SFT, checkpoints, resume, and every objective end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from policyflow import coordinator
+from policyflow.checkpoint import LoopState, latest_checkpoint, save_checkpoint
+from policyflow.losses import POLICY_LOSSES, sft_loss
+from policyflow.model import ModelLoadError, build_tiny, load_pretrained
+from policyflow.rollout import encode_prompts
+from policyflow.sft import warm_start
+from policyflow.tokens import sft_batch
+from policyflow.trainer import Trainer, sequence_logprobs
+
+
+def _one_batch(cfg):
+    session = coordinator.open_session(cfg)
+    groups, metrics = coordinator.collect_groups(session, LoopState(), torch.Generator().manual_seed(0))
+    batch, stats = coordinator.build_batch(groups, cfg, session.tokenizer.pad_token_id)
+    return session, groups, batch, metrics | stats
+
+
+def test_grpo_step_changes_parameters_and_stays_finite(small_config) -> None:
+    cfg = small_config()
+    session, groups, batch, metrics = _one_batch(cfg)
+    assert batch is not None and metrics["rollout/groups_zero_variance"] == 0
+    assert batch.advantages_B.abs().sum() > 0
+    before = [p.detach().clone() for p in session.model.parameters()]
+    trainer = Trainer(session.model, cfg.train, cfg.loss, temperature=1.0, max_len=cfg.sampling.max_new_tokens)
+    out = trainer.step(batch)
+    after = list(session.model.parameters())
+    assert trainer.version == 1
+    assert all(torch.isfinite(p).all() for p in after)
+    assert sum(float((a - b).abs().sum()) for a, b in zip(after, before)) > 0
+    assert all(torch.isfinite(torch.tensor(v)) for v in out.values())
+    # On-policy: the ratio is 1 before the first update of the step (one epoch, one minibatch).
+    assert out["loss/ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_zero_variance_groups_are_skipped_and_counted(small_config) -> None:
+    cfg = small_config()
+    session, groups, _, _ = _one_batch(cfg)
+    for t in groups[0].trajectories:
+        t.reward = 0.5
+    batch, stats = coordinator.build_batch(groups, cfg, session.tokenizer.pad_token_id)
+    assert stats["rollout/groups_zero_variance"] == 1
+    assert batch.num_sequences == (len(groups) - 1) * cfg.train.group_size
+
+
+def test_sft_lowers_the_loss(small_config) -> None:
+    cfg = small_config("task.name=arithmetic", "sft.max_steps=30", "sft.lr=3e-3", "sft.target_accuracy=1.0", "sft.eval_every=100")
+    session = coordinator.open_session(cfg)
+    problems = [session.task.train_problem(i) for i in range(16)]
+    prompts = encode_prompts(session.tokenizer, session.task, problems, False)
+    completions = [session.tokenizer(session.task.sft_completion(p), add_special_tokens=False)["input_ids"] + [1] for p in problems]
+    ids, attention, mask = sft_batch(prompts, completions, 0)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(sft_loss(sequence_logprobs(session.model, ids, attention), mask).loss)
+
+    first = loss()
+    result = warm_start(session.model, session.tokenizer, session.task, cfg.sft, chat_template=False, greedy_accuracy=lambda: 0.0)
+    assert result.steps == 30
+    assert loss() < 0.7 * first
+
+
+def test_checkpoint_loads_with_plain_transformers(tmp_path: Path) -> None:
+    model, tokenizer = build_tiny(seed=3, hidden_size=32, num_layers=1, intermediate_size=64, num_heads=2, num_kv_heads=1)
+    folder = save_checkpoint(tmp_path, model, tokenizer, None, LoopState(step=7), None, keep_last=1)
+    assert folder == tmp_path / "checkpoints" / "step-7" and latest_checkpoint(tmp_path) == folder
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    loaded_tok = AutoTokenizer.from_pretrained(folder)
+    text = "12+345=357"
+    assert loaded_tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert loaded_tok.decode(tokenizer(text)["input_ids"]) == text
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_load_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_pretrained(tmp_path / "missing")
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        load_pretrained(tmp_path)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_gives_the_same_next_step(small_config, tmp_path: Path) -> None:
+    straight = small_config("run.name=straight", "train.steps=3", "eval.every=0")
+    coordinator.train(straight, log=lambda *_: None)
+    stopped = small_config("run.name=stopped", "train.steps=2", "eval.every=0")
+    coordinator.train(stopped, log=lambda *_: None)
+    resumed = small_config("run.name=stopped", "train.steps=3", "eval.every=0")
+    summary = coordinator.train(resumed, resume=stopped.run_dir, log=lambda *_: None)
+    assert summary["steps"] == 3
+    step3 = [[m for m in _metrics(cfg.run_dir) if m.get("step") == 3 and "loss/total" in m][0] for cfg in (straight, resumed)]
+    assert step3[0]["loss/total"] == pytest.approx(step3[1]["loss/total"], rel=1e-5, abs=1e-7)
+    assert step3[0]["rollout/reward_mean"] == step3[1]["rollout/reward_mean"]
+    final = [AutoModelForCausalLM.from_pretrained(Path(json.loads((c.run_dir / "summary.json").read_text())["final_checkpoint"])) for c in (straight, resumed)]
+    for a, b in zip(final[0].parameters(), final[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_train_writes_every_output(small_config) -> None:
+    cfg = small_config("run.samples_every=1")
+    summary = coordinator.train(cfg, log=lambda *_: None)
+    run = cfg.run_dir
+    for key in ("accuracy_greedy", "accuracy_sampled"):
+        assert 0.0 <= summary["eval_before"][key] <= 1.0 and 0.0 <= summary["eval_after"][key] <= 1.0
+    assert summary["wall_seconds"] > 0 and Path(summary["final_checkpoint"]).is_dir()
+    assert (run / "plot.png").stat().st_size > 0
+    steps = [m["step"] for m in _metrics(run) if "rollout/reward_mean" in m]
+    assert steps == [1, 2]
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2} and all({"prompt", "completion", "reward"} <= set(s) for s in samples)
+
+
+def test_failing_reward_function_is_counted_not_fatal(small_config) -> None:
+    cfg = small_config("task.reward=tests.rewards_for_tests:broken")
+    _, _, batch, metrics = _one_batch(cfg)
+    assert metrics["rollout/reward_errors"] == cfg.train.prompts_per_step * cfg.train.group_size
+    assert batch is None  # every reward is 0: nothing to learn from, and nothing crashed
+
+
+@pytest.mark.parametrize("loss", sorted(POLICY_LOSSES))
+def test_every_objective_trains_without_nan(small_config, loss: str) -> None:
+    extra = ["train.epochs=2", "train.minibatches=2", "train.kl_coef=0.01"]
+    cfg = small_config(f"loss.name={loss}", *extra, "eval.every=0")
+    summary = coordinator.train(cfg, log=lambda *_: None)
+    rows = [m for m in _metrics(cfg.run_dir) if "loss/total" in m]
+    assert len(rows) == 2 and summary["steps"] == 2
+    assert all(torch.isfinite(torch.tensor(v)) for m in rows for v in m.values() if isinstance(v, float))
+    assert all("loss/kl" in m or any(k.startswith("loss/kl") for k in m) for m in rows)
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "dr_grpo", "rloo", "gfpo"])
+def test_every_advantage_builds_a_batch(small_config, advantage: str) -> None:
+    cfg = small_config(f"advantage.name={advantage}", "advantage.gfpo_k=2")
+    _, _, batch, stats = _one_batch(cfg)
+    assert torch.isfinite(batch.advantages_B).all() and batch.advantages_B.abs().sum() > 0
+    if advantage == "gfpo":
+        assert stats["rollout/gfpo_kept_fraction"] == pytest.approx(0.5)
+        assert int((batch.advantages_B != 0).sum()) <= cfg.train.prompts_per_step * 2
+
+
+def test_dynamic_sampling_and_overlong_shaping(small_config) -> None:
+    cfg = small_config("train.dynamic_sampling=true", "train.overlong_cache_len=2")
+    session, groups, batch, metrics = _one_batch(cfg)
+    assert len(groups) == cfg.train.prompts_per_step
+    assert all(max(g.rewards) > min(g.rewards) for g in groups)
+    for t in (t for g in groups for t in g.trajectories):
+        n = t.num_gen_tokens
+        expected = 0.0 if n <= 4 else (4 - n) / 2
+        assert t.reward_parts["overlong"] == pytest.approx(expected)
