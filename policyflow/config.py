@@ -89,7 +89,9 @@ class SamplingConfig(Section):
 class SFTConfig(Section):
     max_steps: int = Field(600, ge=0, description="Most supervised warm-start steps.")
     batch_size: int = Field(64, ge=1, description="Problems per SFT step.")
-    lr: float = Field(3e-3, gt=0, description="AdamW learning rate for SFT.")
+    lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate for SFT.")
+    warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warmup steps; then cosine decay to 10% of lr at max_steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay for SFT.")
     target_accuracy: float = Field(0.3, ge=0, le=1, description="Stop SFT once greedy held-out accuracy reaches this.")
     eval_every: int = Field(25, ge=1, description="Check held-out accuracy every N SFT steps.")
     eval_prompts: int = Field(100, ge=1, description="Held-out problems used for the SFT stopping check.")
@@ -97,6 +99,7 @@ class SFTConfig(Section):
 
 class TrainConfig(Section):
     steps: int = Field(60, ge=0, description="RL steps (optimizer steps on fresh rollouts).")
+    time_budget_s: float | None = Field(None, gt=0, description="Stop RL once this many wall-clock seconds have passed (checked after each step); empty = no limit.")
     prompts_per_step: int = Field(32, ge=1, description="Prompts (groups) per RL step: B.")
     group_size: int = Field(8, ge=1, description="Samples per prompt: G.")
     epochs: int = Field(1, ge=1, description="Optimisation passes over each batch (PPO's mu).")

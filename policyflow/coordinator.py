@@ -193,11 +193,18 @@ def train(cfg: Config, *, resume: Path | None = None, log=print) -> dict:
     if checkpoint is None:
         loop = LoopState()
         if cfg.sft.max_steps > 0:
+            bar = Progress(cfg.sft.max_steps, 0, cfg.run.progress, desc="sft")
+
+            def on_sft_step(step: int, loss: float) -> None:
+                bar.update({"sft/loss": loss})
+                if step % 10 == 0:
+                    metrics_log.write({"sft_step": step, "sft/loss": loss})
+
             sft = warm_start(
                 model, tokenizer, task, cfg.sft, chat_template=cfg.model.chat_template,
-                greedy_accuracy=lambda: _greedy_check(session),
-                on_step=lambda s, loss: metrics_log.write({"sft_step": s, "sft/loss": loss}) if s % 10 == 0 else None,
+                greedy_accuracy=lambda: _greedy_check(session), on_step=on_sft_step,
             )
+            bar.close()
             log(f"SFT warm-start: {sft.steps} steps, {sft.seconds:.0f}s, greedy held-out accuracy {sft.accuracy_greedy:.1%}")
         loop.eval_before = asdict(session.evaluate())
         metrics_log.write({"step": 0, "wall_seconds": 0.0, **EvalResult(**loop.eval_before).as_metrics()})
@@ -213,7 +220,8 @@ def train(cfg: Config, *, resume: Path | None = None, log=print) -> dict:
 
     progress = Progress(cfg.train.steps, loop.step, cfg.run.progress)
     wall_start = time.perf_counter() - loop.wall_seconds
-    while loop.step < cfg.train.steps:
+    budget = cfg.train.time_budget_s or float("inf")
+    while loop.step < cfg.train.steps and time.perf_counter() - wall_start < budget:
         # 1. Rollouts: G samples for each of B fresh prompts, tagged with the current version.
         session.sampler.set_weights(None, trainer.version)  # the sampler shares the module: weights are already in place
         groups, metrics = collect_groups(session, loop, generator)

@@ -43,6 +43,7 @@ class Progress:
 
     def update(self, metrics: dict[str, float]) -> None:
         shown = {
+            "loss": metrics.get("sft/loss"),
             "reward": metrics.get("rollout/reward_mean"),
             "acc": metrics.get("eval/accuracy_sampled"),
             "tok/s": metrics.get("perf/rollout_tokens_per_s"),

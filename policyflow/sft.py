@@ -6,6 +6,7 @@ and some skill by SFT, stopping as soon as greedy held-out accuracy reaches a ta
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,14 @@ class SFTResult:
     seconds: float
 
 
+def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    """Learning-rate multiplier: linear from 1/warmup to 1 over `warmup` steps, then cosine down to `floor` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def warm_start(
     model: torch.nn.Module,
     tokenizer,
@@ -43,7 +52,8 @@ def warm_start(
 ) -> SFTResult:
     """Train until `greedy_accuracy()` (checked every `cfg.eval_every` steps) reaches the target."""
     start = time.perf_counter()
-    optimizer = make_optimizer(model, cfg.lr, 0.0, (0.9, 0.99))
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.99))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, cfg.max_steps))
     loss_value, acc, step = float("nan"), greedy_accuracy(), 0
     while step < cfg.max_steps and acc < cfg.target_accuracy:
         first = SFT_PROBLEM_OFFSET + step * cfg.batch_size
@@ -57,6 +67,7 @@ def warm_start(
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         step += 1
         loss_value = float(out.loss.detach())
         on_step(step, loss_value)
