@@ -66,7 +66,8 @@ def main() -> None:
             prompt_lens = [len(t.segments[0].token_ids) for t in trajectories]
             new_lens = [t.num_gen_tokens for t in trajectories]
             seq_lens = [p + n for p, n in zip(prompt_lens, new_lens)]
-            train_flops = 3 * model_flops(session.model, seq_lens, [n + 1 for n in seq_lens])  # every position's logits
+            # A full forward over each sequence = "generating" all of it after a 1-token prompt: every position's logits.
+            train_flops = 3 * model_flops(session.model, [1] * len(seq_lens), seq_lens)
             rows.append({
                 "sample_seconds": sampled - start,
                 "train_seconds": done - sampled,
