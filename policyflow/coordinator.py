@@ -73,10 +73,7 @@ def open_session(cfg: Config, model_path: Path | str | None = None) -> Session:
         model, tokenizer = build_tiny(seed=cfg.run.seed, **cfg.model.tiny.model_dump())
         model = model.to(dtype)
     model = model.to(device)
-    t = cfg.task
-    task = make_task(
-        t.name, **_task_kwargs(cfg)
-    )
+    task = make_task(cfg.task.name, **_task_kwargs(cfg))
     problems = list(task.eval_problems())[: cfg.eval.num_prompts]
     prompt_ids = encode_prompts(tokenizer, task, problems, cfg.model.chat_template)
     sampler = Sampler(model, tokenizer)

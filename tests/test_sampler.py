@@ -40,15 +40,19 @@ def prompt_ids(tiny):
     return [tokenizer(p)["input_ids"] for p in PROMPTS]
 
 
-def trainer_logprobs(model, samples: list[Sample]) -> list[torch.Tensor]:
-    """What the trainer computes: right-padded prompt+completion, one full forward pass."""
-    seqs = [list(s.prompt_ids) + list(s.token_ids) for s in samples]
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+def right_pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of right-padded sequences, pad id 0."""
+    ids = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, seq in enumerate(seqs):
         ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
+    return ids, mask
+
+
+def trainer_logprobs(model, samples: list[Sample]) -> list[torch.Tensor]:
+    """What the trainer computes: right-padded prompt+completion, one full forward pass."""
+    ids, mask = right_pad([list(s.prompt_ids) + list(s.token_ids) for s in samples])
     with torch.no_grad():
         lp = shifted_token_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids)
     return [lp[i, len(s.prompt_ids) : len(s.prompt_ids) + len(s.token_ids)] for i, s in enumerate(samples)]
@@ -127,12 +131,7 @@ def test_fast_decoder_logits_match_hf_forward(tiny, prompt_ids):
             for seq, tok in zip(seqs, tokens.tolist()):
                 seq.append(tok)
             steps.append(decoder.decode(tokens))
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, seq in enumerate(seqs):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
+        ids, mask = right_pad(seqs)
         ref = model(input_ids=ids, attention_mask=mask).logits
     for t, got in enumerate(steps):
         rows = torch.arange(len(seqs))

@@ -15,8 +15,8 @@ from policyflow.engine.sampler import (
     SamplingParams,
     join_samples,
     load_weights,
-    sample_tokens,
 )
+from policyflow.engine.sampling import sample_tokens
 
 __all__ = [
     "FAST_MODEL_TYPES",
