@@ -144,6 +144,10 @@ class RolloutBuffer:
     eta_hard: drop groups with a token older than v − eta_hard when a batch is formed (None: never).
     filters: names from `registry` (default `FILTERS`), applied in order when a group is put.
     refill_filters: the filter names that give the slot back (the others leave a hole).
+    refill_limit: most slots given back by refill filters between two batches (None: no limit);
+        past it, a rejected group leaves a hole instead, so a run whose groups all get rejected
+        still trains (DAPO's cap on resampling rounds).
+    start_version: v when the buffer is created (a resumed run): batches 0..v-1 count as taken.
     """
 
     def __init__(
@@ -154,6 +158,8 @@ class RolloutBuffer:
         filters: Sequence[str] = (),
         registry: Mapping[str, GroupFilter] = FILTERS,
         refill_filters: Collection[str] = REFILL_FILTERS,
+        refill_limit: int | None = None,
+        start_version: int = 0,
     ) -> None:
         if batch_groups < 1:
             raise ValueError(f"batch_groups must be ≥ 1, got {batch_groups}")
@@ -165,15 +171,17 @@ class RolloutBuffer:
         self.batch_groups = batch_groups
         self.eta = eta
         self.eta_hard = eta_hard
-        self.version = 0
+        self.version = start_version
+        self.refill_limit = refill_limit
         self._filters = [(name, registry[name]) for name in filters]
         self._refill = frozenset(refill_filters)
         self._queue: deque[Group | None] = deque()  # finished groups (and holes), FIFO
         self._running: dict[str, int] = {}  # task id -> version at admission
         self._requeued: dict[str, Any] = {}  # task id -> payload (e.g. the partial output)
         self._state: dict[str, str] = {}
-        self._consumed = 0  # slots taken by batches: trained groups + holes
+        self._consumed = start_version * batch_groups  # slots taken by batches: trained groups + holes
         self._refill_debt = 0
+        self._refills_given = 0  # slots given back by refill filters since the last batch
         self._counts: dict[str, float] = {
             key: 0.0
             for key in (
@@ -234,7 +242,7 @@ class RolloutBuffer:
     async def admit(self, task_ids: str | Sequence[str]) -> None:
         """Wait until the admission bound lets these groups start, then start them."""
         while not self.try_admit(task_ids):
-            await self._changed()
+            await self.changed()
 
     @property
     def running(self) -> Mapping[str, int]:
@@ -278,8 +286,9 @@ class RolloutBuffer:
                 self._state[tid] = "filtered"
                 self._counts[f"async/filtered/{name}"] += 1
                 self._counts["async/filtered_tokens"] += sum(t.num_gen_tokens for t in group.trajectories)
-                if name in self._refill:
+                if name in self._refill and (self.refill_limit is None or self._refills_given < self.refill_limit):
                     self._refill_debt += 1
+                    self._refills_given += 1
                 else:
                     self._queue.append(_HOLE)
                 self._wake()
@@ -304,6 +313,7 @@ class RolloutBuffer:
             return None
         slots = [self._queue.popleft() for _ in range(num_groups)]
         self._consumed += num_groups
+        self._refills_given = 0
         groups = [g for g in slots if g is not _HOLE]
         for g in groups:
             self._state[g.task_id] = "trained"
@@ -314,7 +324,7 @@ class RolloutBuffer:
     async def wait_for_batch(self, num_groups: int, version: int) -> list[Group]:
         """Wait until `get_batch(num_groups, version)` can return a batch, and return it."""
         while (batch := self.get_batch(num_groups, version)) is None:
-            await self._changed()
+            await self.changed()
         return batch
 
     def __len__(self) -> int:
@@ -373,7 +383,8 @@ class RolloutBuffer:
             self._event.set()
             self._event = None
 
-    async def _changed(self) -> None:
+    async def changed(self) -> None:
+        """Wait for the next change of state (a put, a batch, a new version, a requeue, ...)."""
         if self._event is None:
             self._event = asyncio.Event()
         await self._event.wait()

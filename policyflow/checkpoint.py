@@ -28,7 +28,8 @@ class LoopState:
     next_problem: int = 0
     wall_seconds: float = 0.0
     eval_before: dict[str, float] = field(default_factory=dict)
-    consumed_task_ids: list[str] = field(default_factory=list)
+    consumed_task_ids: list[str] = field(default_factory=list)  # trained, in order
+    in_flight_task_ids: list[str] = field(default_factory=list)  # issued, not trained when saved: dropped by a resume
 
 
 def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -54,6 +55,7 @@ def save_checkpoint(
     loop: LoopState,
     generator: torch.Generator | None,
     keep_last: int,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     folder = run_dir / "checkpoints" / f"step-{loop.step}"
     tmp = folder.with_name(folder.name + ".tmp")
@@ -63,6 +65,7 @@ def save_checkpoint(
         "loop": asdict(loop),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "rng": rng_state(generator),
+        **(extra or {}),
     }
     torch.save(blob, tmp / STATE_FILE)
     shutil.rmtree(folder, ignore_errors=True)

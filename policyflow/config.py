@@ -111,7 +111,7 @@ class TrainConfig(Section):
     skip_zero_variance: bool = Field(True, description="Leave out groups whose rewards are all equal (no learning signal); they are counted.")
     mask_truncated: bool = Field(False, description="DAPO: mask completions cut at max_new_tokens out of the loss.")
     dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling: replace zero-variance groups by sampling more prompts until the batch is full.")
-    max_resample_rounds: int = Field(3, ge=0, description="dynamic_sampling: most extra sampling rounds per step (then train on what is there).")
+    max_resample_rounds: int = Field(3, ge=0, description="dynamic_sampling: at most this many times B rejected groups are replaced per batch (then rejected groups leave holes and the batch trains on fewer groups).")
     overlong_cache_len: int | None = Field(None, ge=0, description="DAPO soft overlong punishment: the last N tokens before max_new_tokens ramp the reward down to -1; empty = off.")
     kl_coef: float = Field(0.0, ge=0, description="Weight of the KL penalty to a frozen reference model (0 = no reference model).")
     kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
@@ -145,6 +145,50 @@ class AdvantageConfig(Section):
     gfpo_metric: Literal["length", "token_efficiency"] = Field("length", description="gfpo: how kept responses are chosen.")
 
 
+MODE_DEFAULTS: dict[str, tuple[int, str]] = {"sync": (0, "drain"), "one_step_off": (1, "drain"), "async": (2, "continue")}
+
+
+class PipelineConfig(Section):
+    """How rollouts and training overlap (DESIGN.md §4): one pipeline, three modes by configuration."""
+
+    mode: Literal["sync", "one_step_off", "async"] = Field("sync", description="sync: sample a batch, then train on it (η 0, drain); one_step_off: sample batch v+1 while training on v (η 1, drain); async: generate continuously (η ≥ 1, continue).")
+    runtime: Literal["inline", "process"] = Field("inline", description="inline: everything in this process on one asyncio loop; process: the trainer and each rollout worker in its own OS process, weights through safetensors files.")
+    rollout_workers: int = Field(1, ge=1, description="Rollout workers (sampling engines).")
+    max_staleness: int | None = Field(None, ge=0, description="η: a group may start only while accepted + running ≤ (η + v + 1)·B; empty = the mode's value (sync 0, one_step_off 1, async 2).")
+    hard_staleness: int | None = Field(None, ge=0, description="η_hard: groups holding a token older than v − η_hard are dropped (counted as waste) when a batch is formed; empty = η + max_lag + 1.")
+    swap: Literal["continue", "drain", "abort"] | None = Field(None, description="How engines take new weights: continue (in-flight sequences go on), drain (finish admitted groups first), abort (restart in-flight sequences from their partial output); empty = the mode's (drain for sync and one_step_off, continue for async).")
+    max_lag: int = Field(0, ge=0, description="Engines load new weights only when they are more than this many versions behind (0 = after every step; ECHO's lazy updates otherwise).")
+    engine_slots: int = Field(256, ge=1, description="Sequences a rollout engine decodes at once (continuous batching).")
+    max_worker_restarts: int = Field(3, ge=0, description="Dead rollout workers replaced per run before the run fails.")
+
+    @property
+    def eta(self) -> int:
+        return MODE_DEFAULTS[self.mode][0] if self.max_staleness is None else self.max_staleness
+
+    @property
+    def eta_hard(self) -> int:
+        return self.eta + self.max_lag + 1 if self.hard_staleness is None else self.hard_staleness
+
+    @property
+    def swap_mode(self) -> str:
+        return self.swap or MODE_DEFAULTS[self.mode][1]
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        eta, mode = self.eta, self.mode
+        if mode == "sync" and (eta != 0 or self.swap_mode != "drain" or self.max_lag != 0):
+            raise ValueError(f"pipeline.mode=sync means η 0, drain and max_lag 0 (got max_staleness={eta}, swap={self.swap_mode}, max_lag={self.max_lag}); use pipeline.mode=one_step_off or async for overlap")
+        if mode == "one_step_off" and (eta != 1 or self.swap_mode != "drain"):
+            raise ValueError(f"pipeline.mode=one_step_off means η 1 and drain (got max_staleness={eta}, swap={self.swap_mode}); use pipeline.mode=async for other settings")
+        if mode == "async" and eta < 1:
+            raise ValueError("pipeline.mode=async needs pipeline.max_staleness ≥ 1; η 0 is pipeline.mode=sync")
+        if self.eta_hard < eta:
+            raise ValueError(f"pipeline.hard_staleness={self.eta_hard} is below max_staleness={eta}: groups admitted within the budget would be dropped; set it ≥ {eta}")
+        if self.eta_hard <= self.max_lag:
+            raise ValueError(f"pipeline.hard_staleness={self.eta_hard} must exceed pipeline.max_lag={self.max_lag}: an engine that lags max_lag versions would only produce tokens the cutoff drops, and the run would stall")
+        return self
+
+
 class EvalConfig(Section):
     num_prompts: int = Field(200, ge=1, description="Held-out problems evaluated before and after training.")
     temperature: float = Field(1.0, gt=0, description="Temperature of the sampled-accuracy evaluation.")
@@ -167,6 +211,21 @@ class Config(Section):
     advantage: AdvantageConfig = Field(default_factory=AdvantageConfig, description="Advantage estimator.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Synchronous, one-step-off or asynchronous rollouts and training.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stale_data_objective(cls, raw: Any) -> Any:
+        """With stale data (η ≥ 1) the default objective is decoupled PPO (AReaL 2505.24298)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("pipeline", {}), dict) or not isinstance(raw.get("loss", {}), dict):
+            return raw  # field validation reports the problem
+        pipeline = raw.get("pipeline", {})
+        eta = pipeline.get("max_staleness")
+        if eta is None:
+            eta = MODE_DEFAULTS.get(pipeline.get("mode", "sync"), (0,))[0]
+        if isinstance(eta, int) and eta > 0 and raw.get("loss", {}).get("name") is None:
+            raw = {**raw, "loss": {**raw.get("loss", {}), "name": "decoupled_ppo"}}
+        return raw
 
     @property
     def run_dir(self) -> Path:

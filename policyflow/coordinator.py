@@ -1,177 +1,153 @@
 """The driver: warm-start, then the RL loop — read it top to bottom.
 
-    for each step:  sample G completions for B prompts  →  score  →  advantages
-                    →  one trainer step (a new policy version)  →  log, evaluate, checkpoint
+One loop for every mode (DESIGN.md §4). Rollout workers generate continuously; the buffer's
+admission bound decides how far ahead of the trainer they may run:
+
+    for each step:  wait for the oldest B finished groups  →  one trainer step (version v+1,
+                    published to the snapshot store)  →  eval, checkpoint  →  engines take the
+                    new weights  →  the admission window moves one batch
+
+sync (η 0, drain) admits B groups only once the weights of v are in every engine, so each
+batch is sampled entirely by the current policy; one_step_off (η 1, drain) samples batch v+1
+while batch v trains; async (η ≥ 1, continue) keeps engines busy and swaps weights between
+decode steps. The runtime (inline or process) only decides where the trainer and the
+workers run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import yaml
 
-from policyflow.advantages import ADVANTAGES
-from policyflow.rewards import overlong_penalty
-from policyflow.checkpoint import LoopState, latest_checkpoint, load_state, save_checkpoint, set_rng_state
+from policyflow.buffer import RolloutBuffer
+from policyflow.checkpoint import LoopState, latest_checkpoint
 from policyflow.config import Config
-from policyflow.engine import Sampler, SamplingParams
-from policyflow.evaluate import EvalResult, evaluate
+from policyflow.evaluate import EvalResult
 from policyflow.logging import JsonlWriter, Progress, plot_run
-from policyflow.model import build_tiny, load_pretrained, num_parameters
-from policyflow.rollout import encode_prompts, rollout_groups
+from policyflow.pool import RolloutPool
+from policyflow.runtime import make_runtime
+from policyflow.session import open_session
 from policyflow.sft import warm_start
-from policyflow.tasks import make_task
-from policyflow.tasks.base import Problem, Task
-from policyflow.threads import configure_threads
-from policyflow.tokens import collate
-from policyflow.trainer import Trainer
-from policyflow.types import Group, TrainBatch
-
-
-@dataclass
-class Session:
-    """Everything one process needs to train or evaluate: built once from the config."""
-
-    cfg: Config
-    model: torch.nn.Module
-    tokenizer: object
-    task: Task
-    sampler: Sampler
-    eval_problems: list[Problem]
-    eval_prompt_ids: list[list[int]]
-    device: torch.device
-
-    @property
-    def params(self) -> SamplingParams:
-        s = self.cfg.sampling
-        return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, stop=tuple(s.stop) + self.task.stop)
-
-    def evaluate(self) -> EvalResult:
-        return evaluate(
-            self.sampler, self.task, self.eval_problems, self.eval_prompt_ids,
-            max_new_tokens=self.cfg.sampling.max_new_tokens, temperature=self.cfg.eval.temperature,
-            stop=self.params.stop, seed=self.cfg.run.seed,
-        )
-
-
-def open_session(cfg: Config, model_path: Path | str | None = None) -> Session:
-    """Load (or build) the model and task named by the config; `model_path` overrides model.path."""
-    configure_threads(cfg.run.threads)
-    torch.manual_seed(cfg.run.seed)
-    random.seed(cfg.run.seed)
-    device = torch.device("cuda" if cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available()) else "cpu")
-    dtype = getattr(torch, cfg.model.dtype)
-    path = model_path or cfg.model.path
-    if path:
-        model, tokenizer = load_pretrained(path, dtype=dtype)
-    else:
-        model, tokenizer = build_tiny(seed=cfg.run.seed, **cfg.model.tiny.model_dump())
-        model = model.to(dtype)
-    model = model.to(device)
-    task = make_task(cfg.task.name, **_task_kwargs(cfg))
-    problems = list(task.eval_problems())[: cfg.eval.num_prompts]
-    prompt_ids = encode_prompts(tokenizer, task, problems, cfg.model.chat_template)
-    sampler = Sampler(model, tokenizer)
-    return Session(cfg, model, tokenizer, task, sampler, problems, prompt_ids, device)
-
-
-def _task_kwargs(cfg: Config) -> dict:
-    t = cfg.task
-    if t.name == "arithmetic":
-        return dict(seed=t.seed, min_digits=t.min_digits, max_digits=t.max_digits, num_eval=t.num_eval)
-    if t.name == "countdown":
-        return dict(seed=t.seed, num_eval=t.num_eval, num_numbers=t.num_numbers, max_number=t.max_number, max_target=t.max_target)
-    return dict(
-        path=t.path, prompt_column=t.prompt_column, answer_column=t.answer_column, reward=t.reward,
-        eval_path=t.eval_path, eval_fraction=t.eval_fraction, seed=t.seed, on_bad_row=t.on_bad_row,
-        reward_timeout_s=t.reward_timeout_s,
-    )
-
-
-def collect_groups(session: Session, loop: LoopState, generator: torch.Generator) -> tuple[list[Group], dict[str, float]]:
-    """B groups of G scored samples on fresh problems.
-
-    With `train.dynamic_sampling` (DAPO), groups whose rewards are all equal are replaced by
-    sampling more prompts, for at most `train.max_resample_rounds` extra rounds.
-    """
-    cfg, task = session.cfg, session.task
-    B, G = cfg.train.prompts_per_step, cfg.train.group_size
-    groups: list[Group] = []
-    start, errors, rounds = time.perf_counter(), 0, 0
-    while True:
-        need = B - len(groups)
-        problems = [task.train_problem(loop.next_problem + i) for i in range(need)]
-        loop.next_problem += need
-        prompt_ids = encode_prompts(session.tokenizer, task, problems, cfg.model.chat_template)
-        new, new_errors = rollout_groups(session.sampler, task, problems, prompt_ids, G, session.params, generator)
-        errors += new_errors
-        if cfg.train.overlong_cache_len is not None:
-            shape_overlong(new, cfg.sampling.max_new_tokens, cfg.train.overlong_cache_len)
-        if not cfg.train.dynamic_sampling:
-            groups += new
-            break
-        groups += [g for g in new if max(g.rewards) > min(g.rewards)]
-        if len(groups) >= B or rounds >= cfg.train.max_resample_rounds:
-            groups = groups[:B]
-            break
-        rounds += 1
-    metrics = rollout_metrics(groups, time.perf_counter() - start, errors)
-    metrics["rollout/resample_rounds"] = float(rounds)
-    return groups, metrics
-
-
-def shape_overlong(groups: list[Group], max_len: int, cache_len: int) -> None:
-    """Add DAPO's soft overlong penalty to each trajectory's reward (kept as reward part `overlong`)."""
-    trajectories = [t for g in groups for t in g.trajectories]
-    lengths_B = torch.tensor([t.num_gen_tokens for t in trajectories])
-    for t, penalty in zip(trajectories, overlong_penalty(lengths_B, max_len, cache_len).tolist()):
-        t.reward += penalty
-        t.reward_parts["overlong"] = penalty
-
-
-def build_batch(groups: list[Group], cfg: Config, pad_id: int) -> tuple[TrainBatch | None, dict[str, float]]:
-    """Advantages per group, zero-variance groups left out (counted), padded into a TrainBatch."""
-    stats = {"rollout/groups_zero_variance": 0.0}
-    if cfg.train.skip_zero_variance:
-        kept = [g for g in groups if max(g.rewards) > min(g.rewards)]
-        stats["rollout/groups_zero_variance"] = float(len(groups) - len(kept))
-        groups = kept
-    if not groups:
-        return None, stats
-    trajectories = [t for g in groups for t in g.trajectories]
-    rewards_B = torch.tensor([t.reward for t in trajectories], dtype=torch.float64)
-    group_ids_B = torch.tensor([i for i, g in enumerate(groups) for _ in g.trajectories])
-    lengths_B = torch.tensor([t.num_gen_tokens for t in trajectories], dtype=torch.float64)
-    a = cfg.advantage
-    hyper = {"k": a.gfpo_k, "metric": a.gfpo_metric} if a.name == "gfpo" else {}
-    advantages_B, keep_B = ADVANTAGES[a.name](rewards_B, group_ids_B, lengths_B, **hyper)
-    trainable = [not (cfg.train.mask_truncated and t.status == "truncated") for t in trajectories]
-    stats["rollout/gfpo_kept_fraction"] = float(keep_B.float().mean())
-    return collate(trajectories, advantages_B, group_ids_B, pad_id, trainable_B=trainable), stats
-
-
-def rollout_metrics(groups: list[Group], seconds: float, reward_errors: int) -> dict[str, float]:
-    trajectories = [t for g in groups for t in g.trajectories]
-    tokens = sum(t.num_gen_tokens for t in trajectories)
-    n = max(1, len(trajectories))
-    return {
-        "rollout/reward_mean": sum(t.reward for t in trajectories) / n,
-        "rollout/correct_mean": sum(t.reward_parts.get("correct", 0.0) for t in trajectories) / n,
-        "rollout/response_tokens_mean": tokens / n,
-        "rollout/truncated_fraction": sum(t.status == "truncated" for t in trajectories) / n,
-        "rollout/reward_errors": float(reward_errors),
-        "perf/rollout_tokens_per_s": tokens / max(seconds, 1e-9),
-        "perf/rollout_seconds": seconds,
-    }
+from policyflow.threads import configure_threads, thread_share
+from policyflow.types import Group
+from policyflow.weights import FileSnapshotStore, SnapshotStore
+from policyflow.workers import RolloutWorker, TrainerWorker
 
 
 def train(cfg: Config, *, resume: Path | None = None, log=print) -> dict:
     """Warm-start (fresh runs), then RL for `train.steps` steps; returns the summary written to summary.json."""
+    return asyncio.run(run_rl(cfg, resume=resume, log=log))
+
+
+async def run_rl(cfg: Config, *, resume: Path | None = None, log=print, worker_cls: type = RolloutWorker) -> dict:
+    """`train` as a coroutine; `worker_cls` replaces the rollout worker (fault-injection tests)."""
+    run_dir, checkpoint = _prepare_run_dir(cfg, resume)
+    p, B = cfg.pipeline, cfg.train.prompts_per_step
+    threads = thread_share(cfg.run.threads, processes=1 + p.rollout_workers if p.runtime == "process" else 1)
+    torch.set_num_threads(threads if p.runtime == "inline" else 1)  # the driver itself computes little in the process runtime
+    keep = p.max_lag + 2
+    store = SnapshotStore(keep) if p.runtime == "inline" else FileSnapshotStore(run_dir / "snapshots", keep)
+    metrics_log, samples_log = JsonlWriter(run_dir / "metrics.jsonl"), JsonlWriter(run_dir / "samples.jsonl")
+    runtime = make_runtime(p.runtime)
+    pool: RolloutPool | None = None
+    try:
+        trainer = await runtime.spawn(TrainerWorker, cfg, store, str(checkpoint) if checkpoint else None, name="trainer", cpus=threads)
+        log(f"{await trainer.call('describe')}; pipeline: {p.mode} (η {p.eta}, η_hard {p.eta_hard}, {p.swap_mode}), {p.rollout_workers} rollout worker(s), {p.runtime} runtime; run folder: {run_dir}")
+        if checkpoint is None:
+            loop, worker_rng = LoopState(), []
+            if cfg.sft.max_steps > 0:
+                sft = await trainer.call("warm_start", str(run_dir / "metrics.jsonl"))
+                log(f"SFT warm-start: {sft['steps']} steps, {sft['seconds']:.0f}s, greedy held-out accuracy {sft['accuracy_greedy']:.1%}")
+            loop.eval_before = await trainer.call("evaluate")
+            metrics_log.write({"step": 0, "wall_seconds": 0.0, **EvalResult(**loop.eval_before).as_metrics()})
+            log(_accuracy_line("before RL", loop.eval_before))
+        else:
+            loop, worker_rng = await trainer.call("restore", str(checkpoint))
+            log(f"resumed from {checkpoint} at step {loop.step}; {len(loop.in_flight_task_ids)} group(s) in flight then are dropped")
+        await trainer.call("publish")  # version loop.version, which every engine starts from
+        buffer = RolloutBuffer(
+            B, p.eta, p.eta_hard, filters=("dynamic_sampling",) if cfg.train.dynamic_sampling else (),
+            refill_limit=cfg.train.max_resample_rounds * B, start_version=loop.version,
+        )
+        pool = RolloutPool(runtime, cfg, store, buffer, next_index=loop.next_problem, worker_cls=worker_cls, rng_states=worker_rng, cpus=threads)
+        await pool.start()
+
+        progress = Progress(cfg.train.steps, loop.step, cfg.run.progress)
+        wall_start = time.perf_counter() - loop.wall_seconds
+        loop_start, idle_s, tokens_before = time.perf_counter(), 0.0, 0.0
+        budget = cfg.train.time_budget_s or float("inf")
+        while loop.step < cfg.train.steps and time.perf_counter() - wall_start < budget:
+            step_start = time.perf_counter()
+            # 1. The oldest B finished groups; the time spent waiting is trainer idle time.
+            groups = await pool.guard(buffer.wait_for_batch(B, loop.version))
+            idle_s += time.perf_counter() - step_start
+            groups.sort(key=lambda g: int(g.task_id.rsplit("-", 1)[1]))  # issue order: a batch does not depend on finishing order
+            # 2. One policy version: advantages, μ epochs × minibatches, the new weights published.
+            metrics = await trainer.call("train_step", groups)
+            loop.step, loop.version = loop.step + 1, loop.version + 1
+            loop.consumed_task_ids += [g.task_id for g in groups]
+            # 3. Bookkeeping before new groups start (in sync mode nothing is in flight now).
+            if cfg.eval.every and loop.step % cfg.eval.every == 0 and loop.step < cfg.train.steps:
+                metrics |= EvalResult(**await trainer.call("evaluate")).as_metrics()
+            loop.wall_seconds = time.perf_counter() - wall_start
+            if cfg.checkpoint.every and loop.step % cfg.checkpoint.every == 0 and loop.step < cfg.train.steps:
+                await _checkpoint(trainer, pool, buffer, loop, run_dir)
+            # 4. Engines take the new weights (eagerly, or when they lag more than max_lag), then
+            #    the admission window moves one batch.
+            await pool.update_weights(loop.version)
+            buffer.set_version(loop.version)
+            # 5. Metrics: this batch, the buffer (staleness, waste), the engines, the clock.
+            pool_metrics = pool.metrics()
+            now = time.perf_counter()
+            metrics |= buffer.metrics() | pool_metrics | {
+                "async/trainer_idle_fraction": idle_s / max(now - loop_start, 1e-9),
+                "perf/step_seconds": now - step_start,
+                "perf/rollout_tokens_per_s": (pool_metrics["rollout/generated_tokens"] - tokens_before) / max(now - step_start, 1e-9),
+            }
+            tokens_before = pool_metrics["rollout/generated_tokens"]
+            if loop.step % cfg.run.log_every == 0 or loop.step == cfg.train.steps:
+                metrics_log.write({"step": loop.step, "wall_seconds": loop.wall_seconds, **metrics})
+            if loop.step % cfg.run.samples_every == 0:
+                _write_samples(samples_log, loop.step, groups)
+            progress.update(metrics)
+        progress.close()
+        await pool.stop()
+
+        eval_after = await trainer.call("evaluate")
+        loop.wall_seconds = time.perf_counter() - wall_start
+        metrics_log.write({"step": loop.step, "wall_seconds": loop.wall_seconds, **EvalResult(**eval_after).as_metrics()})
+        final = await _checkpoint(trainer, pool, buffer, loop, run_dir)
+    finally:
+        if pool is not None:
+            await pool.stop()
+        await runtime.shutdown()
+
+    plot = plot_run(run_dir / "metrics.jsonl", run_dir / "plot.png")
+    ledger = buffer.ledger()
+    summary = {
+        "eval_before": loop.eval_before,
+        "eval_after": eval_after,
+        "wall_seconds": loop.wall_seconds,
+        "final_checkpoint": final,
+        "steps": loop.step,
+        "plot": str(plot) if plot else None,
+        "pipeline": {"mode": p.mode, "runtime": p.runtime, "eta": p.eta, "eta_hard": p.eta_hard, "swap": p.swap_mode, "max_lag": p.max_lag, "rollout_workers": p.rollout_workers},
+        "groups": {name: len(getattr(ledger, name)) for name in ("trained", "buffered", "running", "requeued", "filtered", "stale", "failed")},
+        "async": {k: v for k, v in (buffer.metrics() | pool.metrics()).items() if k.startswith("async/")},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(_accuracy_line("after RL ", eval_after))
+    log(f"plot: {plot}\nsummary: {run_dir / 'summary.json'}\ncheckpoint: {final}")
+    return summary
+
+
+def _prepare_run_dir(cfg: Config, resume: Path | None) -> tuple[Path, Path | None]:
     run_dir = Path(resume) if resume else cfg.run_dir
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
@@ -181,95 +157,15 @@ def train(cfg: Config, *, resume: Path | None = None, log=print) -> dict:
         for name in ("metrics.jsonl", "samples.jsonl"):
             (run_dir / name).unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    session = open_session(cfg, model_path=checkpoint)
-    model, tokenizer, task = session.model, session.tokenizer, session.task
-    generator = torch.Generator().manual_seed(cfg.run.seed)
-    metrics_log, samples_log = JsonlWriter(run_dir / "metrics.jsonl"), JsonlWriter(run_dir / "samples.jsonl")
-    log(f"model: {num_parameters(model):,} parameters on {session.device}; task: {task.name}; run folder: {run_dir}")
-
-    if checkpoint is None:
-        loop = LoopState()
-        if cfg.sft.max_steps > 0:
-            bar = Progress(cfg.sft.max_steps, 0, cfg.run.progress, desc="sft")
-
-            def on_sft_step(step: int, loss: float) -> None:
-                bar.update({"sft/loss": loss})
-                if step % 10 == 0:
-                    metrics_log.write({"sft_step": step, "sft/loss": loss})
-
-            sft = warm_start(
-                model, tokenizer, task, cfg.sft, chat_template=cfg.model.chat_template,
-                greedy_accuracy=lambda: _greedy_check(session), on_step=on_sft_step,
-            )
-            bar.close()
-            log(f"SFT warm-start: {sft.steps} steps, {sft.seconds:.0f}s, greedy held-out accuracy {sft.accuracy_greedy:.1%}")
-        loop.eval_before = asdict(session.evaluate())
-        metrics_log.write({"step": 0, "wall_seconds": 0.0, **EvalResult(**loop.eval_before).as_metrics()})
-        log(_accuracy_line("before RL", loop.eval_before))
-        trainer = Trainer(model, cfg.train, cfg.loss, temperature=cfg.sampling.temperature, max_len=cfg.sampling.max_new_tokens)
-    else:
-        state = load_state(checkpoint)
-        loop = state["loop"]
-        trainer = Trainer(model, cfg.train, cfg.loss, temperature=cfg.sampling.temperature, max_len=cfg.sampling.max_new_tokens, version=loop.version)
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], generator)
-        log(f"resumed from {checkpoint} at step {loop.step}")
-
-    progress = Progress(cfg.train.steps, loop.step, cfg.run.progress)
-    wall_start = time.perf_counter() - loop.wall_seconds
-    budget = cfg.train.time_budget_s or float("inf")
-    while loop.step < cfg.train.steps and time.perf_counter() - wall_start < budget:
-        # 1. Rollouts: G samples for each of B fresh prompts, tagged with the current version.
-        session.sampler.set_weights(None, trainer.version)  # the sampler shares the module: weights are already in place
-        groups, metrics = collect_groups(session, loop, generator)
-        # 2. Advantages and the batch; 3. one policy-version update.
-        batch, batch_stats = build_batch(groups, cfg, tokenizer.pad_token_id)
-        metrics |= batch_stats
-        if batch is not None:
-            metrics |= trainer.step(batch.to(session.device))
-        else:
-            trainer.version += 1  # nothing to learn from: the version still advances so steps and versions agree
-        loop.step, loop.version = loop.step + 1, trainer.version
-        loop.consumed_task_ids += [g.task_id for g in groups]
-        # 4. Bookkeeping: eval, logs, samples, checkpoints.
-        if cfg.eval.every and loop.step % cfg.eval.every == 0 and loop.step < cfg.train.steps:
-            metrics |= session.evaluate().as_metrics()
-        loop.wall_seconds = time.perf_counter() - wall_start
-        if loop.step % cfg.run.log_every == 0 or loop.step == cfg.train.steps:
-            metrics_log.write({"step": loop.step, "wall_seconds": loop.wall_seconds, **metrics})
-        if loop.step % cfg.run.samples_every == 0:
-            _write_samples(samples_log, loop.step, groups)
-        if cfg.checkpoint.every and loop.step % cfg.checkpoint.every == 0 and loop.step < cfg.train.steps:
-            save_checkpoint(run_dir, model, tokenizer, trainer.optimizer, loop, generator, cfg.checkpoint.keep_last)
-        progress.update(metrics)
-    progress.close()
-
-    eval_after = session.evaluate()
-    loop.wall_seconds = time.perf_counter() - wall_start
-    metrics_log.write({"step": loop.step, "wall_seconds": loop.wall_seconds, **eval_after.as_metrics()})
-    final = save_checkpoint(run_dir, model, tokenizer, trainer.optimizer, loop, generator, cfg.checkpoint.keep_last)
-    plot = plot_run(run_dir / "metrics.jsonl", run_dir / "plot.png")
-    summary = {
-        "eval_before": loop.eval_before,
-        "eval_after": asdict(eval_after),
-        "wall_seconds": loop.wall_seconds,
-        "final_checkpoint": str(final),
-        "steps": loop.step,
-        "plot": str(plot) if plot else None,
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log(_accuracy_line("after RL ", summary["eval_after"]))
-    log(f"plot: {plot}\nsummary: {run_dir / 'summary.json'}\ncheckpoint: {final}")
-    return summary
+    return run_dir, checkpoint
 
 
-def _greedy_check(session: Session) -> float:
-    """Greedy accuracy on the first `sft.eval_prompts` held-out problems (the SFT stopping rule)."""
-    from policyflow.evaluate import accuracy
-
-    n = session.cfg.sft.eval_prompts
-    params = SamplingParams(temperature=0.0, max_new_tokens=session.cfg.sampling.max_new_tokens, stop=session.params.stop)
-    return accuracy(session.sampler, session.task, session.eval_problems[:n], session.eval_prompt_ids[:n], params)[0]
+async def _checkpoint(trainer, pool: RolloutPool, buffer: RolloutBuffer, loop: LoopState, run_dir: Path) -> str:
+    """Weights, optimizer, RNG (trainer and engines) and the loop state; in-flight groups are recorded as dropped."""
+    ledger = buffer.ledger()
+    loop.next_problem = pool.next_index
+    loop.in_flight_task_ids = sorted(ledger.running | ledger.buffered | ledger.requeued)
+    return await trainer.call("save_checkpoint", str(run_dir), loop, await pool.rng_states())
 
 
 def _accuracy_line(label: str, result: dict) -> str:
@@ -286,10 +182,11 @@ def run_sft(cfg: Config, log=print) -> Path:
     """Warm-start only; the model is saved in Hugging Face format to runs/<name>/sft."""
     from policyflow.model import save_pretrained
 
+    configure_threads(cfg.run.threads)
     session = open_session(cfg)
     result = warm_start(
         session.model, session.tokenizer, session.task, cfg.sft, chat_template=cfg.model.chat_template,
-        greedy_accuracy=lambda: _greedy_check(session),
+        greedy_accuracy=session.greedy_accuracy,
     )
     folder = save_pretrained(session.model, session.tokenizer, cfg.run_dir / "sft")
     log(f"SFT: {result.steps} steps, loss {result.final_loss:.3f}, greedy held-out accuracy {result.accuracy_greedy:.1%}; saved to {folder}")
@@ -297,5 +194,5 @@ def run_sft(cfg: Config, log=print) -> Path:
 
 
 def run_eval(cfg: Config, model_path: Path | None = None) -> dict:
-    session = open_session(cfg, model_path=model_path)
-    return asdict(session.evaluate())
+    configure_threads(cfg.run.threads)
+    return asdict(open_session(cfg, model_path=model_path).evaluate())

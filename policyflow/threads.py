@@ -20,13 +20,17 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def configure_threads(requested: int = 0, processes: int = 1) -> int:
-    """Set torch's intra-op threads and return the number used."""
+def thread_share(requested: int = 0, processes: int = 1) -> int:
+    """Intra-op threads for one of `processes` computing processes (see the module docstring)."""
     if requested > 0:
-        n = requested
-    elif os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        n = int(os.environ["OMP_NUM_THREADS"])
-    else:
-        n = max(1, available_cores() // max(1, processes))
+        return requested
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return int(os.environ["OMP_NUM_THREADS"])
+    return max(1, available_cores() // max(1, processes))
+
+
+def configure_threads(requested: int = 0, processes: int = 1) -> int:
+    """Set torch's intra-op threads to this process's share and return the number used."""
+    n = thread_share(requested, processes)
     torch.set_num_threads(n)
     return n

@@ -101,7 +101,7 @@ class Trainer:
         if ref_BT is not None and self.loss_name not in TOKEN_LEVEL_LOSSES:
             kl = masked_mean(kl_penalty(logprobs_BT, ref_BT, self.cfg.kl_kind), mask_BT)
             loss = loss + self.cfg.kl_coef * kl
-            metrics["loss/kl"] = float(kl)
+            metrics["loss/kl"] = float(kl.detach())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite {self.loss_name} loss at version {self.version}; lower train.lr or check rewards")
         self.optimizer.zero_grad(set_to_none=True)

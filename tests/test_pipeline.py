@@ -11,17 +11,20 @@ from policyflow import coordinator
 from policyflow.checkpoint import LoopState, latest_checkpoint, save_checkpoint
 from policyflow.losses import POLICY_LOSSES, sft_loss
 from policyflow.model import ModelLoadError, build_tiny, load_pretrained
-from policyflow.rollout import encode_prompts
+from policyflow.rollout import build_batch, encode_prompts, rollout_groups
+from policyflow.session import open_session
 from policyflow.sft import warm_start
 from policyflow.tokens import sft_batch
 from policyflow.trainer import Trainer, sequence_logprobs
 
 
 def _one_batch(cfg):
-    session = coordinator.open_session(cfg)
-    groups, metrics = coordinator.collect_groups(session, LoopState(), torch.Generator().manual_seed(0))
-    batch, stats = coordinator.build_batch(groups, cfg, session.tokenizer.pad_token_id)
-    return session, groups, batch, metrics | stats
+    session = open_session(cfg)
+    problems = [session.task.train_problem(i) for i in range(cfg.train.prompts_per_step)]
+    prompts = encode_prompts(session.tokenizer, session.task, problems, False)
+    groups, errors = rollout_groups(session.sampler, session.task, problems, prompts, cfg.train.group_size, session.params, torch.Generator().manual_seed(0))
+    batch, stats = build_batch(groups, cfg, session.tokenizer.pad_token_id)
+    return session, groups, batch, stats | {"rollout/reward_errors": errors}
 
 
 def test_grpo_step_changes_parameters_and_stays_finite(small_config) -> None:
@@ -46,14 +49,14 @@ def test_zero_variance_groups_are_skipped_and_counted(small_config) -> None:
     session, groups, _, _ = _one_batch(cfg)
     for t in groups[0].trajectories:
         t.reward = 0.5
-    batch, stats = coordinator.build_batch(groups, cfg, session.tokenizer.pad_token_id)
+    batch, stats = build_batch(groups, cfg, session.tokenizer.pad_token_id)
     assert stats["rollout/groups_zero_variance"] == 1
     assert batch.num_sequences == (len(groups) - 1) * cfg.train.group_size
 
 
 def test_sft_lowers_the_loss(small_config) -> None:
     cfg = small_config("task.name=arithmetic", "sft.max_steps=30", "sft.lr=3e-3", "sft.warmup_steps=5", "sft.target_accuracy=1.0", "sft.eval_every=100")
-    session = coordinator.open_session(cfg)
+    session = open_session(cfg)
     problems = [session.task.train_problem(i) for i in range(16)]
     prompts = encode_prompts(session.tokenizer, session.task, problems, False)
     completions = [session.tokenizer(session.task.sft_completion(p), add_special_tokens=False)["input_ids"] + [1] for p in problems]
@@ -149,14 +152,3 @@ def test_every_advantage_builds_a_batch(small_config, advantage: str) -> None:
     if advantage == "gfpo":
         assert stats["rollout/gfpo_kept_fraction"] == pytest.approx(0.5)
         assert int((batch.advantages_B != 0).sum()) <= cfg.train.prompts_per_step * 2
-
-
-def test_dynamic_sampling_and_overlong_shaping(small_config) -> None:
-    cfg = small_config("train.dynamic_sampling=true", "train.overlong_cache_len=2")
-    session, groups, batch, metrics = _one_batch(cfg)
-    assert len(groups) == cfg.train.prompts_per_step
-    assert all(max(g.rewards) > min(g.rewards) for g in groups)
-    for t in (t for g in groups for t in g.trajectories):
-        n = t.num_gen_tokens
-        expected = 0.0 if n <= 4 else (4 - n) / 2
-        assert t.reward_parts["overlong"] == pytest.approx(expected)

@@ -1,0 +1,96 @@
+"""What one process needs to train or evaluate, built from the config: model, tokenizer, task, sampler."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from policyflow.config import Config
+from policyflow.engine import Sampler, SamplingParams
+from policyflow.evaluate import EvalResult, accuracy, evaluate
+from policyflow.model import build_tiny, load_pretrained
+from policyflow.rollout import encode_prompts
+from policyflow.tasks import make_task
+from policyflow.tasks.base import Problem, Task
+
+
+def pick_device(cfg: Config) -> torch.device:
+    use_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def load_policy(cfg: Config, model_path: Path | str | None = None):
+    """The policy model (from `model_path`, else model.path, else the tiny model) and its tokenizer, on the run's device."""
+    path = model_path or cfg.model.path
+    dtype = getattr(torch, cfg.model.dtype)
+    if path:
+        model, tokenizer = load_pretrained(path, dtype=dtype)
+    else:
+        model, tokenizer = build_tiny(seed=cfg.run.seed, **cfg.model.tiny.model_dump())
+        model = model.to(dtype)
+    return model.to(pick_device(cfg)), tokenizer
+
+
+def build_task(cfg: Config) -> Task:
+    t = cfg.task
+    if t.name == "arithmetic":
+        kwargs = dict(seed=t.seed, min_digits=t.min_digits, max_digits=t.max_digits, num_eval=t.num_eval)
+    elif t.name == "countdown":
+        kwargs = dict(seed=t.seed, num_eval=t.num_eval, num_numbers=t.num_numbers, max_number=t.max_number, max_target=t.max_target)
+    else:
+        kwargs = dict(
+            path=t.path, prompt_column=t.prompt_column, answer_column=t.answer_column, reward=t.reward,
+            eval_path=t.eval_path, eval_fraction=t.eval_fraction, seed=t.seed, on_bad_row=t.on_bad_row,
+            reward_timeout_s=t.reward_timeout_s,
+        )
+    return make_task(t.name, **kwargs)
+
+
+def sampling_params(cfg: Config, task: Task) -> SamplingParams:
+    s = cfg.sampling
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, stop=tuple(s.stop) + task.stop)
+
+
+@dataclass
+class Session:
+    """Everything one process needs to train or evaluate: built once from the config."""
+
+    cfg: Config
+    model: torch.nn.Module
+    tokenizer: object
+    task: Task
+    sampler: Sampler
+    eval_problems: list[Problem]
+    eval_prompt_ids: list[list[int]]
+    device: torch.device
+
+    @property
+    def params(self) -> SamplingParams:
+        return sampling_params(self.cfg, self.task)
+
+    def evaluate(self) -> EvalResult:
+        return evaluate(
+            self.sampler, self.task, self.eval_problems, self.eval_prompt_ids,
+            max_new_tokens=self.cfg.sampling.max_new_tokens, temperature=self.cfg.eval.temperature,
+            stop=self.params.stop, seed=self.cfg.run.seed,
+        )
+
+    def greedy_accuracy(self) -> float:
+        """Greedy accuracy on the first `sft.eval_prompts` held-out problems (the SFT stopping rule)."""
+        n = self.cfg.sft.eval_prompts
+        params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.sampling.max_new_tokens, stop=self.params.stop)
+        return accuracy(self.sampler, self.task, self.eval_problems[:n], self.eval_prompt_ids[:n], params)[0]
+
+
+def open_session(cfg: Config, model_path: Path | str | None = None) -> Session:
+    """Load (or build) the model and task named by the config; `model_path` overrides model.path."""
+    torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+    model, tokenizer = load_policy(cfg, model_path)
+    task = build_task(cfg)
+    problems = list(task.eval_problems())[: cfg.eval.num_prompts]
+    prompt_ids = encode_prompts(tokenizer, task, problems, cfg.model.chat_template)
+    return Session(cfg, model, tokenizer, task, Sampler(model, tokenizer), problems, prompt_ids, pick_device(cfg))

@@ -1,0 +1,287 @@
+"""The two components a runtime places (DESIGN.md §5): a rollout worker and the trainer.
+
+Both are plain classes; their async methods are meant to be awaited on one event loop (the
+inline runtime's, or the loop of the process that hosts them).
+
+`RolloutWorker` owns one sampling engine and runs it continuously: groups arrive with
+`submit`, each becomes G requests, finished groups are scored and collected by `poll`. Weight
+updates come from the snapshot store with `update_weights`, in one of three swap modes:
+
+* continue — swap between two decode steps; in-flight sequences keep their KV cache and their
+  later tokens carry the new version (AReaL's interruptible generation);
+* drain — take no new group; finish every submitted group (queued members included, so a
+  group never mixes versions); then swap and start the groups that waited;
+* abort — stop in-flight sequences, swap, and continue each from its partial output (the
+  partial tokens keep their old versions and behaviour log-probs).
+
+`TrainerWorker` owns the policy being optimised: SFT warm-start, evaluation, one RL step per
+batch of groups, publishing each new version to the snapshot store, and checkpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from policyflow.checkpoint import LoopState, load_state, rng_state, save_checkpoint, set_rng_state
+from policyflow.config import Config
+from policyflow.engine import Engine, Request
+from policyflow.engine.sampler import join_samples
+from policyflow.logging import JsonlWriter, Progress
+from policyflow.model import num_parameters
+from policyflow.rollout import build_batch, encode_prompts, make_group, rollout_metrics, shape_overlong
+from policyflow.session import build_task, load_policy, open_session, pick_device, sampling_params
+from policyflow.sft import warm_start
+from policyflow.tasks.base import Problem
+from policyflow.trainer import Trainer
+from policyflow.types import Group, Sample
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One unit of rollout work: G samples of training problem `index`, known as `task_id`."""
+
+    task_id: str
+    index: int
+
+
+@dataclass
+class WorkerReport:
+    """Groups finished since the last poll, and the worker's cumulative counters."""
+
+    groups: list[Group]
+    stats: dict[str, float]
+
+
+@dataclass
+class _Open:
+    """A submitted group whose samples are not all back yet."""
+
+    spec: GroupSpec
+    problem: Problem
+    samples: list[Sample | None]
+    partials: dict[int, Sample] = field(default_factory=dict)  # member -> aborted prefix
+    started: float = field(default_factory=time.perf_counter)
+
+
+class RolloutWorker:
+    """One engine, fed groups continuously. Construct it inside the process (and loop) that runs it."""
+
+    def __init__(self, cfg: Config, store, *, seed: int, rng: Any = None) -> None:
+        model, self.tokenizer = load_policy(cfg)
+        self.cfg = cfg
+        self.task = build_task(cfg)
+        self.params = sampling_params(cfg, self.task)
+        self.store = store
+        version, state = store.latest()
+        generator = torch.Generator(pick_device(cfg)).manual_seed(seed)
+        if rng is not None:
+            generator.set_state(rng)
+        self.engine = Engine(model, self.tokenizer, version=version, max_batch=cfg.pipeline.engine_slots, generator=generator)
+        self.engine.update_weights(state, version)
+        self._open: dict[str, _Open] = {}
+        self._held: deque[GroupSpec] = deque()  # submitted during a drain: start after the swap
+        self._drain_to: int | None = None  # a drain swap is pending
+        self._drain_since = 0.0
+        self._done: list[Group] = []
+        self._work = asyncio.Event()  # something to decode or to swap
+        self._news = asyncio.Event()  # a group finished
+        self._runner: asyncio.Task | None = None
+        self._closed = False
+        self._born = time.perf_counter()
+        self.stats = {
+            "tokens": 0.0, "busy_s": 0.0, "alive_s": 0.0, "groups": 0.0, "reward_errors": 0.0,
+            "swaps": 0.0, "pause_s": 0.0, "aborted_sequences": 0.0, "aborted_tokens": 0.0,
+        }
+
+    # -- the calls ---------------------------------------------------------------------------
+    async def submit(self, specs: list[GroupSpec]) -> None:
+        """Start generating these groups (in order); their G requests join the running batch."""
+        self._ensure_running()
+        for spec in specs:
+            if spec.task_id in self._open or spec in self._held:
+                raise ValueError(f"task {spec.task_id!r} was submitted twice to this worker")
+            if self._drain_to is not None:
+                self._held.append(spec)
+            else:
+                self._start(spec)
+        self._work.set()
+
+    async def update_weights(self, mode: str) -> int:
+        """Take the latest published weights (see the module docstring for the modes); returns the version held afterwards."""
+        self._ensure_running()
+        version = self.store.latest_version
+        if version is None or version <= self.engine.version:
+            return self.engine.version
+        if mode == "drain" and self.engine.has_work:
+            if self._drain_to is None:
+                self._drain_since = time.perf_counter()
+            self._drain_to = version
+            self._work.set()
+            return self.engine.version
+        start = time.perf_counter()
+        if mode == "abort":
+            self.stats["aborted_sequences"] += self.engine.num_active
+        self.engine.update_weights(self.store.get(version), version, mode="abort" if mode == "abort" else "continue")
+        self._swapped(time.perf_counter() - start)
+        return self.engine.version
+
+    async def poll(self) -> WorkerReport:
+        """Wait until at least one group has finished (or the worker is closed); return them all."""
+        self._ensure_running()
+        while not self._done and not self._closed:
+            self._news.clear()
+            await self._news.wait()
+        done, self._done = self._done, []
+        self.stats["alive_s"] = time.perf_counter() - self._born
+        return WorkerReport(done, dict(self.stats) | {"version": float(self.engine.version)})
+
+    def held_version(self) -> int:
+        return self.engine.version
+
+    def rng_state(self) -> torch.Tensor:
+        return self.engine.generator.get_state()
+
+    def close(self) -> None:
+        self._closed = True
+        self._news.set()
+        if self._runner is not None:
+            self._runner.cancel()
+
+    # -- the engine loop ---------------------------------------------------------------------
+    def _ensure_running(self) -> None:
+        if self._runner is None:
+            self._runner = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        engine = self.engine
+        while not self._closed:
+            if not engine.has_work:
+                if self._drain_to is not None:
+                    self._finish_drain()
+                    continue
+                self._work.clear()
+                await self._work.wait()
+                continue
+            start = time.perf_counter()
+            active = engine.num_active
+            finished = engine.step()
+            if active:
+                self.stats["busy_s"] += time.perf_counter() - start
+            for done in finished:
+                self._on_finished(done.request, done.sample)
+            await asyncio.sleep(0)  # let submit / update_weights / poll run between decode steps
+
+    def _start(self, spec: GroupSpec) -> None:
+        problem = self.task.train_problem(spec.index)
+        prompt = encode_prompts(self.tokenizer, self.task, [problem], self.cfg.model.chat_template)[0]
+        G = self.cfg.train.group_size
+        self._open[spec.task_id] = _Open(spec, problem, [None] * G)
+        for j in range(G):
+            self.engine.submit(Request(tuple(prompt), self.params, id=(spec.task_id, j)))
+
+    def _on_finished(self, request: Request, sample: Sample) -> None:
+        task_id, j = request.id
+        group = self._open[task_id]
+        if sample.finish_reason == "aborted":
+            self.stats["aborted_tokens"] += len(sample.token_ids)
+        if j in group.partials:
+            sample = join_samples(group.partials.pop(j), sample)
+        if sample.finish_reason == "aborted":  # an abort swap: continue from the partial output
+            group.partials[j] = sample
+            original = Request(sample.prompt_ids, self.params, id=request.id)
+            self.engine.submit(original.resume(sample))
+            return
+        self.stats["tokens"] += len(sample.token_ids)
+        group.samples[j] = sample
+        if all(s is not None for s in group.samples):
+            del self._open[task_id]
+            made, errors = make_group(self.task, group.problem, group.samples, task_id=task_id, gen_seconds=time.perf_counter() - group.started)
+            if self.cfg.train.overlong_cache_len is not None:
+                shape_overlong([made], self.cfg.sampling.max_new_tokens, self.cfg.train.overlong_cache_len)
+            self.stats["groups"] += 1
+            self.stats["reward_errors"] += errors
+            self._done.append(made)
+            self._news.set()
+
+    def _finish_drain(self) -> None:
+        start = time.perf_counter()
+        version = self.store.latest_version
+        self.engine.update_weights(self.store.get(version), version, mode="continue")
+        self._swapped(time.perf_counter() - start + (start - self._drain_since))
+        self._drain_to = None
+        while self._held:
+            self._start(self._held.popleft())
+
+    def _swapped(self, pause_s: float) -> None:
+        self.stats["swaps"] += 1
+        self.stats["pause_s"] += pause_s
+
+
+class TrainerWorker:
+    """The policy being optimised, with its optimizer; publishes every new version to `store`."""
+
+    def __init__(self, cfg: Config, store, checkpoint: str | None = None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.session = open_session(cfg, model_path=checkpoint)
+        self.trainer = Trainer(self.session.model, cfg.train, cfg.loss, temperature=cfg.sampling.temperature, max_len=cfg.sampling.max_new_tokens)
+
+    def describe(self) -> str:
+        s = self.session
+        return f"model: {num_parameters(s.model):,} parameters on {s.device}; task: {s.task.name}"
+
+    def warm_start(self, metrics_path: str | None = None) -> dict[str, float]:
+        """Supervised warm-start (sft.*), with a progress bar and sft/loss lines in metrics.jsonl."""
+        cfg, s = self.cfg, self.session
+        bar = Progress(cfg.sft.max_steps, 0, cfg.run.progress, desc="sft")
+        log = JsonlWriter(Path(metrics_path)) if metrics_path else None
+
+        def on_step(step: int, loss: float) -> None:
+            bar.update({"sft/loss": loss})
+            if log is not None and step % 10 == 0:
+                log.write({"sft_step": step, "sft/loss": loss})
+
+        result = warm_start(s.model, s.tokenizer, s.task, cfg.sft, chat_template=cfg.model.chat_template, greedy_accuracy=s.greedy_accuracy, on_step=on_step)
+        bar.close()
+        return asdict(result)
+
+    def evaluate(self) -> dict[str, float]:
+        return asdict(self.session.evaluate())
+
+    def publish(self) -> int:
+        """Publish the current weights as the trainer's version (done after every step)."""
+        self.store.publish(self.trainer.version, self.session.model.state_dict())
+        return self.trainer.version
+
+    def train_step(self, groups: list[Group]) -> dict[str, float]:
+        """Advantages, one policy version (μ epochs × minibatches), publish. Returns float metrics."""
+        batch, metrics = build_batch(groups, self.cfg, self.session.tokenizer.pad_token_id)
+        metrics |= rollout_metrics(groups)
+        if batch is not None:
+            metrics |= self.trainer.step(batch.to(self.session.device))
+        else:
+            self.trainer.version += 1  # nothing to learn from: the version still advances so steps and versions agree
+        self.publish()
+        return metrics
+
+    def save_checkpoint(self, run_dir: str, loop: LoopState, worker_rng: list) -> str:
+        s = self.session
+        return str(save_checkpoint(Path(run_dir), s.model, s.tokenizer, self.trainer.optimizer, loop, None, self.cfg.checkpoint.keep_last, extra={"worker_rng": worker_rng}))
+
+    def restore(self, checkpoint: str) -> tuple[LoopState, list]:
+        """Optimizer, version and RNG state of `checkpoint` (its weights were loaded at construction)."""
+        state = load_state(Path(checkpoint))
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
+        self.trainer.version = state["loop"].version
+        set_rng_state(state["rng"])
+        return state["loop"], state.get("worker_rng") or []
+
+    def rng_state(self) -> dict:
+        return rng_state()
