@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sampler_throughput import measure_peak_gflops, model_flops  # noqa: E402
 
-from policyflow import coordinator  # noqa: E402
+from policyflow.session import open_session  # noqa: E402
 from policyflow.config import load_config  # noqa: E402
 from policyflow.engine import SamplingParams  # noqa: E402
-from policyflow.rollout import encode_prompts, rollout_groups  # noqa: E402
+from policyflow.rollout import build_batch, encode_prompts, rollout_groups  # noqa: E402
 from policyflow.trainer import Trainer  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(None, [f"run.threads={args.threads}", "train.prompts_per_step=32", "train.group_size=8"])
-    session = coordinator.open_session(cfg)
+    session = open_session(cfg)
     params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, ignore_eos=True)  # same work every repeat
     trainer = Trainer(session.model, cfg.train, cfg.loss, temperature=1.0, max_len=args.new_tokens)
     generator = torch.Generator().manual_seed(0)
@@ -58,7 +58,7 @@ def main() -> None:
         for i, t in enumerate(t for g in groups for t in g.trajectories):
             t.reward = float(i % 3)  # dense, varied: every group has variance
         sampled = time.perf_counter()
-        batch, _ = coordinator.build_batch(groups, cfg, session.tokenizer.pad_token_id)
+        batch, _ = build_batch(groups, cfg, session.tokenizer.pad_token_id)
         metrics = trainer.step(batch)
         done = time.perf_counter()
         if repeat:

@@ -152,13 +152,12 @@ class RolloutPool:
         while not any(s.handle.alive for s in self.slots):
             self._replaced.clear()
             await self._replaced.wait()
-        chosen: dict[int, list[GroupSpec]] = {}
+        chosen: dict[int, tuple[_Slot, list[GroupSpec]]] = {}
         for spec in specs:
             slot = min((s for s in self.slots if s.handle.alive), key=lambda s: len(s.outstanding))
             slot.outstanding[spec.task_id] = spec
-            chosen.setdefault(slot.index, []).append(spec)
-        for i, batch in chosen.items():
-            slot = self.slots[i]
+            chosen.setdefault(slot.index, (slot, []))[1].append(spec)
+        for slot, batch in chosen.values():  # the slot objects chosen above: if one is replaced meanwhile, its call fails
             try:
                 await slot.handle.call("submit", batch)
             except WorkerDied:

@@ -157,15 +157,9 @@ def save_snapshot(folder: str | os.PathLike, version: int, state_dict: StateDict
     tmp = folder / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
     try:
         save_file(_file_tensors(state_dict), str(tmp), metadata={"version": str(version)})
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
+        os.replace(tmp, final)  # atomic: readers see the whole file or none (no fsync: snapshots need not survive a power cut)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(folder)
     versions = snapshot_versions(folder)
     older = [v for v in versions if v <= version]
     doomed = [v for v in versions if v > version] + (older[:-keep] if keep else [])
@@ -180,19 +174,6 @@ def load_snapshot(folder: str | os.PathLike, version: int) -> dict[str, torch.Te
         return load_file(str(snapshot_path(folder, version)), device="cpu")
     except FileNotFoundError:
         raise _missing(version, snapshot_versions(folder), None) from None
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class FileSnapshotStore:

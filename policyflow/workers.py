@@ -87,7 +87,7 @@ class RolloutWorker:
         self.engine.update_weights(state, version)
         self._open: dict[str, _Open] = {}
         self._held: deque[GroupSpec] = deque()  # submitted during a drain: start after the swap
-        self._drain_to: int | None = None  # a drain swap is pending
+        self._draining = False  # a drain swap waits for the submitted groups to finish
         self._drain_since = 0.0
         self._done: list[Group] = []
         self._work = asyncio.Event()  # something to decode or to swap
@@ -107,7 +107,7 @@ class RolloutWorker:
         for spec in specs:
             if spec.task_id in self._open or spec in self._held:
                 raise ValueError(f"task {spec.task_id!r} was submitted twice to this worker")
-            if self._drain_to is not None:
+            if self._draining:
                 self._held.append(spec)
             else:
                 self._start(spec)
@@ -116,19 +116,19 @@ class RolloutWorker:
     async def update_weights(self, mode: str) -> int:
         """Take the latest published weights (see the module docstring for the modes); returns the version held afterwards."""
         self._ensure_running()
-        version = self.store.latest_version
-        if version is None or version <= self.engine.version:
+        latest = self.store.latest_version
+        if latest is None or latest <= self.engine.version:
             return self.engine.version
         if mode == "drain" and self.engine.has_work:
-            if self._drain_to is None:
+            if not self._draining:
                 self._drain_since = time.perf_counter()
-            self._drain_to = version
+            self._draining = True
             self._work.set()
             return self.engine.version
         start = time.perf_counter()
         if mode == "abort":
             self.stats["aborted_sequences"] += self.engine.num_active
-        self.engine.update_weights(self.store.get(version), version, mode="abort" if mode == "abort" else "continue")
+        self._load_latest("abort" if mode == "abort" else "continue")
         self._swapped(time.perf_counter() - start)
         return self.engine.version
 
@@ -163,17 +163,15 @@ class RolloutWorker:
         engine = self.engine
         while not self._closed:
             if not engine.has_work:
-                if self._drain_to is not None:
+                if self._draining:
                     self._finish_drain()
                     continue
                 self._work.clear()
                 await self._work.wait()
                 continue
             start = time.perf_counter()
-            active = engine.num_active
             finished = engine.step()
-            if active:
-                self.stats["busy_s"] += time.perf_counter() - start
+            self.stats["busy_s"] += time.perf_counter() - start
             for done in finished:
                 self._on_finished(done.request, done.sample)
             await asyncio.sleep(0)  # let submit / update_weights / poll run between decode steps
@@ -210,12 +208,14 @@ class RolloutWorker:
             self._done.append(made)
             self._news.set()
 
+    def _load_latest(self, mode: str) -> None:
+        version, state = self.store.latest()  # retries if a newer publish removes the one listed
+        self.engine.update_weights(state, version, mode=mode)
+
     def _finish_drain(self) -> None:
-        start = time.perf_counter()
-        version = self.store.latest_version
-        self.engine.update_weights(self.store.get(version), version, mode="continue")
-        self._swapped(time.perf_counter() - start + (start - self._drain_since))
-        self._drain_to = None
+        self._load_latest("continue")
+        self._swapped(time.perf_counter() - self._drain_since)
+        self._draining = False
         while self._held:
             self._start(self._held.popleft())
 

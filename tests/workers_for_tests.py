@@ -16,7 +16,13 @@ class DiesOnce(RolloutWorker):
 
     def _on_finished(self, request, sample) -> None:
         super()._on_finished(request, sample)
-        marker = Path(self.cfg.run_dir) / "killed-a-worker"
-        if self.stats["groups"] >= 2 and self._open and not marker.exists():
-            marker.write_text(str(os.getpid()))
+        if self.stats["groups"] >= 2 and self._open and self._first_to_die():
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _first_to_die(self) -> bool:
+        """Create the run's marker file atomically: exactly one worker process succeeds."""
+        try:
+            os.close(os.open(Path(self.cfg.run_dir) / "killed-a-worker", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True

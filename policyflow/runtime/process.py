@@ -43,8 +43,12 @@ def _dumps_error(err: BaseException) -> bytes:
 def _serve(conn, cls: type, args: tuple, kwargs: dict, threads: int) -> None:
     """Child process: build the component, then answer calls until the parent closes the pipe."""
     import torch
+    from tqdm import tqdm
 
     torch.set_num_threads(max(1, threads))
+    # tqdm's default lock is a multiprocessing semaphore that is never released, and the
+    # resource tracker warns about it at exit; progress bars in one process need a thread lock.
+    tqdm.set_lock(threading.RLock())
     try:
         obj = cls(*args, **kwargs)
     except BaseException as err:  # reported to the parent, which raises it
