@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.plotting import save_figure  # noqa: E402
 from policyflow import coordinator  # noqa: E402
 from policyflow.config import load_config  # noqa: E402
 from policyflow.logging import read_jsonl  # noqa: E402
@@ -111,23 +112,13 @@ def main() -> None:
 
 
 def _plot(curves: dict[str, list[tuple[float, float]]], path: Path, window: int = 10) -> None:
-    import matplotlib
+    def draw(ax) -> None:
+        for name, points in curves.items():
+            xs, ys = zip(*points)
+            smooth = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
+            ax.plot(xs, smooth, label=name)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, points in curves.items():
-        xs, ys = zip(*points)
-        smooth = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
-        ax.plot(xs, smooth, label=name)
-    ax.set_xlabel("RL wall time (s)")
-    ax.set_ylabel(f"rollout reward (moving mean of {window} steps)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(path, draw, "RL wall time (s)", f"rollout reward (moving mean of {window} steps)")
 
 
 if __name__ == "__main__":

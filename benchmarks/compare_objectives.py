@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.plotting import save_figure  # noqa: E402
 from policyflow import coordinator  # noqa: E402
 from policyflow.config import load_config  # noqa: E402
 from policyflow.logging import read_jsonl  # noqa: E402
@@ -102,22 +103,12 @@ def main() -> None:
 
 
 def _plot(curves: dict[str, list[tuple[float, float]]], path: Path) -> None:
-    import matplotlib
+    def draw(ax) -> None:
+        for name, points in curves.items():
+            xs, ys = zip(*sorted(points))
+            ax.scatter(xs, ys, s=10, alpha=0.6, label=name)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, points in curves.items():
-        xs, ys = zip(*sorted(points))
-        ax.scatter(xs, ys, s=10, alpha=0.6, label=name)
-    ax.set_xlabel("wall time (s)")
-    ax.set_ylabel("held-out accuracy (sampled)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(path, draw, "wall time (s)", "held-out accuracy (sampled)")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,6 @@ class WorkerReport:
 class _Open:
     """A submitted group whose samples are not all back yet."""
 
-    spec: GroupSpec
     problem: Problem
     samples: list[Sample | None]
     partials: dict[int, Sample] = field(default_factory=dict)  # member -> aborted prefix
@@ -140,7 +139,7 @@ class RolloutWorker:
             await self._news.wait()
         done, self._done = self._done, []
         self.stats["alive_s"] = time.perf_counter() - self._born
-        return WorkerReport(done, dict(self.stats) | {"version": float(self.engine.version)})
+        return WorkerReport(done, dict(self.stats))
 
     def held_version(self) -> int:
         return self.engine.version
@@ -180,7 +179,7 @@ class RolloutWorker:
         problem = self.task.train_problem(spec.index)
         prompt = encode_prompts(self.tokenizer, self.task, [problem], self.cfg.model.chat_template)[0]
         G = self.cfg.train.group_size
-        self._open[spec.task_id] = _Open(spec, problem, [None] * G)
+        self._open[spec.task_id] = _Open(problem, [None] * G)
         for j in range(G):
             self.engine.submit(Request(tuple(prompt), self.params, id=(spec.task_id, j)))
 
