@@ -11,7 +11,7 @@ Objectives: the seven policy losses with their paper defaults; Dr.GRPO also uses
 (no std scaling); DAPO also uses dynamic sampling; GFPO is the GRPO loss with GFPO's advantage
 (keep the 4 shortest of 8).
 
-Usage:  .venv/bin/python benchmarks/compare_objectives.py [--budget 30] [--seeds 0 1 2]
+Usage:  .venv/bin/python benchmarks/compare_objectives.py [--budget 30] [--seeds 0 1 2] [--set train.epochs=2 ...]
 Writes benchmarks/results/compare_objectives.{json,md,png}.
 """
 
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES))
+    parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every RL run, e.g. train.epochs=2 train.minibatches=4")
     args = parser.parse_args()
     demo = ROOT / "configs" / "demo.yaml"
     common = ["run.progress=false", "run.output_dir=runs/compare"]
@@ -68,7 +69,7 @@ def main() -> None:
     for name in args.objectives:
         for seed in args.seeds:
             cfg = load_config(demo, [
-                *common, *OBJECTIVES[name], f"run.name={name}-{seed}", f"run.seed={seed}",
+                *common, *OBJECTIVES[name], *args.set, f"run.name={name}-{seed}", f"run.seed={seed}",
                 f"model.path={sft_folder}", "sft.max_steps=0", "train.steps=100000",
                 f"train.time_budget_s={args.budget}", f"eval.every={args.eval_every}", "checkpoint.keep_last=1",
             ])
@@ -94,10 +95,10 @@ def main() -> None:
             f"| {name} | {med['before_sampled']:.3f} → {med['after_sampled']:.3f} | {med['after_greedy']:.3f} | "
             f"{med['response_tokens']:.2f} | {med['clip_fraction']:.4f} | {med['steps']:.0f} |"
         )
-    note = f"median over seeds {args.seeds}; {args.budget:.0f} s of RL wall clock per run; 200 held-out problems"
+    note = f"median over seeds {args.seeds}; {args.budget:.0f} s of RL wall clock per run; 200 held-out problems; overrides {args.set or 'none'}"
     out = ROOT / "benchmarks" / "results" / "compare_objectives"
     out.with_suffix(".md").write_text("\n".join(table) + f"\n\n{note}\n")
-    out.with_suffix(".json").write_text(json.dumps({"budget_s": args.budget, "seeds": args.seeds, "results": results}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps({"budget_s": args.budget, "seeds": args.seeds, "overrides": args.set, "results": results}, indent=2))
     _plot(curves, out.with_suffix(".png"))
     print("\n".join(table) + f"\n{note}")
 

@@ -30,7 +30,7 @@ from policyflow.checkpoint import LoopState, latest_checkpoint
 from policyflow.config import Config
 from policyflow.evaluate import EvalResult
 from policyflow.logging import JsonlWriter, Progress, plot_run
-from policyflow.pool import RolloutPool
+from policyflow.pool import RolloutPool, task_index
 from policyflow.runtime import make_runtime
 from policyflow.session import open_session
 from policyflow.sft import warm_start
@@ -87,7 +87,7 @@ async def run_rl(cfg: Config, *, resume: Path | None = None, log=print, worker_c
             # 1. The oldest B finished groups; the time spent waiting is trainer idle time.
             groups = await pool.guard(buffer.wait_for_batch(B, loop.version))
             idle_s += time.perf_counter() - step_start
-            groups.sort(key=lambda g: int(g.task_id.rsplit("-", 1)[1]))  # issue order: a batch does not depend on finishing order
+            groups.sort(key=lambda g: task_index(g.task_id))  # issue order: a batch does not depend on finishing order
             # 2. One policy version: advantages, μ epochs × minibatches, the new weights published.
             metrics = await trainer.call("train_step", groups)
             loop.step, loop.version = loop.step + 1, loop.version + 1

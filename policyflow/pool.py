@@ -36,6 +36,11 @@ def task_id(index: int) -> str:
     return f"train-{index}"
 
 
+def task_index(task_id: str) -> int:
+    """The training problem index of a task id made by `task_id`."""
+    return int(task_id.rsplit("-", 1)[1])
+
+
 @dataclass
 class _Slot:
     index: int
@@ -68,9 +73,12 @@ class RolloutPool:
         self._tasks += [asyncio.create_task(self._collect(i), name=f"collector-{i}") for i in range(n)]
 
     async def stop(self) -> None:
+        """Stop dispatching and collecting, and stop the engines (the workers stay up for `rng_states`)."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        await asyncio.gather(*(s.handle.call("close") for s in self.slots if s.handle.alive), return_exceptions=True)
 
     async def guard(self, awaitable: Awaitable[T]) -> T:
         """Await `awaitable`, but raise at once if the producer or a collector failed."""
@@ -172,6 +180,7 @@ class RolloutPool:
                 await self._replace(slot, err)
                 continue
             slot.stats = report.stats
+            slot.version = max(slot.version, int(report.stats["version"]))  # a drain swap completes between calls
             for group in report.groups:
                 del slot.outstanding[group.task_id]
                 self.buffer.put(group)
@@ -183,9 +192,15 @@ class RolloutPool:
         for key in _COUNTERS:
             self._lost[key] += slot.stats.get(key, 0.0)
         slot.stats = {}
-        if self.restarts > self.cfg.pipeline.max_worker_restarts:
-            raise RuntimeError(f"rollout workers died {self.restarts} times (pipeline.max_worker_restarts={self.cfg.pipeline.max_worker_restarts}); last: {err}")
-        self.slots[slot.index] = await self._spawn(slot.index, generation=self.restarts)
+        while True:
+            if self.restarts > self.cfg.pipeline.max_worker_restarts:
+                raise RuntimeError(f"rollout workers died {self.restarts} times (pipeline.max_worker_restarts={self.cfg.pipeline.max_worker_restarts}); last: {err}")
+            try:
+                self.slots[slot.index] = await self._spawn(slot.index, generation=self.restarts)
+                break
+            except WorkerDied as failed:  # the replacement died while starting: that counts as another restart
+                err = failed
+                self.restarts += 1
         self._replaced.set()
 
     def _requeue(self, slot: _Slot, specs: list[GroupSpec]) -> None:

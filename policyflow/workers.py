@@ -92,6 +92,7 @@ class RolloutWorker:
         self._work = asyncio.Event()  # something to decode or to swap
         self._news = asyncio.Event()  # a group finished
         self._runner: asyncio.Task | None = None
+        self._error: BaseException | None = None  # what stopped the engine loop, raised by every later call
         self._closed = False
         self._born = time.perf_counter()
         self.stats = {
@@ -118,6 +119,9 @@ class RolloutWorker:
         latest = self.store.latest_version
         if latest is None or latest <= self.engine.version:
             return self.engine.version
+        if self._draining and not self.engine.has_work:  # the drain is complete: swap now, start the held groups
+            self._finish_drain()
+            return self.engine.version
         if mode == "drain" and self.engine.has_work:
             if not self._draining:
                 self._drain_since = time.perf_counter()
@@ -137,9 +141,10 @@ class RolloutWorker:
         while not self._done and not self._closed:
             self._news.clear()
             await self._news.wait()
+            self._ensure_running()
         done, self._done = self._done, []
         self.stats["alive_s"] = time.perf_counter() - self._born
-        return WorkerReport(done, dict(self.stats))
+        return WorkerReport(done, dict(self.stats) | {"version": float(self.engine.version)})
 
     def held_version(self) -> int:
         return self.engine.version
@@ -155,10 +160,20 @@ class RolloutWorker:
 
     # -- the engine loop ---------------------------------------------------------------------
     def _ensure_running(self) -> None:
+        """Start the engine loop on first use; re-raise what stopped it, if anything did."""
+        if self._error is not None:
+            raise self._error
         if self._runner is None:
             self._runner = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        try:
+            await self._decode_forever()
+        except Exception as err:  # surfaced by the next call; a poll is always waiting
+            self._error = err
+            self._news.set()
+
+    async def _decode_forever(self) -> None:
         engine = self.engine
         while not self._closed:
             if not engine.has_work:

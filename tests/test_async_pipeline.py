@@ -59,6 +59,7 @@ def test_sync_mode_reproduces_plain_synchronous_rl_exactly(small_config) -> None
 
 @pytest.mark.parametrize("overrides", [
     ("pipeline.mode=one_step_off",),
+    ("pipeline.mode=one_step_off", "pipeline.rollout_workers=2"),
     ("pipeline.mode=async", "pipeline.max_staleness=1", "pipeline.hard_staleness=1"),
     ("pipeline.mode=async", "pipeline.swap=abort", "pipeline.engine_slots=4"),
     ("pipeline.mode=async", "pipeline.max_lag=1", "pipeline.rollout_workers=2"),
@@ -72,6 +73,11 @@ def test_stale_modes_keep_their_bounds_and_account_for_every_group(small_config,
     assert len(rows) == 5 and all(torch.isfinite(torch.tensor(m["loss/total"])) for m in rows)
     assert max(m["async/staleness_max"] for m in rows) <= p.eta_hard
     assert any(m["async/staleness_max"] > 0 for m in rows)  # the data really was stale
+    if p.swap_mode == "drain" and p.rollout_workers == 1:
+        # One engine draining whole groups: groups finish in version order, so admission alone
+        # keeps every trained token within η and the cutoff never has to drop anything.
+        assert max(m["async/staleness_max"] for m in rows) <= p.eta
+        assert rows[-1]["async/dropped_stale_groups"] == 0
     for m in rows:
         assert 0 <= m["async/trainer_idle_fraction"] <= 1 and 0 <= m["async/engine_utilisation"] <= 1
     loop = _final_loop(summary)
@@ -178,6 +184,22 @@ def test_abort_swap_keeps_per_version_logprobs_exact(small_config) -> None:
 
 
 # -- faults and resume ---------------------------------------------------------------------
+
+
+def test_a_worker_whose_engine_fails_stops_the_run_with_its_error(small_config) -> None:
+    from tests.workers_for_tests import BreaksAfterTwoGroups
+
+    cfg = small_config("pipeline.mode=async", "eval.every=0", "sft.max_steps=0", "train.steps=4")
+    with pytest.raises(MemoryError, match="simulated"):
+        asyncio.run(asyncio.wait_for(coordinator.run_rl(cfg, worker_cls=BreaksAfterTwoGroups, **QUIET), timeout=120))
+
+
+def test_workers_that_keep_dying_end_the_run_after_max_restarts(small_config) -> None:
+    from tests.workers_for_tests import AlwaysDead
+
+    cfg = small_config("eval.every=0", "sft.max_steps=0", "pipeline.max_worker_restarts=2")
+    with pytest.raises(RuntimeError, match="died 3 times"):
+        asyncio.run(asyncio.wait_for(coordinator.run_rl(cfg, worker_cls=AlwaysDead, **QUIET), timeout=120))
 
 
 def test_sigkilled_worker_is_replaced_and_nothing_is_lost_or_trained_twice(small_config) -> None:

@@ -391,3 +391,26 @@ def test_in_order_completion_at_admission_version_never_exceeds_eta(ops, rnd, B,
     for v, batch in batches:
         assert max(token_staleness(batch, v), default=0) <= eta
     assert buf.metrics()["async/dropped_stale_groups"] == 0
+
+
+def test_refill_limit_turns_rejections_into_holes_until_the_next_batch():
+    buf = RolloutBuffer(batch_groups=2, eta=0, filters=("dynamic_sampling",), refill_limit=1)
+    assert buf.try_admit(["a", "b"])
+    assert not buf.put(make_group("a", rewards=(1.0, 1.0)))  # refilled: its slot is free again
+    assert buf.capacity == 1 and buf.try_admit("c")
+    assert not buf.put(make_group("c", rewards=(0.0, 0.0)))  # past the limit: a hole keeps the slot
+    assert buf.capacity == 0
+    buf.put(make_group("b"))
+    assert ids(buf.get_batch(2, 0)) == ["b"]  # the hole filled the other slot
+    m = buf.metrics()
+    assert m["async/refills"] == 1 and m["async/filtered/dynamic_sampling"] == 2
+    buf.set_version(1)
+    assert buf.try_admit("d")
+    assert not buf.put(make_group("d", rewards=(1.0, 1.0)))  # a new batch: the limit starts again
+    assert buf.capacity == 2
+
+
+def test_start_version_counts_earlier_batches_as_taken():
+    buf = RolloutBuffer(batch_groups=3, eta=1, start_version=5)
+    assert buf.version == 5 and buf.capacity == 2 * 3  # (η + 1)·B, not (η + v + 1)·B
+    assert buf.try_admit([f"t{i}" for i in range(6)]) and not buf.try_admit("t6")

@@ -26,3 +26,21 @@ class DiesOnce(RolloutWorker):
         except FileExistsError:
             return False
         return True
+
+
+class BreaksAfterTwoGroups(RolloutWorker):
+    """Its engine raises (as a CUDA out-of-memory error would) once two groups are done."""
+
+    def _on_finished(self, request, sample) -> None:
+        super()._on_finished(request, sample)
+        if self.stats["groups"] >= 2:
+            raise MemoryError("simulated: the engine ran out of memory")
+
+
+class AlwaysDead(RolloutWorker):
+    """Looks dead to the pool at every poll (what a worker that crashes at start-up does)."""
+
+    async def poll(self):
+        from policyflow.runtime import WorkerDied
+
+        raise WorkerDied("simulated: this worker died")

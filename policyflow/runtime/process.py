@@ -28,6 +28,7 @@ from typing import Any
 from policyflow.runtime import RemoteError, WorkerDied
 
 _READY = 0  # call id of the start-up message
+_STOP = b"stop"  # the parent's last message: finish and exit (not a pickle, so never a call)
 
 
 def _dumps_error(err: BaseException) -> bytes:
@@ -45,6 +46,7 @@ def _serve(conn, cls: type, args: tuple, kwargs: dict, threads: int) -> None:
     import torch
     from tqdm import tqdm
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops its components
     torch.set_num_threads(max(1, threads))
     # tqdm's default lock is a multiprocessing semaphore that is never released, and the
     # resource tracker warns about it at exit; progress bars in one process need a thread lock.
@@ -86,6 +88,8 @@ async def _answer_calls(conn, obj: Any) -> None:
             try:
                 message = conn.recv_bytes()
             except (EOFError, OSError):
+                message = _STOP
+            if message == _STOP:
                 loop.call_soon_threadsafe(closed.set)
                 return
             loop.call_soon_threadsafe(start, message)
@@ -144,16 +148,17 @@ class ProcessHandle:
             os.kill(self.process.pid, signal.SIGKILL)
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Close the pipe (the child finishes and exits); kill it if it does not within `timeout`."""
+        """Ask the child to finish and exit; kill it if it has not within `timeout`; close the pipe."""
         self._dead = True
         try:
-            self.conn.close()
-        except OSError:
+            self.conn.send_bytes(_STOP)
+        except OSError:  # already gone
             pass
         await asyncio.to_thread(self.process.join, timeout)
         if self.process.is_alive():
             self.kill()
             await asyncio.to_thread(self.process.join, timeout)
+        self.conn.close()
 
     # -- reader thread and loop callbacks ----------------------------------------------------
     def _read(self) -> None:
@@ -192,7 +197,7 @@ class ProcessHandle:
         self._pending.clear()
 
     def _death(self) -> WorkerDied:
-        self.process.join(timeout=1.0)
+        self.process.join(timeout=0.2)  # the pipe closed: the exit code follows within moments
         code = self.process.exitcode
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         return WorkerDied(f"component {self.name!r} (pid {self.process.pid}) died: {how}")
