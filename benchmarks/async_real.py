@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.plotting import save_figure  # noqa: E402
+from benchmarks.common import save_figure, shared_warm_start  # noqa: E402
 from policyflow import coordinator  # noqa: E402
 from policyflow.config import load_config  # noqa: E402
 from policyflow.logging import read_jsonl  # noqa: E402
@@ -59,10 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     demo = ROOT / "configs" / "demo.yaml"
     common = ["run.progress=false", "run.output_dir=runs/async-real"]
-    sft_cfg = load_config(demo, [*common, "run.name=sft"])
-    sft_folder = sft_cfg.run_dir / "sft"
-    if not (sft_folder / "config.json").is_file():
-        coordinator.run_sft(sft_cfg)
+    sft_folder = shared_warm_start(demo, common)
 
     results, curves = {}, {}
     for name in args.pipelines:

@@ -155,7 +155,7 @@ class PipelineConfig(Section):
     runtime: Literal["inline", "process"] = Field("inline", description="inline: everything in this process on one asyncio loop; process: the trainer and each rollout worker in its own OS process, weights through safetensors files.")
     rollout_workers: int = Field(1, ge=1, description="Rollout workers (sampling engines).")
     max_staleness: int | None = Field(None, ge=0, description="η: a group may start only while accepted + running ≤ (η + v + 1)·B; empty = the mode's value (sync 0, one_step_off 1, async 2).")
-    hard_staleness: int | None = Field(None, ge=0, description="η_hard: groups holding a token older than v − η_hard are dropped (counted as waste) when a batch is formed; empty = η + max_lag with drain swaps (so no trained token is older than η), η + max_lag + 1 otherwise.")
+    hard_staleness: int | None = Field(None, ge=0, description="η_hard: groups holding a token older than v − η_hard are dropped (counted as waste) when a batch is formed; empty = η + max_lag with drain swaps (so no trained token is older than η + max_lag, however many workers), η + max_lag + 1 otherwise.")
     swap: Literal["continue", "drain", "abort"] | None = Field(None, description="How engines take new weights: continue (in-flight sequences go on), drain (finish admitted groups first), abort (restart in-flight sequences from their partial output); empty = the mode's (drain for sync and one_step_off, continue for async).")
     max_lag: int = Field(0, ge=0, description="Engines load new weights only when they are more than this many versions behind (0 = after every step; ECHO's lazy updates otherwise).")
     engine_slots: int = Field(256, ge=1, description="Sequences a rollout engine decodes at once (continuous batching).")

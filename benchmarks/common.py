@@ -1,9 +1,21 @@
-"""One figure of curves against wall time, saved as PNG (matplotlib without a display)."""
+"""Shared by the benchmarks that train: one SFT warm-start per results folder, and a PNG figure."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+
+from policyflow.config import load_config
+from policyflow.coordinator import run_sft
+
+
+def shared_warm_start(preset: Path, common: list[str]) -> Path:
+    """The SFT model of `preset` under `common` overrides, trained once and reused (<output_dir>/sft/sft)."""
+    cfg = load_config(preset, [*common, "run.name=sft"])
+    folder = cfg.run_dir / "sft"
+    if not (folder / "config.json").is_file():
+        run_sft(cfg)
+    return folder
 
 
 def save_figure(path: Path, draw: Callable, xlabel: str, ylabel: str) -> None:
