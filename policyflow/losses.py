@@ -15,13 +15,16 @@ Metrics are detached 0-dim tensors with keys *without* the `loss/` prefix (the t
 i.e. the gradient was cut), `ratio_mean`/`ratio_min`/`ratio_max` (of the ratio the loss clips;
 0 when there are no tokens), and `kl` when `ref_logprobs` is given.
 
-The token-level losses (`TOKEN_LEVEL_LOSSES`) also take `ref_logprobs=None, kl_coef=0.0,
-kl_kind="k3"` and add `kl_coef * kl_penalty(...)` per token before aggregating.
+What each loss needs from the trainer is declared in `LOSS_NEEDS` (proximal log-probs, the
+generation budget, whether it adds the KL itself). The losses with `kl_inside` take
+`ref_logprobs=None, kl_coef=0.0, kl_kind="k3"` and add `kl_coef * kl_penalty(...)` per token
+before aggregating; for the others the trainer adds `kl_coef` times the token-mean KL.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -355,14 +358,31 @@ POLICY_LOSSES: dict[str, Callable[..., LossOutput]] = {
     "decoupled_ppo": decoupled_ppo_loss,
 }
 
-# Losses that take `ref_logprobs`, `kl_coef` and `kl_kind` themselves.
-TOKEN_LEVEL_LOSSES = frozenset({"grpo", "dapo", "dr_grpo", "gspo_token", "decoupled_ppo"})
+
+
+@dataclass(frozen=True)
+class LossNeeds:
+    """What a loss needs from the trainer besides (logprobs, behaviour logprobs, advantages, mask)."""
+
+    proximal: bool = False  # prox_logprobs: the policy at the start of the training step (no grad)
+    kl_inside: bool = False  # takes ref_logprobs, kl_coef, kl_kind and adds the KL per token itself;
+    #                          otherwise the trainer adds kl_coef · token-mean KL to the loss
+    max_len: bool = False  # max_len: the generation budget (a constant normaliser)
+
+
+# Declared beside the definitions above; the trainer reads this table, never the loss names.
+LOSS_NEEDS: dict[str, LossNeeds] = {
+    "grpo": LossNeeds(kl_inside=True),
+    "dapo": LossNeeds(kl_inside=True),
+    "dr_grpo": LossNeeds(kl_inside=True, max_len=True),
+    "gspo": LossNeeds(),
+    "gspo_token": LossNeeds(kl_inside=True),
+    "gmpo": LossNeeds(),
+    "decoupled_ppo": LossNeeds(proximal=True, kl_inside=True),
+}
 
 # Keyword arguments that are tensors supplied by the trainer, never by configuration.
 TENSOR_KWARGS = frozenset({"ref_logprobs", "prox_logprobs"})
-
-_REQUIRED_HYPER: dict[str, frozenset[str]] = {"dr_grpo": frozenset({"max_len"})}
-_REQUIRED_TENSORS: dict[str, frozenset[str]] = {"decoupled_ppo": frozenset({"prox_logprobs"})}
 
 
 def _keyword_params(key: str) -> dict[str, inspect.Parameter]:
@@ -387,10 +407,10 @@ def allowed_hyper(key: str) -> set[str]:
 def required_hyper(key: str) -> set[str]:
     """Non-tensor keyword arguments loss `key` cannot run without (dr_grpo: max_len)."""
     _keyword_params(key)
-    return set(_REQUIRED_HYPER.get(key, ()))
+    return {"max_len"} if LOSS_NEEDS[key].max_len else set()
 
 
 def required_tensors(key: str) -> set[str]:
     """Tensor keyword arguments the trainer must pass to loss `key` (decoupled_ppo: prox_logprobs)."""
     _keyword_params(key)
-    return set(_REQUIRED_TENSORS.get(key, ()))
+    return {"prox_logprobs"} if LOSS_NEEDS[key].proximal else set()

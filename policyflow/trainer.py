@@ -13,7 +13,7 @@ import time
 import torch
 
 from policyflow.config import LossConfig, TrainConfig
-from policyflow.losses import POLICY_LOSSES, TOKEN_LEVEL_LOSSES, kl_penalty
+from policyflow.losses import LOSS_NEEDS, POLICY_LOSSES, kl_penalty
 from policyflow.ops import masked_mean, shifted_token_logprobs
 from policyflow.types import TrainBatch
 
@@ -44,7 +44,8 @@ class Trainer:
         self.cfg = train
         self.loss_name = loss.name
         self.loss_fn = POLICY_LOSSES[loss.name]
-        self.hyper = loss.hyper() | ({"max_len": max_len} if loss.name == "dr_grpo" else {})
+        self.needs = LOSS_NEEDS[loss.name]
+        self.hyper = loss.hyper() | ({"max_len": max_len} if self.needs.max_len else {})
         self.temperature = temperature if temperature > 0 else 1.0
         self.optimizer = make_optimizer(model, train.lr, train.weight_decay, train.betas)
         self.ref_model = None
@@ -77,7 +78,7 @@ class Trainer:
     def _fixed_inputs(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """Tensors computed once per batch before any update: proximal and reference log-probs."""
         extra: dict[str, torch.Tensor] = {}
-        if self.loss_name == "decoupled_ppo":
+        if self.needs.proximal:
             self.model.eval()
             extra["prox_logprobs"] = sequence_logprobs(self.model, batch.input_ids_BT, batch.attention_mask_BT, self.temperature)
             self.model.train()
@@ -93,21 +94,29 @@ class Trainer:
         if "prox_logprobs" in extra:
             kwargs["prox_logprobs"] = extra["prox_logprobs"]
         ref_BT = extra.get("ref_logprobs")
-        if ref_BT is not None and self.loss_name in TOKEN_LEVEL_LOSSES:
+        if ref_BT is not None and self.needs.kl_inside:
             kwargs |= {"ref_logprobs": ref_BT, "kl_coef": self.cfg.kl_coef, "kl_kind": self.cfg.kl_kind}
         out = self.loss_fn(logprobs_BT, batch.behav_logprobs_BT[rows], batch.advantages_B[rows], mask_BT, **kwargs)
         loss = out.loss
         metrics = {f"loss/{k}": float(v) for k, v in out.metrics.items()}
-        if ref_BT is not None and self.loss_name not in TOKEN_LEVEL_LOSSES:
+        if ref_BT is not None and not self.needs.kl_inside:
             kl = masked_mean(kl_penalty(logprobs_BT, ref_BT, self.cfg.kl_kind), mask_BT)
             loss = loss + self.cfg.kl_coef * kl
             metrics["loss/kl"] = float(kl.detach())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite {self.loss_name} loss at version {self.version}; lower train.lr or check rewards")
+        self._check_finite("loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self._check_finite("gradient norm", grad_norm)  # before the step: the weights stay as they were
         self.optimizer.step()
         metrics["loss/total"] = float(loss.detach())
         metrics["loss/grad_norm"] = float(grad_norm)
         return metrics
+
+    def _check_finite(self, what: str, value: torch.Tensor) -> None:
+        if not torch.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"non-finite {what} ({float(value.detach())}) in the {self.loss_name} step from version {self.version}; "
+                "the weights were not updated; lower train.lr or check the rewards"
+            )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -9,14 +10,16 @@ import torch
 
 from policyflow.losses import (
     LOSS_DEFAULTS,
+    LOSS_NEEDS,
     POLICY_LOSSES,
-    TOKEN_LEVEL_LOSSES,
     allowed_hyper,
     kl_penalty,
     required_hyper,
     required_tensors,
     sft_loss,
 )
+
+KL_INSIDE = sorted(k for k, needs in LOSS_NEEDS.items() if needs.kl_inside)
 
 F64 = torch.float64
 NAN, INF = float("nan"), float("inf")
@@ -234,7 +237,7 @@ def test_kl_errors():
 def test_gradcheck(key):
     logprobs, old, adv, mask = random_batch(B=3, T=4, seed=1, spread=0.3)
     hyper = {}
-    if key in TOKEN_LEVEL_LOSSES:
+    if key in KL_INSIDE:
         hyper |= {"ref_logprobs": old - 0.1, "kl_coef": 0.3}
     if key == "decoupled_ppo":
         hyper["prox_logprobs"] = old + 0.2 * torch.randn(old.shape, dtype=F64, generator=torch.Generator().manual_seed(5))
@@ -298,7 +301,7 @@ def test_gradient_flows_only_into_logprobs(key):
     adv.requires_grad_(True)
     ref = (old.detach() - 0.1).requires_grad_(True)
     prox = (old.detach() + 0.1).requires_grad_(True)
-    hyper = {"ref_logprobs": ref, "kl_coef": 0.2} if key in TOKEN_LEVEL_LOSSES else {}
+    hyper = {"ref_logprobs": ref, "kl_coef": 0.2} if key in KL_INSIDE else {}
     if key == "decoupled_ppo":
         hyper["prox_logprobs"] = prox
     out = call(key, logprobs, old, adv, mask, **hyper)
@@ -340,7 +343,7 @@ def test_garbage_under_mask_never_leaks(key):
     prox, ref = old + 0.1, old - 0.2
     garbage = torch.tensor([NAN, INF, -INF], dtype=F64).repeat(5)[:5].expand(3, 5)
     dirty = lambda x: torch.where(mask, x, garbage)  # noqa: E731
-    hyper = {"ref_logprobs": ref, "kl_coef": 0.1} if key in TOKEN_LEVEL_LOSSES else {}
+    hyper = {"ref_logprobs": ref, "kl_coef": 0.1} if key in KL_INSIDE else {}
     if key == "decoupled_ppo":
         hyper["prox_logprobs"] = prox
     clean_loss, clean_grad = grad_of(key, logprobs, old, adv, mask, **hyper)
@@ -355,7 +358,7 @@ def test_garbage_under_mask_never_leaks(key):
     assert all(torch.isfinite(v) for v in out.metrics.values())
 
 
-@pytest.mark.parametrize("key", sorted(TOKEN_LEVEL_LOSSES))
+@pytest.mark.parametrize("key", KL_INSIDE)
 def test_sequence_advantages_broadcast_like_token_advantages(key):
     logprobs, old, adv, mask = random_batch(seed=9)
     a = call(key, logprobs, old, adv, mask).loss
@@ -400,6 +403,17 @@ def test_loss_defaults_and_required():
     assert allowed_hyper("dr_grpo") == {"clip_low", "clip_high", "max_len", "kl_coef", "kl_kind"}
     with pytest.raises(ValueError, match="allowed: grpo, dapo"):
         required_hyper("ppo2")
+
+
+def test_loss_needs_match_the_signatures():
+    """LOSS_NEEDS is declared by hand beside the losses; it must agree with what each one accepts."""
+    assert set(LOSS_NEEDS) == set(POLICY_LOSSES)
+    for key, fn in POLICY_LOSSES.items():
+        params = inspect.signature(fn).parameters
+        assert LOSS_NEEDS[key].proximal == ("prox_logprobs" in params), key
+        assert LOSS_NEEDS[key].kl_inside == ("ref_logprobs" in params), key
+        assert LOSS_NEEDS[key].max_len == ("max_len" in params), key
+    assert KL_INSIDE == ["dapo", "decoupled_ppo", "dr_grpo", "grpo", "gspo_token"]
 
 
 def test_missing_required_arguments_raise():
