@@ -42,10 +42,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(None, [f"run.threads={args.threads}", "train.prompts_per_step=32", "train.group_size=8"])
+    cfg = load_config(None, [f"run.threads={args.threads}", "train.prompts_per_step=32", "train.group_size=8", f"sampling.max_new_tokens={args.new_tokens}"])
     session = open_session(cfg)
     params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, ignore_eos=True)  # same work every repeat
-    trainer = Trainer(session.model, cfg.train, cfg.loss, temperature=1.0, max_len=args.new_tokens)
+    trainer = Trainer(session.model, cfg.train, cfg.loss, cfg.sampling)
     generator = torch.Generator().manual_seed(0)
     peak = measure_peak_gflops()
 

@@ -81,7 +81,8 @@ class TaskConfig(Section):
 
 class SamplingConfig(Section):
     temperature: float = Field(1.0, ge=0, description="Sampling temperature for RL rollouts; 0 = greedy.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass for RL rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass for RL rollouts (the trainer recomputes the same truncated, renormalised log-probs).")
+    top_k: int = Field(0, ge=0, description="Sample only from the k most probable tokens, before top_p (0 = off); the trainer recomputes the same log-probs.")
     max_new_tokens: int = Field(8, ge=1, description="Longest completion; longer ones are truncated (finish reason 'length').")
     stop: tuple[str, ...] = Field((), description="Extra stop strings (the task may add its own).")
 

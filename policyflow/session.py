@@ -51,7 +51,7 @@ def build_task(cfg: Config) -> Task:
 
 def sampling_params(cfg: Config, task: Task) -> SamplingParams:
     s = cfg.sampling
-    return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, stop=tuple(s.stop) + task.stop)
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens, stop=tuple(s.stop) + task.stop)
 
 
 @dataclass

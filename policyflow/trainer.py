@@ -12,22 +12,29 @@ import time
 
 import torch
 
-from policyflow.config import LossConfig, TrainConfig
+from policyflow.config import LossConfig, SamplingConfig, TrainConfig
 from policyflow.losses import LOSS_NEEDS, POLICY_LOSSES, kl_penalty
 from policyflow.ops import masked_mean, shifted_token_logprobs
 from policyflow.types import TrainBatch
 
 
-def sequence_logprobs(model: torch.nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids_BT: torch.Tensor,
+    attention_mask_BT: torch.Tensor,
+    policy: SamplingConfig | None = None,
+) -> torch.Tensor:
     """log π(token t | tokens < t) for every position of right-padded sequences ([B, T], position 0 = 0).
 
-    Logits are divided by the sampling temperature, so these match the sampler's behaviour
-    log-probs for the same weights (top-p renormalisation aside).
+    π is the sampling policy of `policy` (temperature, top_p, top_k; None: the model's own
+    log-softmax), computed by the same function the engine samples with
+    (`ops.policy_log_distribution`), so for the weights that sampled a token this is exactly
+    the behaviour log-prob the engine recorded.
     """
     logits_BTV = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False).logits
-    if temperature not in (0.0, 1.0):
-        logits_BTV = logits_BTV / temperature
-    return shifted_token_logprobs(logits_BTV, input_ids_BT)
+    if policy is None:
+        return shifted_token_logprobs(logits_BTV, input_ids_BT)
+    return shifted_token_logprobs(logits_BTV, input_ids_BT, policy.temperature, policy.top_p, policy.top_k)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
@@ -37,7 +44,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
 class Trainer:
     """Owns the policy's optimizer (and the frozen reference model when a KL penalty is on)."""
 
-    def __init__(self, model: torch.nn.Module, train: TrainConfig, loss: LossConfig, *, temperature: float, max_len: int, version: int = 0):
+    def __init__(self, model: torch.nn.Module, train: TrainConfig, loss: LossConfig, sampling: SamplingConfig, *, version: int = 0):
         if loss.name not in POLICY_LOSSES:
             raise ValueError(f"loss.name={loss.name!r}; allowed: {', '.join(POLICY_LOSSES)}")
         self.model = model
@@ -45,8 +52,8 @@ class Trainer:
         self.loss_name = loss.name
         self.loss_fn = POLICY_LOSSES[loss.name]
         self.needs = LOSS_NEEDS[loss.name]
-        self.hyper = loss.hyper() | ({"max_len": max_len} if self.needs.max_len else {})
-        self.temperature = temperature if temperature > 0 else 1.0
+        self.hyper = loss.hyper() | ({"max_len": sampling.max_new_tokens} if self.needs.max_len else {})
+        self.policy = sampling  # the behaviour policy's temperature, top_p, top_k
         self.optimizer = make_optimizer(model, train.lr, train.weight_decay, train.betas)
         self.ref_model = None
         if train.kl_coef > 0:
@@ -80,16 +87,16 @@ class Trainer:
         extra: dict[str, torch.Tensor] = {}
         if self.needs.proximal:
             self.model.eval()
-            extra["prox_logprobs"] = sequence_logprobs(self.model, batch.input_ids_BT, batch.attention_mask_BT, self.temperature)
+            extra["prox_logprobs"] = sequence_logprobs(self.model, batch.input_ids_BT, batch.attention_mask_BT, self.policy)
             self.model.train()
         if self.ref_model is not None:
-            extra["ref_logprobs"] = sequence_logprobs(self.ref_model, batch.input_ids_BT, batch.attention_mask_BT, self.temperature)
+            extra["ref_logprobs"] = sequence_logprobs(self.ref_model, batch.input_ids_BT, batch.attention_mask_BT, self.policy)
         return extra
 
     def _update(self, batch: TrainBatch, rows: torch.Tensor, extra: dict[str, torch.Tensor]) -> dict[str, float]:
         input_ids_BT = batch.input_ids_BT[rows]
         mask_BT = batch.loss_mask_BT[rows]
-        logprobs_BT = sequence_logprobs(self.model, input_ids_BT, batch.attention_mask_BT[rows], self.temperature)
+        logprobs_BT = sequence_logprobs(self.model, input_ids_BT, batch.attention_mask_BT[rows], self.policy)
         kwargs = dict(self.hyper)
         if "prox_logprobs" in extra:
             kwargs["prox_logprobs"] = extra["prox_logprobs"]

@@ -245,7 +245,7 @@ class TrainerWorker:
         self.cfg = cfg
         self.store = store
         self.session = open_session(cfg, model_path=checkpoint)
-        self.trainer = Trainer(self.session.model, cfg.train, cfg.loss, temperature=cfg.sampling.temperature, max_len=cfg.sampling.max_new_tokens)
+        self.trainer = Trainer(self.session.model, cfg.train, cfg.loss, cfg.sampling)
 
     def describe(self) -> str:
         s = self.session

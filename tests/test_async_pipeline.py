@@ -40,7 +40,7 @@ def test_sync_mode_reproduces_plain_synchronous_rl_exactly(small_config) -> None
 
     # The same run written as the textbook loop: sample B groups with the current policy, train.
     session = open_session(cfg)
-    trainer = Trainer(session.model, cfg.train, cfg.loss, temperature=cfg.sampling.temperature, max_len=cfg.sampling.max_new_tokens)
+    trainer = Trainer(session.model, cfg.train, cfg.loss, cfg.sampling)
     sampler = Sampler(session.model, session.tokenizer)
     generator = torch.Generator().manual_seed(cfg.run.seed)
     B, G = cfg.train.prompts_per_step, cfg.train.group_size

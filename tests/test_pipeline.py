@@ -33,7 +33,7 @@ def test_grpo_step_changes_parameters_and_stays_finite(small_config) -> None:
     assert batch is not None and metrics["rollout/groups_zero_variance"] == 0
     assert batch.advantages_B.abs().sum() > 0
     before = [p.detach().clone() for p in session.model.parameters()]
-    trainer = Trainer(session.model, cfg.train, cfg.loss, temperature=1.0, max_len=cfg.sampling.max_new_tokens)
+    trainer = Trainer(session.model, cfg.train, cfg.loss, cfg.sampling)
     out = trainer.step(batch)
     after = list(session.model.parameters())
     assert trainer.version == 1

@@ -298,6 +298,41 @@ def test_temperature_and_top_p_logprobs_are_the_sampling_distribution(tiny, prom
             assert abs(lp - expected) < 1e-4
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_k_then_top_p_logprobs_are_the_sampling_distribution(tiny, prompt_ids, backend):
+    """top-k first, then top-p over the renormalised top-k mass (HF's and vLLM's order)."""
+    model, tokenizer = tiny
+    temperature, top_p, top_k = 1.3, 0.9, 4
+    sampler = Sampler(model, tokenizer, backend=backend, generator=torch.Generator().manual_seed(2))
+    samples = sampler.generate(prompt_ids, SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=6))
+    for s in samples:
+        ids = torch.tensor([list(s.prompt_ids) + list(s.token_ids)])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(s.prompt_ids) - 1 : -1]
+        for t, (tok, lp) in enumerate(zip(s.token_ids, s.logprobs)):
+            probs = torch.softmax(logits[t].double() / temperature, -1)
+            top = probs.argsort(descending=True)[:top_k]
+            renormalised = probs[top] / probs[top].sum()
+            kept = top[(renormalised.cumsum(0) - renormalised) < top_p]
+            assert tok in kept.tolist()
+            assert abs(lp - torch.log(probs[tok] / probs[kept].sum()).item()) < 1e-4
+
+
+def test_top_k_frequencies_and_mixed_rows():
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]).expand(20000, 4))
+    tokens, logprobs = sample_tokens(logits, 1.0, 1.0, torch.Generator().manual_seed(0), top_k=2)
+    freq = torch.bincount(tokens, minlength=4).double() / tokens.numel()
+    assert torch.allclose(freq, torch.tensor([4 / 7, 3 / 7, 0.0, 0.0], dtype=torch.float64), atol=0.015)
+    assert torch.allclose(logprobs, torch.log(torch.where(tokens == 0, 4 / 7, 3 / 7)))
+    # per-row top_k (0 = off) next to per-row top_p: row 1 keeps 3 tokens, then top_p 0.5 of
+    # their mass 0.9 keeps the two whose mass before them is < 0.45
+    rows = logits[:3]
+    tokens, logprobs = sample_tokens(rows, torch.ones(3), torch.tensor([1.0, 0.5, 1.0]), torch.Generator().manual_seed(1), top_k=torch.tensor([0, 3, 1]))
+    assert torch.isclose(logprobs[0], torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))[tokens[0]])
+    assert tokens[1] in (0, 1) and torch.isclose(logprobs[1], torch.log(torch.tensor([4 / 7, 3 / 7]))[tokens[1]])
+    assert tokens[2] == 0 and logprobs[2] == 0.0
+
+
 def test_sample_tokens_mixed_rows():
     torch.manual_seed(0)
     logits = torch.randn(4, 10)

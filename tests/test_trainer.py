@@ -3,13 +3,15 @@ reference is the model RL starts from, bf16 keeps fp32 master weights, and bad s
 the weights."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
+from policyflow.ops import policy_log_distribution, policy_logprobs
 from policyflow.rollout import build_batch, encode_prompts, rollout_groups
 from policyflow.session import open_session
-from policyflow.trainer import Trainer
+from policyflow.trainer import Trainer, sequence_logprobs
 
 
 def one_batch(cfg, session=None, seed: int = 0):
@@ -24,7 +26,7 @@ def one_batch(cfg, session=None, seed: int = 0):
 
 
 def make_trainer(session, cfg) -> Trainer:
-    return Trainer(session.model, cfg.train, cfg.loss, temperature=cfg.sampling.temperature, max_len=cfg.sampling.max_new_tokens)
+    return Trainer(session.model, cfg.train, cfg.loss, cfg.sampling)
 
 
 def snapshot(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -58,3 +60,53 @@ def test_nan_loss_raises_before_backward(small_config) -> None:
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         trainer.step(dataclasses.replace(batch, advantages_B=advantages_B))
     assert all(torch.equal(a, b) for a, b in zip(before, session.model.parameters()))
+
+
+# --------------------------------------------------------------------------------------------
+# Sampler and trainer share one definition of the policy (temperature, top_p, top_k)
+
+POLICIES = {
+    "T0.8-top_p0.7": ["sampling.temperature=0.8", "sampling.top_p=0.7"],
+    "T1.2-top_k5-top_p0.9": ["sampling.temperature=1.2", "sampling.top_k=5", "sampling.top_p=0.9"],
+}
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_trainer_logprobs_equal_the_engines_behaviour_logprobs(small_config, policy: str) -> None:
+    cfg = small_config(*POLICIES[policy])
+    session, batch = one_batch(cfg)
+    mask = batch.loss_mask_BT.bool()
+    with torch.no_grad():
+        recomputed_BT = sequence_logprobs(session.model, batch.input_ids_BT, batch.attention_mask_BT, cfg.sampling)
+        untruncated_BT = sequence_logprobs(session.model, batch.input_ids_BT, batch.attention_mask_BT,
+                                           cfg.sampling.model_copy(update={"top_p": 1.0, "top_k": 0}))
+    assert int(mask.sum()) > 30
+    assert (recomputed_BT - batch.behav_logprobs_BT)[mask].abs().max() < 1e-4
+    # the truncation matters: the full tempered distribution would not be the behaviour policy
+    assert (untruncated_BT - batch.behav_logprobs_BT)[mask].abs().max() > 0.05
+
+
+@pytest.mark.parametrize("loss", ["grpo", "gspo", "decoupled_ppo"])
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_first_on_policy_step_has_ratio_one_and_nothing_clipped(small_config, policy: str, loss: str) -> None:
+    cfg = small_config(*POLICIES[policy], f"loss.name={loss}")
+    session, batch = one_batch(cfg)
+    out = make_trainer(session, cfg).step(batch)
+    assert out["loss/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert out["loss/ratio_min"] == pytest.approx(1.0, abs=1e-4) and out["loss/ratio_max"] == pytest.approx(1.0, abs=1e-4)
+    assert out["loss/clip_frac"] == 0.0
+
+
+def test_a_token_outside_the_current_nucleus_gets_a_finite_floor() -> None:
+    """After the weights move, a sampled token may leave the nucleus: its log-prob is renormalised
+    over the nucleus plus itself (finite, differentiable) instead of −inf."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)).requires_grad_(True)
+    inside = policy_logprobs(logits, torch.tensor([1]), 1.0, 0.7)
+    outside = policy_logprobs(logits, torch.tensor([3]), 1.0, 0.7)
+    assert inside.item() == pytest.approx(math.log(0.3 / 0.8))
+    assert outside.item() == pytest.approx(math.log(0.05 / 0.85))
+    (grad,) = torch.autograd.grad(outside.sum(), logits)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, torch.tensor([[-0.5 / 0.85, -0.3 / 0.85, 0.0, 1 - 0.05 / 0.85]], dtype=torch.float64))
+    # the distribution the engine samples from has no room for it
+    assert policy_log_distribution(logits, 1.0, 0.7)[0, 3].item() == float("-inf")

@@ -12,11 +12,12 @@
 What each token carries (the contract with the trainer, DESIGN.md §3):
 
 * `Sample.logprobs[i]` is the log-probability of `token_ids[i]` under the distribution the
-  token was actually drawn from: softmax(logits / temperature), restricted to the top-p
-  nucleus and renormalised. That is the behaviour policy. At temperature 1 and top_p 1 it is
-  the model's own log-softmax, and it matches the trainer's recomputation
-  (`ops.shifted_token_logprobs` on a right-padded `prompt + completion` batch) to < 1e-4 in
-  float32 (tests/test_sampler.py). At temperature 0 (greedy) the token is the argmax and the
+  token was actually drawn from: softmax(logits / temperature), restricted to the top-k then
+  top-p set and renormalised (`ops.policy_log_distribution`, the one definition the trainer
+  uses too). That is the behaviour policy. The trainer's recomputation
+  (`ops.shifted_token_logprobs` at the same temperature, top_p and top_k on a right-padded
+  `prompt + completion` batch) matches it to < 1e-4 in float32 (tests/test_sampler.py,
+  tests/test_trainer.py). At temperature 0 (greedy) the token is the argmax and the
   log-prob is the model's log-softmax at temperature 1 (the greedy "distribution" would give
   log 1 = 0 everywhere, which is useless for training).
 * `Sample.versions[i]` is the engine's `version` when token i was sampled. With a
@@ -65,6 +66,7 @@ class SamplingParams:
 
     temperature: 0 means greedy (argmax; log-probs are the T=1 model log-softmax).
     top_p: nucleus mass kept (1 keeps everything); log-probs are renormalised over it.
+    top_k: keep only the k most probable tokens before top_p (0 = off).
     max_new_tokens: hard cap on generated tokens ("length").
     stop: strings that end the completion when they appear in its decoded text ("stop").
     stop_token_ids: token ids that end it ("eos"); None means the model's EOS ids.
@@ -73,6 +75,7 @@ class SamplingParams:
 
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] | None = None
@@ -83,6 +86,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
@@ -198,7 +203,7 @@ class Engine:
         self._rows: list[_Row] = []
         self._outbox: list[Finished] = []
         self._pending: tuple[Mapping[str, torch.Tensor] | None, int] | None = None  # drain swap
-        self._row_params: tuple[float | torch.Tensor, float | torch.Tensor] | None = None
+        self._row_params: tuple[float | torch.Tensor, float | torch.Tensor, int | torch.Tensor] | None = None
         self._last_tokens = torch.zeros(0, dtype=torch.long)  # one pending token per active row
 
     # -- state --------------------------------------------------------------------------
@@ -254,8 +259,8 @@ class Engine:
         if not parts:
             return finished
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
-        temperature, top_p = self._sampling_params()
-        tokens, logprobs = sample_tokens(logits, temperature, top_p, self.generator)
+        temperature, top_p, top_k = self._sampling_params()
+        tokens, logprobs = sample_tokens(logits, temperature, top_p, self.generator, top_k)
         self._last_tokens = tokens  # fed to the next decode step
         done = self._record(tokens.tolist(), logprobs.tolist())
         if done:
@@ -308,18 +313,20 @@ class Engine:
         free = self.max_batch - len(self._rows)
         return [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
 
-    def _sampling_params(self) -> tuple[float | torch.Tensor, float | torch.Tensor]:
-        """Per-row temperature and top_p: floats when every row shares them (cheap path)."""
+    def _sampling_params(self) -> tuple[float | torch.Tensor, float | torch.Tensor, int | torch.Tensor]:
+        """Per-row temperature, top_p and top_k: numbers when every row shares them (cheap path)."""
         if self._row_params is None:
             temps = [row.request.params.temperature for row in self._rows]
             top_ps = [row.request.params.top_p for row in self._rows]
-            if len(set(temps)) == 1 and len(set(top_ps)) == 1:
-                self._row_params = (temps[0], top_ps[0])
+            top_ks = [row.request.params.top_k for row in self._rows]
+            if len(set(temps)) == 1 and len(set(top_ps)) == 1 and len(set(top_ks)) == 1:
+                self._row_params = (temps[0], top_ps[0], top_ks[0])
             else:
                 device = self.backend.device
                 self._row_params = (
                     torch.tensor(temps, dtype=torch.float32, device=device),
                     torch.tensor(top_ps, dtype=torch.float32, device=device),
+                    torch.tensor(top_ks, dtype=torch.long, device=device),
                 )
         return self._row_params
 
