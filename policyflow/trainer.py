@@ -55,10 +55,16 @@ class Trainer:
         self.hyper = loss.hyper() | ({"max_len": sampling.max_new_tokens} if self.needs.max_len else {})
         self.policy = sampling  # the behaviour policy's temperature, top_p, top_k
         self.optimizer = make_optimizer(model, train.lr, train.weight_decay, train.betas)
-        self.ref_model = None
-        if train.kl_coef > 0:
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.ref_model: torch.nn.Module | None = None  # set by `set_reference` when train.kl_coef > 0
         self.version = version
+
+    def set_reference(self, model: torch.nn.Module | None = None) -> None:
+        """Freeze the KL reference: a copy of `model` (default: the policy as it is now).
+
+        Call it with the model RL starts from, after any warm-start; a resumed run passes the
+        reference it stored, never the checkpoint's weights.
+        """
+        self.ref_model = copy.deepcopy(model if model is not None else self.model).eval().requires_grad_(False)
 
     def step(self, batch: TrainBatch) -> dict[str, float]:
         """One policy version: μ epochs over `minibatches` slices of the batch. Returns float metrics."""
@@ -89,7 +95,9 @@ class Trainer:
             self.model.eval()
             extra["prox_logprobs"] = sequence_logprobs(self.model, batch.input_ids_BT, batch.attention_mask_BT, self.policy)
             self.model.train()
-        if self.ref_model is not None:
+        if self.cfg.kl_coef > 0:
+            if self.ref_model is None:
+                raise RuntimeError("train.kl_coef > 0 needs a reference model: call Trainer.set_reference() with the model RL starts from")
             extra["ref_logprobs"] = sequence_logprobs(self.ref_model, batch.input_ids_BT, batch.attention_mask_BT, self.policy)
         return extra
 

@@ -21,6 +21,7 @@ batch of groups, publishing each new version to the snapshot store, and checkpoi
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -34,13 +35,16 @@ from policyflow.config import Config
 from policyflow.engine import Engine, Request
 from policyflow.engine.sampler import join_samples
 from policyflow.logging import JsonlWriter, Progress
-from policyflow.model import num_parameters
+from policyflow.model import load_pretrained, num_parameters, save_pretrained
 from policyflow.rollout import build_batch, encode_prompts, make_group, rollout_metrics, shape_overlong
 from policyflow.session import build_task, load_policy, open_session, pick_device, sampling_params
 from policyflow.sft import warm_start
 from policyflow.tasks.base import Problem
 from policyflow.trainer import Trainer
 from policyflow.types import Group, Sample
+
+
+REFERENCE_DIR = "reference"  # <run_dir>/reference/: the KL reference (HF format), written once per run
 
 
 @dataclass(frozen=True)
@@ -269,6 +273,30 @@ class TrainerWorker:
     def evaluate(self) -> dict[str, float]:
         return asdict(self.session.evaluate())
 
+    def set_reference(self, run_dir: str) -> None:
+        """With train.kl_coef > 0: the current weights (after the warm-start) become the KL
+        reference, stored once in <run_dir>/reference/ so that a resumed run uses the same one."""
+        if self.cfg.train.kl_coef <= 0:
+            return
+        s = self.session
+        folder = Path(run_dir) / REFERENCE_DIR
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(s.model, s.tokenizer, tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        self.trainer.set_reference()
+
+    def _load_reference(self, run_dir: Path) -> None:
+        folder = run_dir / REFERENCE_DIR
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"train.kl_coef={self.cfg.train.kl_coef} but {folder} (the KL reference this run started from) is missing; "
+                "resume with train.kl_coef=0 or start a new run"
+            )
+        reference, _ = load_pretrained(folder, dtype=next(self.session.model.parameters()).dtype)
+        self.trainer.set_reference(reference.to(self.session.device))
+
     def publish(self) -> int:
         """Publish the current weights as the trainer's version (done after every step)."""
         self.store.publish(self.trainer.version, self.session.model.state_dict())
@@ -292,6 +320,8 @@ class TrainerWorker:
     def restore(self, checkpoint: str) -> tuple[LoopState, list]:
         """Optimizer, version and RNG state of `checkpoint` (its weights were loaded at construction)."""
         state = load_state(Path(checkpoint))
+        if self.cfg.train.kl_coef > 0:
+            self._load_reference(Path(checkpoint).parent.parent)  # <run>/checkpoints/step-N
         self.trainer.optimizer.load_state_dict(state["optimizer"])
         self.trainer.version = state["loop"].version
         set_rng_state(state["rng"])

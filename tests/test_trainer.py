@@ -3,15 +3,22 @@ reference is the model RL starts from, bf16 keeps fp32 master weights, and bad s
 the weights."""
 
 import dataclasses
+import json
 import math
+import shutil
 
 import pytest
 import torch
 
+from policyflow import coordinator
+from policyflow.checkpoint import latest_checkpoint
 from policyflow.ops import policy_log_distribution, policy_logprobs
 from policyflow.rollout import build_batch, encode_prompts, rollout_groups
 from policyflow.session import open_session
+from policyflow.sft import warm_start
 from policyflow.trainer import Trainer, sequence_logprobs
+from policyflow.weights import SnapshotStore
+from policyflow.workers import TrainerWorker
 
 
 def one_batch(cfg, session=None, seed: int = 0):
@@ -110,3 +117,58 @@ def test_a_token_outside_the_current_nucleus_gets_a_finite_floor() -> None:
     torch.testing.assert_close(grad, torch.tensor([[-0.5 / 0.85, -0.3 / 0.85, 0.0, 1 - 0.05 / 0.85]], dtype=torch.float64))
     # the distribution the engine samples from has no room for it
     assert policy_log_distribution(logits, 1.0, 0.7)[0, 3].item() == float("-inf")
+
+
+# --------------------------------------------------------------------------------------------
+# The KL reference is the model RL starts from, and stays that one across a resume
+
+
+def _rows(cfg) -> list[dict]:
+    return [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines() if "loss/total" in line]
+
+
+def _post_sft_weights(cfg) -> dict[str, torch.Tensor]:
+    session = open_session(cfg)
+    warm_start(session.model, session.tokenizer, session.task, cfg.sft, chat_template=False, greedy_accuracy=session.greedy_accuracy)
+    return {k: v.clone() for k, v in session.model.state_dict().items()}
+
+
+def test_trainer_refuses_kl_without_a_reference(small_config) -> None:
+    cfg = small_config("train.kl_coef=0.1")
+    session, batch = one_batch(cfg)
+    with pytest.raises(RuntimeError, match="set_reference"):
+        make_trainer(session, cfg).step(batch)
+
+
+def test_kl_reference_is_the_model_after_sft_and_survives_resume(small_config) -> None:
+    kl = ["train.kl_coef=0.1", "eval.every=0", "sft.max_steps=4", "sft.lr=1e-2", "sft.warmup_steps=1"]
+    straight = small_config("run.name=straight", "train.steps=3", *kl)
+    coordinator.train(straight, log=lambda *_: None)
+    stopped = small_config("run.name=stopped", "train.steps=2", *kl)
+    coordinator.train(stopped, log=lambda *_: None)
+    resumed = small_config("run.name=stopped", "train.steps=3", *kl)
+    coordinator.train(resumed, resume=stopped.run_dir, log=lambda *_: None)
+    first, *_, third = _rows(straight)
+    assert first["loss/kl"] == pytest.approx(0.0, abs=1e-6)  # on-policy, and the reference is the post-SFT model
+    assert third["loss/kl"] > 1e-6
+    assert _rows(resumed)[-1]["loss/kl"] == pytest.approx(third["loss/kl"], rel=1e-5, abs=1e-9)
+
+    post_sft = _post_sft_weights(stopped)
+    checkpoint = latest_checkpoint(stopped.run_dir)
+    worker = TrainerWorker(resumed, SnapshotStore(2), checkpoint=str(checkpoint))
+    worker.restore(str(checkpoint))
+    reference = worker.trainer.ref_model.state_dict()
+    policy = worker.session.model.state_dict()
+    assert reference.keys() == post_sft.keys()
+    for name, value in post_sft.items():
+        torch.testing.assert_close(reference[name], value, rtol=0, atol=1e-6)
+    assert any(not torch.equal(reference[name], policy[name]) for name in policy)  # not the checkpoint
+
+
+def test_resume_without_the_stored_reference_refuses(small_config) -> None:
+    cfg = small_config("train.kl_coef=0.1", "eval.every=0", "train.steps=1")
+    coordinator.train(cfg, log=lambda *_: None)
+    shutil.rmtree(cfg.run_dir / "reference")
+    checkpoint = str(latest_checkpoint(cfg.run_dir))
+    with pytest.raises(FileNotFoundError, match="KL reference"):
+        TrainerWorker(cfg, SnapshotStore(2), checkpoint=checkpoint).restore(checkpoint)
