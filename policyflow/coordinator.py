@@ -184,10 +184,10 @@ def run_sft(cfg: Config, log=print) -> Path:
     from policyflow.model import save_pretrained
 
     configure_threads(cfg.run.threads)
-    session = open_session(cfg)
+    session = open_session(cfg, master_weights=True)
     result = warm_start(
         session.model, session.tokenizer, session.task, cfg.sft, chat_template=cfg.model.chat_template,
-        greedy_accuracy=session.greedy_accuracy,
+        greedy_accuracy=session.greedy_accuracy, compute_dtype=getattr(torch, cfg.model.dtype),
     )
     folder = save_pretrained(session.model, session.tokenizer, cfg.run_dir / "sft")
     log(f"SFT: {result.steps} steps, loss {result.final_loss:.3f}, greedy held-out accuracy {result.accuracy_greedy:.1%}; saved to {folder}")

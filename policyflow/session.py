@@ -22,10 +22,14 @@ def pick_device(cfg: Config) -> torch.device:
     return torch.device("cuda" if use_cuda else "cpu")
 
 
-def load_policy(cfg: Config, model_path: Path | str | None = None):
-    """The policy model (from `model_path`, else model.path, else the tiny model) and its tokenizer, on the run's device."""
+def load_policy(cfg: Config, model_path: Path | str | None = None, *, master_weights: bool = False):
+    """The policy model (from `model_path`, else model.path, else the tiny model) and its tokenizer, on the run's device.
+
+    Parameters are in model.dtype, or in float32 with `master_weights` (the trainer's copy:
+    fp32 master weights and optimizer state, compute in model.dtype under autocast).
+    """
     path = model_path or cfg.model.path
-    dtype = getattr(torch, cfg.model.dtype)
+    dtype = torch.float32 if master_weights else getattr(torch, cfg.model.dtype)
     if path:
         model, tokenizer = load_pretrained(path, dtype=dtype)
     else:
@@ -85,11 +89,14 @@ class Session:
         return accuracy(self.sampler, self.task, self.eval_problems[:n], self.eval_prompt_ids[:n], params)[0]
 
 
-def open_session(cfg: Config, model_path: Path | str | None = None) -> Session:
-    """Load (or build) the model and task named by the config; `model_path` overrides model.path."""
+def open_session(cfg: Config, model_path: Path | str | None = None, *, master_weights: bool = False) -> Session:
+    """Load (or build) the model and task named by the config; `model_path` overrides model.path.
+
+    `master_weights`: float32 parameters whatever model.dtype is (for training; see `load_policy`).
+    """
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
-    model, tokenizer = load_policy(cfg, model_path)
+    model, tokenizer = load_policy(cfg, model_path, master_weights=master_weights)
     task = build_task(cfg)
     problems = list(task.eval_problems())[: cfg.eval.num_prompts]
     prompt_ids = encode_prompts(tokenizer, task, problems, cfg.model.chat_template)

@@ -18,7 +18,7 @@ from policyflow.losses import sft_loss
 from policyflow.rollout import encode_prompts
 from policyflow.tasks.base import Task
 from policyflow.tokens import sft_batch
-from policyflow.trainer import make_optimizer, sequence_logprobs
+from policyflow.trainer import compute_precision, make_optimizer, sequence_logprobs
 
 # SFT draws training problems from its own index range so the RL stage starts on fresh ones.
 SFT_PROBLEM_OFFSET = 10_000_000
@@ -49,8 +49,12 @@ def warm_start(
     chat_template: bool,
     greedy_accuracy: Callable[[], float],
     on_step: Callable[[int, float], None] = lambda step, loss: None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> SFTResult:
-    """Train until `greedy_accuracy()` (checked every `cfg.eval_every` steps) reaches the target."""
+    """Train until `greedy_accuracy()` (checked every `cfg.eval_every` steps) reaches the target.
+
+    Forward passes run in `compute_dtype` (autocast) over the model's own (fp32 master) weights.
+    """
     start = time.perf_counter()
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.99))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, cfg.max_steps))
@@ -62,7 +66,9 @@ def warm_start(
         completions = [tokenizer(task.sft_completion(p), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for p in problems]
         input_ids, attention, loss_mask = sft_batch(prompts, completions, tokenizer.pad_token_id)
         model.train()
-        out = sft_loss(sequence_logprobs(model, input_ids, attention), loss_mask)
+        with compute_precision(next(model.parameters()).device, compute_dtype):
+            logprobs = sequence_logprobs(model, input_ids, attention)
+        out = sft_loss(logprobs, loss_mask)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -7,6 +7,7 @@ only gathers their inputs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 
@@ -37,6 +38,13 @@ def sequence_logprobs(
     return shifted_token_logprobs(logits_BTV, input_ids_BT, policy.temperature, policy.top_p, policy.top_k)
 
 
+def compute_precision(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Forward passes in `dtype` (autocast) over float32 master weights; float32: no autocast."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, betas=betas)
 
@@ -44,7 +52,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
 class Trainer:
     """Owns the policy's optimizer (and the frozen reference model when a KL penalty is on)."""
 
-    def __init__(self, model: torch.nn.Module, train: TrainConfig, loss: LossConfig, sampling: SamplingConfig, *, version: int = 0):
+    def __init__(self, model: torch.nn.Module, train: TrainConfig, loss: LossConfig, sampling: SamplingConfig, *,
+                 compute_dtype: torch.dtype = torch.float32, version: int = 0):
         if loss.name not in POLICY_LOSSES:
             raise ValueError(f"loss.name={loss.name!r}; allowed: {', '.join(POLICY_LOSSES)}")
         self.model = model
@@ -54,6 +63,7 @@ class Trainer:
         self.needs = LOSS_NEEDS[loss.name]
         self.hyper = loss.hyper() | ({"max_len": sampling.max_new_tokens} if self.needs.max_len else {})
         self.policy = sampling  # the behaviour policy's temperature, top_p, top_k
+        self.compute_dtype = compute_dtype  # forward passes; parameters and AdamW state stay as they are (fp32)
         self.optimizer = make_optimizer(model, train.lr, train.weight_decay, train.betas)
         self.ref_model: torch.nn.Module | None = None  # set by `set_reference` when train.kl_coef > 0
         self.version = version
@@ -93,18 +103,23 @@ class Trainer:
         extra: dict[str, torch.Tensor] = {}
         if self.needs.proximal:
             self.model.eval()
-            extra["prox_logprobs"] = sequence_logprobs(self.model, batch.input_ids_BT, batch.attention_mask_BT, self.policy)
+            extra["prox_logprobs"] = self._logprobs(self.model, batch.input_ids_BT, batch.attention_mask_BT)
             self.model.train()
         if self.cfg.kl_coef > 0:
             if self.ref_model is None:
                 raise RuntimeError("train.kl_coef > 0 needs a reference model: call Trainer.set_reference() with the model RL starts from")
-            extra["ref_logprobs"] = sequence_logprobs(self.ref_model, batch.input_ids_BT, batch.attention_mask_BT, self.policy)
+            extra["ref_logprobs"] = self._logprobs(self.ref_model, batch.input_ids_BT, batch.attention_mask_BT)
         return extra
+
+    def _logprobs(self, model: torch.nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+        """Behaviour-policy log-probs ([B, T], float32) with the forward pass in the compute dtype."""
+        with compute_precision(next(model.parameters()).device, self.compute_dtype):
+            return sequence_logprobs(model, input_ids_BT, attention_mask_BT, self.policy)
 
     def _update(self, batch: TrainBatch, rows: torch.Tensor, extra: dict[str, torch.Tensor]) -> dict[str, float]:
         input_ids_BT = batch.input_ids_BT[rows]
         mask_BT = batch.loss_mask_BT[rows]
-        logprobs_BT = sequence_logprobs(self.model, input_ids_BT, batch.attention_mask_BT[rows], self.policy)
+        logprobs_BT = self._logprobs(self.model, input_ids_BT, batch.attention_mask_BT[rows])
         kwargs = dict(self.hyper)
         if "prox_logprobs" in extra:
             kwargs["prox_logprobs"] = extra["prox_logprobs"]

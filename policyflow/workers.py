@@ -248,8 +248,9 @@ class TrainerWorker:
     def __init__(self, cfg: Config, store, checkpoint: str | None = None) -> None:
         self.cfg = cfg
         self.store = store
-        self.session = open_session(cfg, model_path=checkpoint)
-        self.trainer = Trainer(self.session.model, cfg.train, cfg.loss, cfg.sampling)
+        self.session = open_session(cfg, model_path=checkpoint, master_weights=True)  # fp32 master weights
+        self.compute_dtype = getattr(torch, cfg.model.dtype)  # bf16/fp16 models compute under autocast
+        self.trainer = Trainer(self.session.model, cfg.train, cfg.loss, cfg.sampling, compute_dtype=self.compute_dtype)
 
     def describe(self) -> str:
         s = self.session
@@ -266,7 +267,8 @@ class TrainerWorker:
             if log is not None and step % 10 == 0:
                 log.write({"sft_step": step, "sft/loss": loss})
 
-        result = warm_start(s.model, s.tokenizer, s.task, cfg.sft, chat_template=cfg.model.chat_template, greedy_accuracy=s.greedy_accuracy, on_step=on_step)
+        result = warm_start(s.model, s.tokenizer, s.task, cfg.sft, chat_template=cfg.model.chat_template, greedy_accuracy=s.greedy_accuracy,
+                            on_step=on_step, compute_dtype=self.compute_dtype)
         bar.close()
         return asdict(result)
 
@@ -299,7 +301,8 @@ class TrainerWorker:
 
     def publish(self) -> int:
         """Publish the current weights as the trainer's version (done after every step)."""
-        self.store.publish(self.trainer.version, self.session.model.state_dict())
+        state = {k: v.to(self.compute_dtype) if v.is_floating_point() else v for k, v in self.session.model.state_dict().items()}
+        self.store.publish(self.trainer.version, state)  # in the engines' dtype (model.dtype)
         return self.trainer.version
 
     def train_step(self, groups: list[Group]) -> dict[str, float]:
