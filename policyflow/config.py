@@ -8,6 +8,7 @@ naming the field, the value, and what is allowed.
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from policyflow.losses import POLICY_LOSSES, allowed_hyper
+
+
+LOG = logging.getLogger("policyflow")
 
 
 class ConfigError(ValueError):
@@ -229,6 +233,18 @@ class Config(Section):
         if isinstance(eta, int) and eta > 0 and raw.get("loss", {}).get("name") is None:
             raw = {**raw, "loss": {**raw.get("loss", {}), "name": "decoupled_ppo"}}
         return raw
+
+    @model_validator(mode="after")
+    def _warn_stale_data_with_on_policy_loss(self) -> Config:
+        """η ≥ 1 with a loss other than decoupled_ppo is allowed, with one warning line."""
+        p = self.pipeline
+        if p.eta >= 1 and self.loss.name != "decoupled_ppo":
+            LOG.warning(
+                f"warning: pipeline.mode={p.mode} (η {p.eta}) with loss.name={self.loss.name}: tokens up to {p.eta_hard} "
+                "versions old are trained with the sampling policy as π_old, so the trust region is centred on stale "
+                "weights, not the current ones; loss.name=decoupled_ppo corrects for this"
+            )
+        return self
 
     @property
     def run_dir(self) -> Path:

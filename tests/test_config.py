@@ -1,5 +1,8 @@
 """Config: presets load, overrides apply, and every mistake is one line naming field, value and choices."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,26 @@ def test_cli_prints_one_line_and_exits_2(capsys: pytest.CaptureFixture[str]) -> 
     assert err == "policyflow: config error: unknown config key train.lrr (did you mean train.lr?); allowed keys here: " + ", ".join(
         Config.model_fields["train"].annotation.model_fields
     )
+
+
+def test_stale_data_with_an_on_policy_loss_warns_in_one_line(caplog) -> None:
+    with caplog.at_level("WARNING", logger="policyflow"):
+        load_config(None, ["pipeline.mode=async", "loss.name=grpo"])
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "\n" not in message and "loss.name=grpo" in message and "pipeline.mode=async (η 2)" in message
+    assert "stale" in message and "loss.name=decoupled_ppo" in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="policyflow"):
+        load_config(None, ["pipeline.mode=async"])  # decoupled_ppo by default: nothing to say
+        load_config(None, ["pipeline.mode=one_step_off", "loss.name=decoupled_ppo"])
+        load_config(None, ["loss.name=grpo"])  # sync: fresh data
+    assert caplog.records == []
+
+
+def test_stale_data_warning_is_one_stderr_line_outside_pytest() -> None:
+    code = "from policyflow.config import load_config; load_config(None, ['pipeline.mode=one_step_off', 'loss.name=gspo'])"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("warning: pipeline.mode=one_step_off (η 1) with loss.name=gspo")
