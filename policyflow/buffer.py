@@ -55,20 +55,27 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from policyflow.advantages import has_signal
 from policyflow.types import Group
 
 GroupFilter = Callable[[Group], bool]  # True = keep the group
 
 
-def has_reward_variance(group: Group, tol: float = 1e-9) -> bool:
-    """Keep a group whose rewards are not all equal; an all-equal group has zero GRPO advantage."""
-    rewards = group.rewards
-    return bool(rewards) and max(rewards) - min(rewards) > tol
+def has_reward_variance(group: Group) -> bool:
+    """Keep a group whose rewards are not all equal (the zero-variance rule of `advantages.has_signal`)."""
+    return has_signal(group.rewards)
+
+
+def has_mixed_correctness(group: Group) -> bool:
+    """DAPO dynamic sampling (arXiv 2503.14476): keep a group that is neither all right nor all
+    wrong, judged on the `correct` reward part (the reward itself when a trajectory has none),
+    not on the shaped reward, so the overlong penalty cannot keep an all-wrong group."""
+    return has_signal([t.reward_parts.get("correct", t.reward) for t in group.trajectories])
 
 
 FILTERS: dict[str, GroupFilter] = {
     "zero_variance": has_reward_variance,  # drop; its slot stays in its batch (fewer groups)
-    "dynamic_sampling": has_reward_variance,  # DAPO: drop and give the slot back for a refill
+    "dynamic_sampling": has_mixed_correctness,  # DAPO: drop and give the slot back for a refill
 }
 REFILL_FILTERS: frozenset[str] = frozenset({"dynamic_sampling"})
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from policyflow.advantages import ADVANTAGES
+from policyflow.advantages import ADVANTAGES, has_signal
 from policyflow.config import Config
 from policyflow.engine import Sampler, SamplingParams
 from policyflow.rewards import overlong_penalty
@@ -82,24 +82,36 @@ def shape_overlong(groups: Sequence[Group], max_len: int, cache_len: int) -> Non
 
 
 def build_batch(groups: list[Group], cfg: Config, pad_id: int) -> tuple[TrainBatch | None, dict[str, float]]:
-    """Advantages per group, zero-variance groups left out (counted), padded into a TrainBatch."""
+    """Advantages per group, zero-variance groups left out (counted), padded into a TrainBatch.
+
+    With `train.mask_truncated`, truncated samples take no part: they are out of their group's
+    baseline (mean, std, ranking) and out of the batch. Rows the estimator does not keep (GFPO's
+    filtered responses) are out of the batch too, so no loss denominator counts them. A group
+    is skipped (`train.skip_zero_variance`) by the one zero-variance rule of `advantages.py`,
+    applied to its included members.
+    """
     stats = {"rollout/groups_zero_variance": 0.0}
+    included = [[not (cfg.train.mask_truncated and t.status == "truncated") for t in g.trajectories] for g in groups]
     if cfg.train.skip_zero_variance:
-        kept = [g for g in groups if max(g.rewards) > min(g.rewards)]
-        stats["rollout/groups_zero_variance"] = float(len(groups) - len(kept))
-        groups = kept
+        signal = [has_signal([t.reward for t, inc in zip(g.trajectories, flags) if inc]) for g, flags in zip(groups, included)]
+        stats["rollout/groups_zero_variance"] = float(len(groups) - sum(signal))
+        groups = [g for g, ok in zip(groups, signal) if ok]
+        included = [flags for flags, ok in zip(included, signal) if ok]
     if not groups:
         return None, stats
     trajectories = [t for g in groups for t in g.trajectories]
     rewards_B = torch.tensor([t.reward for t in trajectories], dtype=torch.float64)
     group_ids_B = torch.tensor([i for i, g in enumerate(groups) for _ in g.trajectories])
     lengths_B = torch.tensor([t.num_gen_tokens for t in trajectories], dtype=torch.float64)
+    include_B = torch.tensor([flag for flags in included for flag in flags], dtype=torch.bool)
     a = cfg.advantage
     hyper = {"k": a.gfpo_k, "metric": a.gfpo_metric} if a.name == "gfpo" else {}
-    advantages_B, keep_B = ADVANTAGES[a.name](rewards_B, group_ids_B, lengths_B, **hyper)
-    trainable = [not (cfg.train.mask_truncated and t.status == "truncated") for t in trajectories]
+    advantages_B, keep_B = ADVANTAGES[a.name](rewards_B, group_ids_B, lengths_B, include_B, **hyper)
     stats["rollout/gfpo_kept_fraction"] = float(keep_B.float().mean())
-    return collate(trajectories, advantages_B, group_ids_B, pad_id, trainable_B=trainable), stats
+    if not bool(keep_B.any()):
+        return None, stats
+    rows = keep_B.nonzero().squeeze(-1).tolist()
+    return collate([trajectories[b] for b in rows], advantages_B[keep_B], group_ids_B[keep_B], pad_id), stats
 
 
 def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:
