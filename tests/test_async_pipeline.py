@@ -73,13 +73,22 @@ def test_stale_modes_keep_their_bounds_and_account_for_every_group(small_config,
     assert len(rows) == 5 and all(torch.isfinite(torch.tensor(m["loss/total"])) for m in rows)
     assert max(m["async/staleness_max"] for m in rows) <= p.eta_hard
     assert any(m["async/staleness_max"] > 0 for m in rows)  # the data really was stale
+    for m in rows:
+        # Decoupled PPO: the proximal policy is the current one at the step's only update, so
+        # u = π/π_prox is exactly 1 and nothing is clipped, however stale the data ...
+        assert m["loss/ratio_mean"] == pytest.approx(1.0, abs=1e-5) and m["loss/clip_frac"] == 0.0
+        # ... and the behaviour weight π_prox/π_behav is 1 on fresh tokens, not on stale ones.
+        if m["async/staleness_max"] == 0:
+            assert m["loss/behav_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+        else:
+            assert abs(m["loss/behav_weight_mean"] - 1.0) > 1e-4
     if p.swap_mode == "drain" and p.rollout_workers == 1:
         # One engine draining whole groups: groups finish in version order, so admission alone
         # keeps every trained token within η and the cutoff never has to drop anything.
         assert max(m["async/staleness_max"] for m in rows) <= p.eta
         assert rows[-1]["async/dropped_stale_groups"] == 0
     for m in rows:
-        assert 0 <= m["async/trainer_idle_fraction"] <= 1 and 0 <= m["async/engine_utilisation"] <= 1
+        assert 0 < m["async/engine_utilisation"] <= 1 and 0 <= m["async/trainer_idle_fraction"] < 1
     loop = _final_loop(summary)
     counts = summary["groups"]
     assert len(set(loop.consumed_task_ids)) == len(loop.consumed_task_ids) == counts["trained"] == 5 * cfg.train.prompts_per_step
