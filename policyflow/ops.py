@@ -110,7 +110,9 @@ def policy_logprobs(
     only once the weights have moved, e.g. in a later PPO epoch) is added to the set before
     renormalising, so its log-prob is finite and differentiable instead of −inf; for a target
     inside the set (always the case for the weights that sampled it) nothing changes.
-    Without truncation this is z[target] − logsumexp(z), computed without a [.., V] log-softmax.
+    Without truncation this is z[target] − logsumexp(z), computed without a [.., V] log-softmax;
+    with top_p < 1 or top_k > 0 it sorts the vocabulary at every position (a few times the
+    memory of the logits: use train.minibatches to bound it).
     """
     logits_NV = logits_NV if logits_NV.dtype == torch.float64 else logits_NV.float()
     if temperature <= 0 or (top_p >= 1 and top_k <= 0):

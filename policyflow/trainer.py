@@ -148,5 +148,5 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(
                 f"non-finite {what} ({float(value.detach())}) in the {self.loss_name} step from version {self.version}; "
-                "the weights were not updated; lower train.lr or check the rewards"
+                "this update was not applied (the weights are unchanged by it); lower train.lr or check the rewards"
             )
