@@ -241,7 +241,7 @@ class Config(Section):
         if p.eta >= 1 and self.loss.name != "decoupled_ppo":
             LOG.warning(
                 f"warning: pipeline.mode={p.mode} (η {p.eta}) with loss.name={self.loss.name}: tokens up to {p.eta_hard} "
-                "versions old are trained with the sampling policy as π_old, so the trust region is centred on stale "
+                f"version{'s' if p.eta_hard != 1 else ''} old are trained with the sampling policy as π_old, so the trust region is centred on stale "
                 "weights, not the current ones; loss.name=decoupled_ppo corrects for this"
             )
         return self
