@@ -220,3 +220,28 @@ def test_abort_mid_turn_keeps_every_token_exact_under_its_own_version(small_conf
         picked = mask & (batch.versions_BT == version)
         assert picked.any()
         assert (ref_BT[picked] - batch.behav_logprobs_BT[picked]).abs().max().item() < 1e-4
+
+
+# -- chat models: observations in the template's tool role ----------------------------------------
+
+CHAT = (
+    "{% for m in messages %}[{{ m.role }}]{{ m.content }}<eos>\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+
+
+def test_chat_observation_ids_continue_the_templates_own_rendering() -> None:
+    """prompt ids + the model's turn (ending with its end token) + observation ids == the template's whole conversation."""
+    from policyflow.model import build_char_tokenizer
+    from policyflow.tokens import render_observation, render_prompt
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = CHAT
+    prompt = render_prompt(tokenizer, "2+2?", chat_template=True)
+    turn = tokenizer("<search>x</search>", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    obs, text = render_observation(tokenizer, "x is 4", chat_template=True)
+    conversation = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<search>x</search>"}, {"role": "tool", "content": "x is 4"}]
+    whole = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    whole = list(whole["input_ids"] if hasattr(whole, "keys") else whole)
+    assert prompt + turn + obs == whole and text == "x is 4"
+    assert tokenizer.decode(obs) == "\n[tool]x is 4<eos>\n[assistant]"
