@@ -40,3 +40,33 @@ def count_penalty(counts: Tensor, per_item: float, max_penalty: float | None = N
     """−per_item · count (e.g. per search or tool call), floored at −max_penalty when given."""
     penalty = -per_item * _float(counts)
     return penalty if max_penalty is None else penalty.clamp(min=-max_penalty)
+
+
+def search_penalty_reward(
+    correct: Tensor, num_searches: Tensor, format_ok: Tensor, *, penalty: float = 0.1, format_weight: float = 0.1
+) -> dict[str, Tensor]:
+    """MMSearch-R1's outcome reward with a search penalty (arXiv 2506.20670, §3), as named parts:
+
+        reward = (1 − α) · acc · (1 − β · [searches > 0]) + α · fmt
+
+    with α = `format_weight`, β = `penalty`, acc ∈ {0, 1} the answer check and fmt ∈ {0, 1}
+    whether the episode kept the required format. A correct answer reached with search earns
+    (1 − α)(1 − β), one without search (1 − α); a wrong answer earns only α · fmt. The parts
+    sum to the reward:
+
+        correct        = (1 − α) · acc
+        search_penalty = −(1 − α) · β · acc · [searches > 0]
+        format         = α · fmt
+    """
+    if not 0.0 <= penalty <= 1.0:
+        raise ValueError(f"search penalty must be in [0, 1], got {penalty}")
+    if not 0.0 <= format_weight <= 1.0:
+        raise ValueError(f"format_weight must be in [0, 1], got {format_weight}")
+    acc = _float(torch.as_tensor(correct))
+    searched = (torch.as_tensor(num_searches) > 0).to(acc.dtype)
+    fmt = _float(torch.as_tensor(format_ok)).to(acc.dtype)
+    return {
+        "correct": (1.0 - format_weight) * acc,
+        "search_penalty": -(1.0 - format_weight) * penalty * acc * searched,
+        "format": format_weight * fmt,
+    }
