@@ -202,6 +202,15 @@ class CheckpointConfig(Section):
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
 
 
+class AgentConfig(Section):
+    """Episodes (DESIGN.md §6): how long one may run and what each engine call sees."""
+
+    max_turns: int = Field(8, ge=1, description="Most engine calls (model turns) per episode; an episode still going after them ends 'truncated' with the reward it earned.")
+    max_total_tokens: int | None = Field(None, ge=2, description="Most tokens one engine call may see and write (its context + its completion), so also the longest training row; a call's max_new_tokens is cut to fit, and an episode with no room left ends 'truncated'; empty = no cap beyond sampling.max_new_tokens per call.")
+    max_obs_tokens: int = Field(256, ge=1, description="Observation tokens kept per tool result (the rest is cut off before it is appended).")
+    context: Literal["full", "mem1"] = Field("full", description="What each call sees: full (the whole history) or mem1 (the prompt, the latest turn with its <state>, the latest observation).")
+
+
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity, seed, device, threads, logging.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
@@ -214,6 +223,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Synchronous, one-step-off or asynchronous rollouts and training.")
+    agent: AgentConfig = Field(default_factory=AgentConfig, description="Multi-turn episodes: limits and context policy.")
 
     @model_validator(mode="before")
     @classmethod

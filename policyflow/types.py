@@ -43,7 +43,11 @@ class Sample:
 
 @dataclass(frozen=True)
 class Segment:
-    """A contiguous run of tokens of one kind. Only `gen` segments carry log-probs/versions."""
+    """A contiguous run of tokens of one kind. Only `gen` segments carry log-probs/versions.
+
+    `text` is what the tokens say (the decoded action for gen, the observation text for obs),
+    kept for context policies and samples.jsonl; training reads only the token ids.
+    """
 
     kind: SegmentKind
     token_ids: tuple[int, ...]
@@ -51,6 +55,7 @@ class Segment:
     versions: tuple[int, ...] | None = None
     turn: int = 0
     tag: str | None = None
+    text: str = ""
 
     @property
     def trainable(self) -> bool:
