@@ -103,18 +103,21 @@ def test_percentile_and_summarize():
 
 
 def test_search_penalty_reward_closed_form():
-    # α = 0.2, β = 0.25: correct without search 0.8 + 0.2 = 1.0; with search 0.8·0.75 + 0.2 = 0.8;
-    # wrong with format 0.2; wrong without format 0; correct with 3 searches like 1 search.
+    # β = 0.25, γ = 0.2: correct without search 1 + 0.2; with search 0.75 + 0.2; wrong with
+    # format 0.2; wrong without format 0; correct with 3 searches like with 1, no format 0.75.
     correct = torch.tensor([1, 1, 0, 0, 1])
     searches = torch.tensor([0, 1, 2, 0, 3])
     fmt = torch.tensor([True, True, True, False, False])
     parts = search_penalty_reward(correct, searches, fmt, penalty=0.25, format_weight=0.2)
     assert set(parts) == {"correct", "search_penalty", "format"}
-    torch.testing.assert_close(parts["correct"], torch.tensor([0.8, 0.8, 0.0, 0.0, 0.8]))
-    torch.testing.assert_close(parts["search_penalty"], torch.tensor([0.0, -0.2, 0.0, 0.0, -0.2]))
+    torch.testing.assert_close(parts["correct"], torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0]))
+    torch.testing.assert_close(parts["search_penalty"], torch.tensor([0.0, -0.25, 0.0, 0.0, -0.25]))
     torch.testing.assert_close(parts["format"], torch.tensor([0.2, 0.2, 0.2, 0.0, 0.0]))
-    total = sum(parts.values())
-    torch.testing.assert_close(total, torch.tensor([1.0, 0.8, 0.2, 0.0, 0.6]))
+    torch.testing.assert_close(sum(parts.values()), torch.tensor([1.2, 0.95, 0.2, 0.0, 0.75]))
+    # the paper's form (1 − α)·acc·P + α·fmt with α = γ/(1 + γ) is this reward times (1 − α)
+    alpha = 0.2 / 1.2
+    paper = (1 - alpha) * correct * torch.tensor([1.0, 0.75, 0.75, 1.0, 0.75]) + alpha * fmt
+    torch.testing.assert_close(paper, (1 - alpha) * sum(parts.values()))
     # scalars work too (one episode), and β = 0 removes the penalty
     one = search_penalty_reward(torch.tensor(True), torch.tensor(4), torch.tensor(True), penalty=0.0, format_weight=0.0)
     assert sum(v.item() for v in one.values()) == 1.0
