@@ -1,0 +1,120 @@
+"""Synthetic search QA: determinism, disjoint held-out places, answer checks, and scripted search episodes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from policyflow.agent.env import group_builder
+from policyflow.agent.search_env import SearchEnv
+from policyflow.tasks import TaskError, make_task
+from policyflow.tasks.search_qa import SearchQATask, make_entities
+
+
+@pytest.fixture
+def task(tmp_path) -> SearchQATask:
+    return SearchQATask(seed=3, num_entities=60, num_eval_entities=12, num_eval=30, corpus_dir=tmp_path / "corpus")
+
+
+def test_entities_and_questions_are_deterministic(task, tmp_path):
+    again = SearchQATask(seed=3, num_entities=60, num_eval_entities=12, num_eval=30, corpus_dir=tmp_path / "other")
+    assert again.entities == task.entities and again.eval_problems() == task.eval_problems()
+    assert [task.train_problem(i) for i in range(20)] == [again.train_problem(i) for i in range(20)]
+    assert make_entities(4, 60, 99) != task.entities
+    names = [e.name for e in task.entities] + [e.capital for e in task.entities]
+    assert len(set(names)) == len(names)
+    assert all(10 <= e.pop <= 99 for e in task.entities)
+
+
+def test_held_out_questions_use_only_held_out_places(task):
+    held_out = {e.id for e in task.eval_entities}
+    eval_ids = {i for p in task.eval_problems() for i in p.columns["entities"]}
+    train_ids = {i for k in range(300) for i in task.train_problem(k).columns["entities"]}
+    assert eval_ids <= held_out and not train_ids & held_out
+    hops = [task.train_problem(k).columns["hops"] for k in range(300)]
+    assert 0.4 < hops.count(2) / len(hops) < 0.6  # two_hop_fraction 0.5
+
+
+def test_answers_are_the_facts(task):
+    for k in range(50):
+        p = task.train_problem(k)
+        es = [task.entity(i) for i in p.columns["entities"]]
+        if p.columns["hops"] == 2:
+            assert p.prompt == f"pop of {es[0].name} + {es[1].name}?" and p.answer == str(es[0].pop + es[1].pop)
+        elif p.prompt.startswith("capital"):
+            assert p.prompt == f"capital of {es[0].name}?" and p.answer == es[0].capital
+        else:
+            assert p.prompt == f"pop of {es[0].name}?" and p.answer == str(es[0].pop)
+
+
+def test_answer_check_and_score(task):
+    name_q = next(p for p in (task.train_problem(k) for k in range(50)) if p.prompt.startswith("capital"))
+    num_q = next(p for p in (task.train_problem(k) for k in range(50)) if p.columns["hops"] == 2)
+    assert task.is_correct(name_q, f" {name_q.answer.upper()} ") and not task.is_correct(name_q, "Nope") and not task.is_correct(name_q, None)
+    assert task.is_correct(num_q, "0" + num_q.answer) and not task.is_correct(num_q, num_q.answer + "1") and not task.is_correct(num_q, "x")
+    score = task.score([name_q, num_q, num_q], [f"<answer>{name_q.answer}</answer>", "<answer>1</answer>", num_q.answer])
+    assert score.correct == [True, False, False] and score.rewards == [1.0, 0.0, 0.0]
+
+
+def test_corpus_file(task):
+    path = task.corpus_path()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows[5] == {"id": "e5", "title": task.entities[5].name, "text": f"capital {task.entities[5].capital}, pop {task.entities[5].pop}"}
+    assert len(rows) == 60 and task.corpus_path() == path
+
+
+def test_bad_arguments():
+    with pytest.raises(TaskError, match="num_eval_entities < num_entities"):
+        SearchQATask(num_entities=10, num_eval_entities=10)
+    with pytest.raises(TaskError, match="unknown tool_format 'xml'"):
+        SearchQATask(tool_format="xml")
+    assert isinstance(make_task("search_qa", seed=1, num_entities=20, num_eval_entities=4, num_eval=5), SearchQATask)
+
+
+async def _play(env: SearchEnv, actions: list[str]) -> tuple[str, list]:
+    prompt = await env.initial_observation()
+    return prompt, [await env.step(a) for a in actions]
+
+
+def test_demonstration_replays_through_the_env(task):
+    """Playing a demonstration's actions in a real env gives exactly its observations, reward 1 − β + γ,
+    and the whole two-lookup episode fits the tiny model's 256 positions."""
+    for k in range(12):
+        problem = task.train_problem(k)
+        demo = task.demonstration(problem)
+        [env] = asyncio.run(group_builder(task, problem).make_envs(1))
+        prompt, results = asyncio.run(_play(env, [text for kind, text in demo if kind == "gen"]))
+        assert [r.observation for r in results[:-1]] == [text for kind, text in demo if kind == "obs"]
+        assert [r.tool_calls for r in results] == [1] * problem.columns["hops"] + [0]
+        last = results[-1]
+        assert last.done and last.reward_parts == {"correct": 1.0, "search_penalty": -0.1, "format": 0.1}
+        assert last.reward == pytest.approx(1.0)
+        assert len(prompt) + sum(len(text) for _, text in demo) <= 256
+    assert env.stop == ("</search>", "</answer>") and env.tools is None
+
+
+def test_env_rewards_and_errors(task):
+    problem = next(p for p in (task.train_problem(k) for k in range(50)) if p.columns["hops"] == 1)
+    [guess, sloppy, wrong] = asyncio.run(group_builder(task, problem).make_envs(3))
+    _, [r] = asyncio.run(_play(guess, [f"<answer>{problem.answer}</answer>"]))
+    assert r.reward_parts == {"correct": 1.0, "search_penalty": 0.0, "format": 0.1} and r.reward == pytest.approx(1.1)
+    _, results = asyncio.run(_play(sloppy, ["hmm", "<search>a</search><search>b</search>", f"<answer>{problem.answer}</answer>"]))
+    assert results[0].observation == "<info>error: no action: expected <search>…</search> or <answer>…</answer></info>"
+    assert [r.tool_errors for r in results] == [1, 1, 0] and not results[0].done
+    assert results[-1].reward_parts == {"correct": 1.0, "search_penalty": 0.0, "format": 0.0}
+    _, results = asyncio.run(_play(wrong, ["<search>zzzz</search>", "<state>none</state><answer>no idea</answer>"]))
+    assert results[0].observation == "<info>no results</info>" and results[0].tool_errors == 0
+    assert results[1].info["state"] == "none" and results[1].reward_parts == {"correct": 0.0, "search_penalty": 0.0, "format": 0.1}
+
+
+def test_hermes_env(tmp_path):
+    task = SearchQATask(seed=1, num_entities=20, num_eval_entities=4, num_eval=5, tool_format="hermes", corpus_dir=tmp_path)
+    problem = task.train_problem(0)
+    name = task.entity(problem.columns["entities"][0]).name
+    [env] = asyncio.run(task.group_builder(problem).make_envs(1))
+    assert env.stop == ("</tool_call>",) and env.tools == [t.schema() for t in task.tool_pool().tools.values()]
+    call = json.dumps({"name": "search", "arguments": {"query": name}})
+    _, [found, bad] = asyncio.run(_play(env, [f"<tool_call>{call}</tool_call>", '<tool_call>{"name": "web"}</tool_call>']))
+    assert found.observation.startswith(f"{name}: capital ") and bad.tool_errors == 1 and "unknown tool 'web'" in bad.observation
