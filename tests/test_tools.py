@@ -117,6 +117,9 @@ def test_concurrency_limit_is_respected():
     assert [r.text for r in results] == [str(i) for i in range(calls)]
     assert state["peak"] == limit == pool.stats.max_in_flight  # the limit is reached and never exceeded
     assert pool.stats.errors == 0
+    # the same pool under a second event loop (a semaphore is bound to the loop that first waited on it)
+    state["peak"] = 0
+    assert [r.text for r in asyncio.run(run())] == [str(i) for i in range(calls)] and state["peak"] == limit
 
 
 def test_cancelling_the_caller_cancels_the_tool():

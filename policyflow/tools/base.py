@@ -150,7 +150,9 @@ class ToolPool:
         self.tools: dict[str, Tool] = {t.name: t for t in tools}
         self.timeout_s = timeout_s
         self.stats = ToolStats()
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self.max_concurrency = max_concurrency
+        self._slots: asyncio.Semaphore | None = None
+        self._slots_loop: asyncio.AbstractEventLoop | None = None
         self._in_flight = 0
 
     def schemas(self) -> list[dict[str, Any]]:
@@ -166,7 +168,7 @@ class ToolPool:
         problems = argument_errors(tool, arguments)
         if problems:
             return self._fail("bad_arguments", f"bad arguments for {name}: " + "; ".join(problems), 0.0)
-        async with self._slots:
+        async with self._loop_slots():
             self._in_flight += 1
             self.stats.max_in_flight = max(self.stats.max_in_flight, self._in_flight)
             start = time.perf_counter()
@@ -184,6 +186,13 @@ class ToolPool:
             return self._fail("bad_result", f"{name} returned {type(text).__name__}, expected text", seconds)
         self.stats.seconds += seconds
         return ToolResult(text=text, error=None, seconds=seconds)
+
+    def _loop_slots(self) -> asyncio.Semaphore:
+        """The semaphore of the running event loop (a pool may outlive a loop, e.g. across `asyncio.run`)."""
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots_loop is not loop:
+            self._slots, self._slots_loop = asyncio.Semaphore(self.max_concurrency), loop
+        return self._slots
 
     def _fail(self, kind: ToolErrorKind, message: str, seconds: float) -> ToolResult:
         self.stats.errors += 1
