@@ -118,3 +118,17 @@ def test_hermes_env(tmp_path):
     call = json.dumps({"name": "search", "arguments": {"query": name}})
     _, [found, bad] = asyncio.run(_play(env, [f"<tool_call>{call}</tool_call>", '<tool_call>{"name": "web"}</tool_call>']))
     assert found.observation.startswith(f"{name}: capital ") and bad.tool_errors == 1 and "unknown tool 'web'" in bad.observation
+
+
+def test_built_from_config(tmp_path):
+    from policyflow.config import load_config
+    from policyflow.session import build_task
+
+    cfg = load_config(None, [
+        "task.name=search_qa", "task.search.num_entities=30", "task.search.num_eval_entities=5", "task.num_eval=7",
+        "task.search.search_penalty=0.3", "task.search.top_k=2", "agent.max_obs_tokens=64", f"run.output_dir={tmp_path}",
+    ])
+    task = build_task(cfg)
+    assert isinstance(task, SearchQATask) and len(task.entities) == 30 and len(task.eval_problems()) == 7
+    assert task.settings.penalty == 0.3 and task.search_args == {"k": 2, "max_obs_tokens": 64, "latency_s": 0.0}
+    assert task.corpus_path() == tmp_path / "cache" / "search_qa" / "search_qa_s0_n30_v99.jsonl"
