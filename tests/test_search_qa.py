@@ -132,3 +132,51 @@ def test_built_from_config(tmp_path):
     assert isinstance(task, SearchQATask) and len(task.entities) == 30 and len(task.eval_problems()) == 7
     assert task.settings.penalty == 0.3 and task.search_args == {"k": 2, "max_obs_tokens": 64, "latency_s": 0.0}
     assert task.corpus_path() == tmp_path / "cache" / "search_qa" / "search_qa_s0_n30_v99.jsonl"
+
+
+class ScriptedEngine:
+    """Stands in for AsyncEngine: answers each call with the next scripted turn (char tokens)."""
+
+    version = 0
+
+    def __init__(self, tokenizer, turns: list[str]):
+        self.tokenizer, self.turns, self.prompts = tokenizer, list(turns), []
+
+    async def generate(self, prompt_ids, params):
+        from policyflow.types import Sample
+
+        self.prompts.append(self.tokenizer.decode(prompt_ids))
+        text = self.turns.pop(0)
+        ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return Sample(tuple(prompt_ids), ids, (-0.5,) * len(ids), (0,) * len(ids), "stop", text)
+
+
+@pytest.mark.parametrize("context", ["full", "mem1"])
+def test_two_lookup_episode_through_the_runner(task, context):
+    """A scripted two-lookup episode on the real episode runner: under mem1 the last call sees the
+    prompt, the turn holding `<state>` (the first population) and the latest observation only."""
+    from policyflow.agent.context import context_policy
+    from policyflow.agent.episode import EpisodeRunner
+    from policyflow.config import AgentConfig
+    from policyflow.engine import SamplingParams
+    from policyflow.model import build_char_tokenizer
+
+    problem = next(p for p in (task.train_problem(k) for k in range(50)) if p.columns["hops"] == 2)
+    first, second = (task.entity(i) for i in problem.columns["entities"])
+    demo = task.demonstration(problem)
+    tok = build_char_tokenizer()
+    engine = ScriptedEngine(tok, [text for kind, text in demo if kind == "gen"])
+    runner = EpisodeRunner(engine, tok, SamplingParams(max_new_tokens=64), AgentConfig(max_turns=6), context=context_policy(context))
+    group, errors = asyncio.run(runner.run_group(task.group_builder(problem), 1, task_id="t"))
+    [traj] = group.trajectories
+    assert errors == 0 and traj.status == "complete" and traj.num_turns == 3 and traj.num_tool_calls == 2
+    assert traj.reward == pytest.approx(1.0) and traj.reward_parts == pytest.approx({"correct": 1.0, "search_penalty": -0.1, "format": 0.1})
+    assert [s.kind for s in traj.segments] == ["prompt", "gen", "obs", "gen", "obs", "gen"]
+    last = engine.prompts[-1]
+    if context == "full":
+        assert [c.context for c in traj.calls] == [(0,), (0, 1, 2), (0, 1, 2, 3, 4)]
+        assert last == "".join(text for _, text in [("", task.render_prompt(problem)), *demo[:-1]])
+    else:
+        assert [c.context for c in traj.calls] == [(0,), (0, 1, 2), (0, 3, 4)]
+        assert last == task.render_prompt(problem) + demo[2][1] + demo[3][1]
+        assert f"<state>{first.pop}</state>" in last and f"pop {second.pop}" in last and first.name not in last.split("<state>")[1]
