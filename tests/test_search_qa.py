@@ -83,7 +83,7 @@ def test_demonstration_replays_through_the_env(task):
     and the whole two-lookup episode fits the tiny model's 256 positions."""
     for k in range(12):
         problem = task.train_problem(k)
-        demo = task.demonstration(problem)
+        demo = task.sft_turns(problem)
         [env] = asyncio.run(group_builder(task, problem).make_envs(1))
         prompt, results = asyncio.run(_play(env, [text for kind, text in demo if kind == "gen"]))
         assert [r.observation for r in results[:-1]] == [text for kind, text in demo if kind == "obs"]
@@ -163,7 +163,7 @@ def test_two_lookup_episode_through_the_runner(task, context):
 
     problem = next(p for p in (task.train_problem(k) for k in range(50)) if p.columns["hops"] == 2)
     first, second = (task.entity(i) for i in problem.columns["entities"])
-    demo = task.demonstration(problem)
+    demo = task.sft_turns(problem)
     tok = build_char_tokenizer()
     engine = ScriptedEngine(tok, [text for kind, text in demo if kind == "gen"])
     runner = EpisodeRunner(engine, tok, SamplingParams(max_new_tokens=64), AgentConfig(max_turns=6), context=context_policy(context))
@@ -180,3 +180,18 @@ def test_two_lookup_episode_through_the_runner(task, context):
         assert [c.context for c in traj.calls] == [(0,), (0, 1, 2), (0, 3, 4)]
         assert last == task.render_prompt(problem) + demo[2][1] + demo[3][1]
         assert f"<state>{first.pop}</state>" in last and f"pop {second.pop}" in last and first.name not in last.split("<state>")[1]
+
+
+def test_demonstration_tokens_mask_observations(task):
+    from policyflow.model import build_char_tokenizer
+    from policyflow.sft import demonstration_tokens
+
+    tok = build_char_tokenizer()
+    turns = task.sft_turns(next(p for p in (task.train_problem(k) for k in range(50)) if p.columns["hops"] == 2))
+    ids, mask = demonstration_tokens(tok, turns, chat_template=False)
+    expected_mask = [m for kind, text in turns for m in [int(kind == "gen")] * len(text)] + [1]
+    assert ids == tok("".join(text for _, text in turns), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert mask == expected_mask and mask.count(0) == sum(len(t) for k, t in turns if k == "obs")
+    assert demonstration_tokens(tok, [("gen", "12")], False) == (tok("12", add_special_tokens=False)["input_ids"] + [tok.eos_token_id], [1, 1, 1])
+    with pytest.raises(ValueError, match="'gen' or 'obs'"):
+        demonstration_tokens(tok, [("tool", "x")], False)

@@ -197,7 +197,7 @@ class SearchQATask(Task):
 
         return SearchGroupBuilder(self, problem, self.tool_pool(), self.settings)
 
-    def demonstration(self, problem: Problem) -> list[tuple[str, str]]:
+    def sft_turns(self, problem: Problem) -> list[tuple[str, str]]:
         """An ideal tag-format episode as (kind, text) turns, kind 'gen' or 'obs', for the SFT
         warm-start: search each place, keep the first population in `<state>`, answer."""
         def lookup(e: Entity) -> list[tuple[str, str]]:
