@@ -40,6 +40,10 @@ def build_task(cfg: Config) -> Task:
         kwargs = dict(seed=t.seed, min_digits=t.min_digits, max_digits=t.max_digits, num_eval=t.num_eval)
     elif t.name == "countdown":
         kwargs = dict(seed=t.seed, num_eval=t.num_eval, num_numbers=t.num_numbers, max_number=t.max_number, max_target=t.max_target)
+    elif t.name == "search_qa":
+        search = t.search.model_dump()
+        search["corpus_dir"] = search["corpus_dir"] or str(Path(cfg.run.output_dir) / "cache" / "search_qa")
+        kwargs = dict(seed=t.seed, num_eval=t.num_eval, max_obs_chars=cfg.agent.max_obs_tokens, **search)
     else:
         kwargs = dict(
             path=t.path, prompt_column=t.prompt_column, answer_column=t.answer_column, reward=t.reward,

@@ -1,4 +1,5 @@
-"""Supervised warm-start: cross-entropy on the reference answer tokens only.
+"""Supervised warm-start: cross-entropy on the reference answer tokens only (for multi-turn
+demonstrations, `Task.sft_turns`, on the model's turns and not on the tool results between them).
 
 RL from a random-init model gets no reward signal, so the demo first teaches the answer format
 and some skill by SFT, stopping as soon as greedy held-out accuracy reaches a target.
@@ -17,7 +18,7 @@ from policyflow.config import SFTConfig
 from policyflow.losses import sft_loss
 from policyflow.rollout import encode_prompts
 from policyflow.tasks.base import Task
-from policyflow.tokens import sft_batch
+from policyflow.tokens import render_observation, sft_batch
 from policyflow.trainer import make_optimizer, sequence_logprobs
 
 # SFT draws training problems from its own index range so the RL stage starts on fresh ones.
@@ -40,6 +41,24 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> flo
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def demonstration_tokens(tokenizer, turns: list[tuple[str, str]], chat_template: bool) -> tuple[list[int], list[int]]:
+    """Token ids after the prompt and their loss mask: each turn tokenized on its own, as the
+    episode runner does (gen turns as text, obs turns with `render_observation`), gen tokens
+    and the closing EOS trained (1), observation tokens not (0)."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for kind, text in turns:
+        if kind == "gen":
+            turn = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        elif kind == "obs":
+            turn = render_observation(tokenizer, text, chat_template)[0]
+        else:
+            raise ValueError(f"a demonstration turn is 'gen' or 'obs', got {kind!r}")
+        ids += turn
+        mask += [int(kind == "gen")] * len(turn)
+    return ids + [tokenizer.eos_token_id], mask + [1]
+
+
 def warm_start(
     model: torch.nn.Module,
     tokenizer,
@@ -59,8 +78,10 @@ def warm_start(
         first = SFT_PROBLEM_OFFSET + step * cfg.batch_size
         problems = [task.train_problem(first + i) for i in range(cfg.batch_size)]
         prompts = encode_prompts(tokenizer, task, problems, chat_template)
-        completions = [tokenizer(task.sft_completion(p), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for p in problems]
-        input_ids, attention, loss_mask = sft_batch(prompts, completions, tokenizer.pad_token_id)
+        completions, masks = zip(*(demonstration_tokens(tokenizer, task.sft_turns(p), chat_template) for p in problems))
+        input_ids, attention, loss_mask = sft_batch(prompts, list(completions), tokenizer.pad_token_id)
+        for b, (prompt, mask) in enumerate(zip(prompts, masks)):
+            loss_mask[b, len(prompt) : len(prompt) + len(mask)] = torch.tensor(mask, dtype=loss_mask.dtype)
         model.train()
         out = sft_loss(sequence_logprobs(model, input_ids, attention), loss_mask)
         optimizer.zero_grad(set_to_none=True)
