@@ -9,7 +9,8 @@ import copy
 import pytest
 import torch
 
-from policyflow.agent.episode import EpisodeRunner, full_context
+from policyflow.agent.context import full_context, mem1_context
+from policyflow.agent.episode import EpisodeRunner
 from policyflow.config import AgentConfig
 from policyflow.engine import AsyncEngine, SamplingParams
 from policyflow.model import build_tiny
