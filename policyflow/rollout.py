@@ -21,7 +21,7 @@ from policyflow.engine import run_blocking, using_generator
 from policyflow.rewards import overlong_penalty
 from policyflow.tasks.base import Problem, Task
 from policyflow.tokens import collate, render_prompt
-from policyflow.types import Group, TrainBatch
+from policyflow.types import Group, TrainBatch, Trajectory
 
 
 def encode_prompts(tokenizer, task: Task, problems: Sequence[Problem], chat_template: bool) -> list[list[int]]:
@@ -39,6 +39,17 @@ def rollout_groups(runner: EpisodeRunner, task: Task, problems: Sequence[Problem
     """`run_groups` from synchronous code, sampling with `generator` (None: the engine's)."""
     with using_generator(runner.engine, generator):
         return run_blocking(run_groups(runner, task, problems, group_size))
+
+
+def episode_record(t: Trajectory) -> dict:
+    """A whole episode for samples.jsonl: every segment's text (and whether it was trained), the calls, the env's step notes."""
+    return {
+        "status": t.status, "turns": t.num_turns, "tool_calls": t.num_tool_calls, "tool_errors": t.num_tool_errors,
+        "reward_parts": t.reward_parts,
+        "segments": [{"kind": s.kind, "turn": s.turn, "text": s.text, "tokens": len(s.token_ids), "trained": s.trainable} for s in t.segments],
+        "calls": [{"context": list(c.context), "produced": c.produced} for c in t.calls],
+        "steps": t.step_info,
+    }
 
 
 def shape_overlong(groups: Sequence[Group], max_len: int, cache_len: int) -> None:

@@ -246,3 +246,48 @@ def test_chat_observation_ids_continue_the_templates_own_rendering() -> None:
     whole = list(whole["input_ids"] if hasattr(whole, "keys") else whole)
     assert prompt + turn + obs == whole and text == "x is 4"
     assert tokenizer.decode(obs) == "\n[tool]x is 4<eos>\n[assistant]"
+
+
+def test_the_models_position_limit_caps_episodes_without_max_total_tokens(tiny) -> None:
+    """With agent.max_total_tokens empty, a growing `full` context stops at the model's window instead of failing."""
+    runner = _runner(tiny, max_new_tokens=40, max_turns=100)
+    window = runner.engine.max_positions
+    assert window is not None and runner.max_total_tokens == window
+    group = _group(runner, ScriptedBuilder(PROBLEM, turns=100), 1)
+    (t,) = group.trajectories
+    assert t.status == "truncated" and t.num_turns < 100 and t.context_tokens_max <= window
+
+
+class _BrokenEnv(ScriptedEnv):
+    async def step(self, action: str):
+        raise RuntimeError("simulated env bug")
+
+
+def test_an_env_that_raises_stops_the_worker_loudly(small_config) -> None:
+    cfg, session, store, worker, gate, waiting = _worker(small_config)
+    builder = ScriptedBuilder(PROBLEM, turns=2)
+
+    async def broken_envs(n):
+        return [_BrokenEnv("p", 2) for _ in range(n)]
+
+    builder.make_envs = broken_envs
+    worker.task.group_builder = lambda problem: builder
+
+    async def run():
+        await worker.submit([_spec(worker, 0)])
+        await worker.poll()
+
+    with pytest.raises(RuntimeError, match="simulated env bug"):
+        asyncio.run(asyncio.wait_for(run(), timeout=60))
+
+
+def test_episode_record_keeps_every_turn_for_samples_jsonl(tiny) -> None:
+    from policyflow.rollout import episode_record
+
+    group = _group(_runner(tiny), ScriptedBuilder(PROBLEM, turns=2), 1)
+    t = group.trajectories[0]
+    record = episode_record(t)
+    assert [(s["kind"], s["trained"]) for s in record["segments"]] == [("prompt", False), ("gen", True), ("obs", False), ("gen", True)]
+    assert record["segments"][0]["text"] == PROBLEM.prompt and record["segments"][2]["text"] == "[obs 1]"
+    assert record["calls"] == [{"context": [0], "produced": 1}, {"context": [0, 1, 2], "produced": 3}]
+    assert len(record["steps"]) == 2 and record["tool_calls"] == 1

@@ -11,8 +11,8 @@ segment indices and the segment it produced), which is what training reads
 (`tokens.episode_rows`).
 
 Limits (`agent.*`): after `max_turns` calls, or when a call would have no room left under
-`max_total_tokens` (context + completion), the episode ends `truncated` with the reward its
-steps earned; observations are cut to `max_obs_tokens`. An episode whose env reports `done`
+`max_total_tokens` (context + completion; never more than the model's position limit), the
+episode ends `truncated` with the reward its steps earned; observations are cut to `max_obs_tokens`. An episode whose env reports `done`
 ends `complete` (or `truncated` when its last completion was cut at max_new_tokens).
 """
 
@@ -39,6 +39,8 @@ class EpisodeRunner:
     ) -> None:
         self.engine, self.tokenizer, self.params, self.agent = engine, tokenizer, params, agent
         self.chat_template, self.context = chat_template, context
+        window = engine.max_positions or float("inf")  # the model's own limit, when it has one
+        self.max_total_tokens = min(agent.max_total_tokens or window, window)
 
     def with_params(self, **changes) -> EpisodeRunner:
         """The same runner with some sampling settings changed (e.g. temperature=0 for greedy evaluation)."""
@@ -80,9 +82,7 @@ class EpisodeRunner:
         for turn in range(self.agent.max_turns):
             context = tuple(self.context(segments))
             prompt = [t for i in context for t in segments[i].token_ids]
-            room = params.max_new_tokens
-            if self.agent.max_total_tokens is not None:
-                room = min(room, self.agent.max_total_tokens - len(prompt))
+            room = min(params.max_new_tokens, self.max_total_tokens - len(prompt))
             if room < 1:
                 break
             start = time.perf_counter()
@@ -115,6 +115,7 @@ class EpisodeRunner:
         traj.reward_parts = _add_parts(traj.reward_parts, result.reward_parts)
         traj.num_tool_calls += result.tool_calls
         traj.num_tool_errors += result.tool_errors
+        traj.step_info.append(dict(result.info))
 
 
 def _add_parts(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:

@@ -83,6 +83,11 @@ class AsyncEngine:
         return self.core.backend_name
 
     @property
+    def max_positions(self) -> int | None:
+        """The longest sequence (prompt + completion) the model takes, if its config says."""
+        return getattr(self.core.model.config, "max_position_embeddings", None)
+
+    @property
     def num_in_flight(self) -> int:
         """Requests submitted and not yet returned (queued or decoding)."""
         return len(self._waiting)
