@@ -83,6 +83,10 @@ class AsyncEngine:
         return self.core.backend_name
 
     @property
+    def device(self) -> torch.device:
+        return next(self.core.model.parameters()).device
+
+    @property
     def max_positions(self) -> int | None:
         """The longest sequence (prompt + completion) the model takes, if its config says."""
         return getattr(self.core.model.config, "max_position_embeddings", None)
