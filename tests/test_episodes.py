@@ -20,7 +20,7 @@ from policyflow.tokens import collate, episode_rows
 from policyflow.trainer import sequence_logprobs
 from policyflow.weights import SnapshotStore
 from policyflow.workers import GroupSpec, RolloutWorker
-from tests.envs_for_tests import ScriptedBuilder, ScriptedEnv, last_turn_context
+from tests.envs_for_tests import ScriptedBuilder, ScriptedEnv
 
 PROBLEM = Problem("p0", "What is 12+30? ", "42")
 
@@ -45,7 +45,7 @@ def _group(runner: EpisodeRunner, builder, n: int):
 # -- exact multi-turn training ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("context", "rows_per_episode"), [(full_context, 1), (last_turn_context, 3)])
+@pytest.mark.parametrize(("context", "rows_per_episode"), [(full_context, 1), (mem1_context, 3)])
 def test_trainer_recomputes_the_engines_logprobs_for_every_generated_token(tiny, context, rows_per_episode) -> None:
     """4 turns with observations between: every generated token, trained once, in a row that is exactly what the model saw."""
     model, _ = tiny
@@ -67,7 +67,7 @@ def test_trainer_recomputes_the_engines_logprobs_for_every_generated_token(tiny,
         recomputed_BT = sequence_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT)
     mask = batch.loss_mask_BT.bool()
     assert (recomputed_BT[mask] - batch.behav_logprobs_BT[mask]).abs().max().item() < 1e-4
-    if context is last_turn_context:  # the third call's row: prompt, turn 2, observation 2, turn 3 — and only turn 3 trained
+    if context is mem1_context:  # the third call's row: prompt, turn 2, observation 2, turn 3 — and only turn 3 trained
         t = episodes[0]
         seg = lambda i: list(t.segments[i].token_ids)
         ids, mask_row, _, _ = episode_rows(t)[1]
@@ -96,7 +96,7 @@ def test_max_turns_ends_the_episode_truncated_with_its_reward(tiny) -> None:
 
 
 def test_many_turns_beyond_128_with_a_flat_context(tiny) -> None:
-    runner = _runner(tiny, last_turn_context, max_new_tokens=1, max_turns=130)
+    runner = _runner(tiny, mem1_context, max_new_tokens=1, max_turns=130)
     group = _group(runner, ScriptedBuilder(PROBLEM, turns=500, obs="o"), 1)
     (t,) = group.trajectories
     assert t.num_turns == 130 and t.status == "truncated"
