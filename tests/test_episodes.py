@@ -291,3 +291,31 @@ def test_episode_record_keeps_every_turn_for_samples_jsonl(tiny) -> None:
     assert record["segments"][0]["text"] == PROBLEM.prompt and record["segments"][2]["text"] == "[obs 1]"
     assert record["calls"] == [{"context": [0], "produced": 1}, {"context": [0, 1, 2], "produced": 3}]
     assert len(record["steps"]) == 2 and record["tool_calls"] == 1
+
+
+# -- the whole pipeline with multi-turn episodes ----------------------------------------------
+
+
+@pytest.mark.parametrize("runtime", ["inline", "process"])
+def test_async_pipeline_with_search_episodes_under_mem1(small_config, runtime) -> None:
+    """Multi-turn search episodes (tool calls, pruned contexts) through the pool, buffer and trainer in both runtimes."""
+    import json
+
+    from policyflow import coordinator
+
+    cfg = small_config(
+        "task.name=search_qa", "task.search.num_entities=30", "task.search.num_eval_entities=5", "task.num_eval=4",
+        "agent.context=mem1", "agent.max_turns=3", "agent.max_total_tokens=160", "agent.max_obs_tokens=48", "sampling.max_new_tokens=24",
+        "pipeline.mode=async", f"pipeline.runtime={runtime}", "sft.max_steps=0", "eval.every=0", "train.steps=2",
+        "train.skip_zero_variance=false", "run.samples_every=1",
+    )
+    summary = coordinator.train(cfg, log=lambda *_: None)
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in rows if "agent/turns_mean" in m]
+    assert len(steps) == 2
+    for m in steps:
+        assert 1 < m["agent/turns_mean"] <= 3 and m["agent/context_tokens_max"] <= 160
+        assert m["async/staleness_max"] <= cfg.pipeline.eta_hard
+    assert summary["groups"]["trained"] == 2 * cfg.train.prompts_per_step
+    sample = json.loads((cfg.run_dir / "samples.jsonl").read_text().splitlines()[0])
+    assert sample["episode"]["turns"] == len(sample["episode"]["calls"]) > 1
