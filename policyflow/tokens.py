@@ -31,14 +31,15 @@ def render_prompt(tokenizer, text: str, chat_template: bool, tools: list[dict] |
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def render_observation(tokenizer, text: str, chat_template: bool, max_tokens: int | None = None) -> tuple[list[int], str]:
+def render_observation(tokenizer, text: str, chat_template: bool, max_tokens: int | None = None, *, turn_ended: bool = True) -> tuple[list[int], str]:
     """Token ids (and the text kept) of an observation appended after the model's turn.
 
     The text is first cut to `max_tokens` tokens. Plain models get the text's own tokens. Chat
     models get what the template puts between the end of an assistant turn and the next
     assistant turn when a tool message comes in: the separator after the assistant's end token,
     the tool-role message, and the generation prompt (read off the template by rendering a
-    conversation with and without the tool message).
+    conversation with and without the tool message). When the model's turn stopped on a stop
+    string (`turn_ended` False: e.g. at `</tool_call>`), the template's end token comes first.
     """
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if max_tokens is not None and len(ids) > max_tokens:
@@ -53,7 +54,7 @@ def render_observation(tokenizer, text: str, chat_template: bool, max_tokens: in
     cut = ends[-1] + 1 if ends else len(before)  # the model's turn ends with its end token: what follows is the template's
     if after[:cut] != before[:cut]:
         raise ValueError("the chat template renders earlier turns differently once a tool message follows; observations cannot be appended as tokens with this template")
-    return after[cut:], text
+    return after[cut - (0 if turn_ended or not ends else 1):], text
 
 
 def trajectory_tokens(segments: Sequence[Segment]) -> tuple[list[int], list[int], list[float], list[int]]:

@@ -246,6 +246,9 @@ def test_chat_observation_ids_continue_the_templates_own_rendering() -> None:
     whole = list(whole["input_ids"] if hasattr(whole, "keys") else whole)
     assert prompt + turn + obs == whole and text == "x is 4"
     assert tokenizer.decode(obs) == "\n[tool]x is 4<eos>\n[assistant]"
+    # A turn cut at a stop string (no end token generated): the observation closes the turn first.
+    closed, _ = render_observation(tokenizer, "x is 4", chat_template=True, turn_ended=False)
+    assert prompt + turn[:-1] + closed == whole
 
 
 def test_the_models_position_limit_caps_episodes_without_max_total_tokens(tiny) -> None:

@@ -99,7 +99,8 @@ class EpisodeRunner:
                 status = "truncated" if sample.finish_reason == "length" else "complete"
                 break
             if result.observation:
-                ids, text = render_observation(self.tokenizer, result.observation, self.chat_template, self.agent.max_obs_tokens)
+                ended = sample.token_ids[-1:] == (self.tokenizer.eos_token_id,)
+                ids, text = render_observation(self.tokenizer, result.observation, self.chat_template, self.agent.max_obs_tokens, turn_ended=ended)
                 segments.append(Segment("obs", tuple(ids), turn=turn, text=text))
         traj.status = status
         traj.num_turns = len(calls)
