@@ -83,7 +83,7 @@ def build_batch(groups: list[Group], cfg: Config, pad_id: int) -> tuple[TrainBat
 
 
 def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:
-    """Reward, correctness, length and truncation of the trajectories in `groups` (`rollout/…`)."""
+    """Reward, correctness, length, truncation (`rollout/…`), turns and tools (`agent/…`) of the trajectories in `groups`."""
     trajectories = [t for g in groups for t in g.trajectories]
     n = max(1, len(trajectories))
     return {
@@ -96,4 +96,11 @@ def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:
         "agent/tool_errors": float(sum(t.num_tool_errors for t in trajectories)),
         "agent/context_tokens_max": float(max((t.context_tokens_max for t in trajectories), default=0)),
         "perf/tool_seconds": sum(t.timings.tools_s for t in trajectories),
-    } | {f"reward/{name}": sum(t.reward_parts.get(name, 0.0) for t in trajectories) / n for name in sorted({k for t in trajectories for k in t.reward_parts})}
+    } | reward_part_means(trajectories)
+
+
+def reward_part_means(trajectories: Sequence[Trajectory]) -> dict[str, float]:
+    """The mean of every named reward part (`reward/correct`, `reward/search_penalty`, ...); a missing part counts 0."""
+    names = sorted({name for t in trajectories for name in t.reward_parts})
+    n = max(1, len(trajectories))
+    return {f"reward/{name}": sum(t.reward_parts.get(name, 0.0) for t in trajectories) / n for name in names}

@@ -171,7 +171,7 @@ class AsyncEngine:
         if key in self._partials:
             sample = join_samples(self._partials.pop(key), sample)
         future, request = self._waiting[key]
-        if sample.finish_reason == "aborted":  # an abort swap: continue from the partial output
+        if sample.finish_reason == "aborted" and not future.done():  # an abort swap: continue from the partial output
             self.stats["aborted_tokens"] += len(done.sample.token_ids)  # the KV cache thrown away
             self._partials[key] = sample
             self.core.submit(request.resume(sample))
