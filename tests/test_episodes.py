@@ -11,13 +11,13 @@ import torch
 
 from policyflow.agent.context import full_context, mem1_context
 from policyflow.agent.episode import EpisodeRunner
-from policyflow.config import AgentConfig
+from policyflow.config import AgentConfig, LossConfig, TrainConfig
 from policyflow.engine import AsyncEngine, SamplingParams
 from policyflow.model import build_tiny
 from policyflow.session import open_session
 from policyflow.tasks.base import Problem
 from policyflow.tokens import collate, episode_rows
-from policyflow.trainer import sequence_logprobs
+from policyflow.trainer import Trainer, sequence_logprobs
 from policyflow.weights import SnapshotStore
 from policyflow.workers import GroupSpec, RolloutWorker
 from tests.envs_for_tests import ScriptedBuilder, ScriptedEnv
@@ -67,6 +67,8 @@ def test_trainer_recomputes_the_engines_logprobs_for_every_generated_token(tiny,
         recomputed_BT = sequence_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT)
     mask = batch.loss_mask_BT.bool()
     assert (recomputed_BT[mask] - batch.behav_logprobs_BT[mask]).abs().max().item() < 1e-4
+    out = Trainer(copy.deepcopy(model), TrainConfig(), LossConfig(), temperature=1.0, max_len=5).step(batch)
+    assert out["loss/ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # the trainer's own step sees the batch as on-policy
     if context is mem1_context:  # the third call's row: prompt, turn 2, observation 2, turn 3 — and only turn 3 trained
         t = episodes[0]
         seg = lambda i: list(t.segments[i].token_ids)
