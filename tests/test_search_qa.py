@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 
 import pytest
 
@@ -31,6 +32,7 @@ def test_entities_and_questions_are_deterministic(task, tmp_path):
 def test_held_out_questions_use_only_held_out_places(task):
     held_out = {e.id for e in task.eval_entities}
     eval_ids = {i for p in task.eval_problems() for i in p.columns["entities"]}
+    assert len({p.prompt for p in task.eval_problems()}) == 30  # distinct questions
     train_ids = {i for k in range(300) for i in task.train_problem(k).columns["entities"]}
     assert eval_ids <= held_out and not train_ids & held_out
     hops = [task.train_problem(k).columns["hops"] for k in range(300)]
@@ -71,6 +73,8 @@ def test_bad_arguments():
     with pytest.raises(TaskError, match="unknown tool_format 'xml'"):
         SearchQATask(tool_format="xml")
     assert isinstance(make_task("search_qa", seed=1, num_entities=20, num_eval_entities=4, num_eval=5), SearchQATask)
+    with pytest.raises(TaskError, match="distinct held-out questions"):
+        SearchQATask(num_entities=20, num_eval_entities=2, num_eval=50)  # 2 places give only 6 questions
 
 
 async def _play(env: SearchEnv, actions: list[str]) -> tuple[str, list]:
@@ -114,7 +118,8 @@ def test_hermes_env(tmp_path):
     problem = task.train_problem(0)
     name = task.entity(problem.columns["entities"][0]).name
     [env] = asyncio.run(task.group_builder(problem).make_envs(1))
-    assert env.stop == ("</tool_call>",) and env.tools == [t.schema() for t in task.tool_pool().tools.values()]
+    assert env.stop == task.stop == ("</tool_call>",) and env.tools == [t.schema() for t in task.tool_pool().tools.values()]
+    assert pickle.loads(pickle.dumps(task))._pool is None and task._pool is not None
     call = json.dumps({"name": "search", "arguments": {"query": name}})
     _, [found, bad] = asyncio.run(_play(env, [f"<tool_call>{call}</tool_call>", '<tool_call>{"name": "web"}</tool_call>']))
     assert found.observation.startswith(f"{name}: capital ") and bad.tool_errors == 1 and "unknown tool 'web'" in bad.observation
