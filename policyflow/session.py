@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from policyflow.config import Config
-from policyflow.agent.episode import EpisodeRunner, full_context
+from policyflow.agent.context import context_policy
+from policyflow.agent.episode import EpisodeRunner
 from policyflow.engine import AsyncEngine, SamplingParams
 from policyflow.evaluate import EvalResult, accuracy, evaluate
 from policyflow.model import build_tiny, load_pretrained
@@ -61,15 +62,6 @@ def sampling_params(cfg: Config, task: Task) -> SamplingParams:
 def episode_runner(cfg: Config, engine: AsyncEngine, tokenizer, params: SamplingParams) -> EpisodeRunner:
     """The episode runner the config describes (limits and context policy `agent.*`)."""
     return EpisodeRunner(engine, tokenizer, params, cfg.agent, chat_template=cfg.model.chat_template, context=context_policy(cfg.agent.context))
-
-
-def context_policy(name: str):
-    """The context policy named by `agent.context`."""
-    if name == "full":
-        return full_context
-    from policyflow.agent.context import CONTEXT_POLICIES  # the search/MEM1 work (issue 10 §4)
-
-    return CONTEXT_POLICIES[name]
 
 
 @dataclass

@@ -21,18 +21,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Sequence
 
+from policyflow.agent.context import full_context
 from policyflow.agent.env import ContextPolicy, Env, EnvGroupBuilder, StepResult
 from policyflow.config import AgentConfig
 from policyflow.engine import AsyncEngine, SamplingParams
 from policyflow.tokens import render_observation, render_prompt
 from policyflow.types import Call, Group, Segment, Trajectory
-
-
-def full_context(segments: Sequence[Segment]) -> tuple[int, ...]:
-    """Every segment so far: each call extends the previous one (one training row per episode)."""
-    return tuple(range(len(segments)))
 
 
 class EpisodeRunner:
