@@ -187,16 +187,30 @@ def test_two_lookup_episode_through_the_runner(task, context):
         assert f"<state>{first.pop}</state>" in last and f"pop {second.pop}" in last and first.name not in last.split("<state>")[1]
 
 
-def test_demonstration_tokens_mask_observations(task):
+@pytest.mark.parametrize("context", ["full", "mem1"])
+def test_demonstration_rows(task, context):
+    """SFT rows of a two-lookup demonstration: one row of everything under full; under mem1 the
+    third turn, whose context drops the first turn, starts a second row; observations are never
+    trained, every gen token is trained once; EOS closes the answer."""
+    from policyflow.agent.context import context_policy
     from policyflow.model import build_char_tokenizer
-    from policyflow.sft import demonstration_tokens
+    from policyflow.sft import demonstration_rows
 
     tok = build_char_tokenizer()
-    turns = task.sft_turns(next(p for p in (task.train_problem(k) for k in range(50)) if p.columns["hops"] == 2))
-    ids, mask = demonstration_tokens(tok, turns, chat_template=False)
-    expected_mask = [m for kind, text in turns for m in [int(kind == "gen")] * len(text)] + [1]
-    assert ids == tok("".join(text for _, text in turns), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert mask == expected_mask and mask.count(0) == sum(len(t) for k, t in turns if k == "obs")
-    assert demonstration_tokens(tok, [("gen", "12")], False) == (tok("12", add_special_tokens=False)["input_ids"] + [tok.eos_token_id], [1, 1, 1])
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    problem = next(p for p in (task.train_problem(k) for k in range(50)) if p.columns["hops"] == 2)
+    prompt = task.render_prompt(problem)
+    (_, g1), (_, o1), (_, g2), (_, o2), (_, g3) = turns = task.sft_turns(problem)
+    rows = demonstration_rows(tok, enc(prompt), turns, False, context_policy(context))
+    eos = [tok.eos_token_id]
+    if context == "full":
+        assert rows == [(enc(prompt + g1 + o1 + g2 + o2 + g3) + eos, [0] * len(prompt) + [1] * len(g1) + [0] * len(o1) + [1] * len(g2) + [0] * len(o2) + [1] * (len(g3) + 1))]
+    else:
+        assert rows == [
+            (enc(prompt + g1 + o1 + g2), [0] * len(prompt) + [1] * len(g1) + [0] * len(o1) + [1] * len(g2)),
+            (enc(prompt + g2 + o2 + g3) + eos, [0] * len(prompt + g2 + o2) + [1] * (len(g3) + 1)),
+        ]
+    single = demonstration_rows(tok, enc("1+2="), [("gen", "3")], False)
+    assert single == [(enc("1+2=3") + eos, [0, 0, 0, 0, 1, 1])]
     with pytest.raises(ValueError, match="'gen' or 'obs'"):
-        demonstration_tokens(tok, [("tool", "x")], False)
+        demonstration_rows(tok, enc("?"), [("tool", "x")], False)
