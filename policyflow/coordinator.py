@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from policyflow.agent.context import context_policy
 from policyflow.buffer import RolloutBuffer
 from policyflow.checkpoint import LoopState, latest_checkpoint
 from policyflow.config import Config
@@ -187,7 +188,7 @@ def run_sft(cfg: Config, log=print) -> Path:
     session = open_session(cfg)
     result = warm_start(
         session.model, session.tokenizer, session.task, cfg.sft, chat_template=cfg.model.chat_template,
-        greedy_accuracy=session.greedy_accuracy,
+        greedy_accuracy=session.greedy_accuracy, context=context_policy(cfg.agent.context),
     )
     folder = save_pretrained(session.model, session.tokenizer, cfg.run_dir / "sft")
     log(f"SFT: {result.steps} steps, loss {result.final_loss:.3f}, greedy held-out accuracy {result.accuracy_greedy:.1%}; saved to {folder}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 
 import pytest
 
@@ -31,6 +32,7 @@ def test_entities_and_questions_are_deterministic(task, tmp_path):
 def test_held_out_questions_use_only_held_out_places(task):
     held_out = {e.id for e in task.eval_entities}
     eval_ids = {i for p in task.eval_problems() for i in p.columns["entities"]}
+    assert len({p.prompt for p in task.eval_problems()}) == 30  # distinct questions
     train_ids = {i for k in range(300) for i in task.train_problem(k).columns["entities"]}
     assert eval_ids <= held_out and not train_ids & held_out
     hops = [task.train_problem(k).columns["hops"] for k in range(300)]
@@ -71,6 +73,8 @@ def test_bad_arguments():
     with pytest.raises(TaskError, match="unknown tool_format 'xml'"):
         SearchQATask(tool_format="xml")
     assert isinstance(make_task("search_qa", seed=1, num_entities=20, num_eval_entities=4, num_eval=5), SearchQATask)
+    with pytest.raises(TaskError, match="distinct held-out questions"):
+        SearchQATask(num_entities=20, num_eval_entities=2, num_eval=50)  # 2 places give only 6 questions
 
 
 async def _play(env: SearchEnv, actions: list[str]) -> tuple[str, list]:
@@ -114,7 +118,8 @@ def test_hermes_env(tmp_path):
     problem = task.train_problem(0)
     name = task.entity(problem.columns["entities"][0]).name
     [env] = asyncio.run(task.group_builder(problem).make_envs(1))
-    assert env.stop == ("</tool_call>",) and env.tools == [t.schema() for t in task.tool_pool().tools.values()]
+    assert env.stop == task.stop == ("</tool_call>",) and env.tools == [t.schema() for t in task.tool_pool().tools.values()]
+    assert pickle.loads(pickle.dumps(task))._pool is None and task._pool is not None
     call = json.dumps({"name": "search", "arguments": {"query": name}})
     _, [found, bad] = asyncio.run(_play(env, [f"<tool_call>{call}</tool_call>", '<tool_call>{"name": "web"}</tool_call>']))
     assert found.observation.startswith(f"{name}: capital ") and bad.tool_errors == 1 and "unknown tool 'web'" in bad.observation
@@ -183,16 +188,30 @@ def test_two_lookup_episode_through_the_runner(task, context):
         assert f"<state>{first.pop}</state>" in last and f"pop {second.pop}" in last and first.name not in last.split("<state>")[1]
 
 
-def test_demonstration_tokens_mask_observations(task):
+@pytest.mark.parametrize("context", ["full", "mem1"])
+def test_demonstration_rows(task, context):
+    """SFT rows of a two-lookup demonstration: one row of everything under full; under mem1 the
+    third turn, whose context drops the first turn, starts a second row; observations are never
+    trained, every gen token is trained once; EOS closes the answer."""
+    from policyflow.agent.context import context_policy
     from policyflow.model import build_char_tokenizer
-    from policyflow.sft import demonstration_tokens
+    from policyflow.sft import demonstration_rows
 
     tok = build_char_tokenizer()
-    turns = task.sft_turns(next(p for p in (task.train_problem(k) for k in range(50)) if p.columns["hops"] == 2))
-    ids, mask = demonstration_tokens(tok, turns, chat_template=False)
-    expected_mask = [m for kind, text in turns for m in [int(kind == "gen")] * len(text)] + [1]
-    assert ids == tok("".join(text for _, text in turns), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert mask == expected_mask and mask.count(0) == sum(len(t) for k, t in turns if k == "obs")
-    assert demonstration_tokens(tok, [("gen", "12")], False) == (tok("12", add_special_tokens=False)["input_ids"] + [tok.eos_token_id], [1, 1, 1])
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    problem = next(p for p in (task.train_problem(k) for k in range(50)) if p.columns["hops"] == 2)
+    prompt = task.render_prompt(problem)
+    (_, g1), (_, o1), (_, g2), (_, o2), (_, g3) = turns = task.sft_turns(problem)
+    rows = demonstration_rows(tok, enc(prompt), turns, False, context_policy(context))
+    eos = [tok.eos_token_id]
+    if context == "full":
+        assert rows == [(enc(prompt + g1 + o1 + g2 + o2 + g3) + eos, [0] * len(prompt) + [1] * len(g1) + [0] * len(o1) + [1] * len(g2) + [0] * len(o2) + [1] * (len(g3) + 1))]
+    else:
+        assert rows == [
+            (enc(prompt + g1 + o1 + g2), [0] * len(prompt) + [1] * len(g1) + [0] * len(o1) + [1] * len(g2)),
+            (enc(prompt + g2 + o2 + g3) + eos, [0] * len(prompt + g2 + o2) + [1] * (len(g3) + 1)),
+        ]
+    single = demonstration_rows(tok, enc("1+2="), [("gen", "3")], False)
+    assert single == [(enc("1+2=3") + eos, [0, 0, 0, 0, 1, 1])]
     with pytest.raises(ValueError, match="'gen' or 'obs'"):
-        demonstration_tokens(tok, [("tool", "x")], False)
+        demonstration_rows(tok, enc("?"), [("tool", "x")], False)

@@ -20,6 +20,7 @@ case and surrounding space, numbers as integers).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from policyflow.agent.parse import TOOL_FORMATS
-from policyflow.tasks.base import Problem, Score, Task, TaskError, check_batch, seeded_rng
+from policyflow.tasks.base import Problem, Score, Task, TaskError, check_batch, sample_distinct, seeded_rng
 from policyflow.tools.base import ToolPool
 from policyflow.tools.search import Passage, SearchIndex, format_passages, search_tool
 
@@ -90,7 +91,6 @@ class SearchQATask(Task):
     """One- and two-lookup questions over a synthetic corpus; see the module docstring."""
 
     name = "search_qa"
-    stop = ("</search>", "</answer>")
 
     def __init__(
         self,
@@ -127,9 +127,13 @@ class SearchQATask(Task):
             raise TaskError(f"search_qa: unknown tool_format {tool_format!r}; choose one of {list(TOOL_FORMATS)}")
         self.stop = ("</search>", "</answer>") if tool_format == "tags" else ("</tool_call>",)
         self.settings = SearchSettings(tool_format=tool_format, penalty=search_penalty, format_weight=format_weight)
-        self._pool = None  # the search tool pool, built on first use in the process that runs episodes
-        rng = seeded_rng(seed, "search_qa", "eval")
-        self._eval = tuple(self._question(rng, self.eval_entities, f"search_qa:eval:{j}") for j in range(num_eval))
+        self._pool: ToolPool | None = None  # built on first use, in the process that runs episodes
+        draw = lambda rng: self._question(rng, self.eval_entities, "")  # noqa: E731
+        questions = sample_distinct(draw, lambda p: p.prompt, num_eval, seeded_rng(seed, "search_qa", "eval"), "questions")
+        self._eval = tuple(dataclasses.replace(p, id=f"search_qa:eval:{j}") for j, p in enumerate(questions))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None}  # a pool belongs to one process
 
     def _question(self, rng: random.Random, pool: Sequence[Entity], problem_id: str) -> Problem:
         if rng.random() < self.two_hop_fraction:
@@ -141,6 +145,7 @@ class SearchQATask(Task):
         return Problem(problem_id, f"pop of {e.name}?", str(e.pop), {"hops": 1, "entities": (e.id,)})
 
     def train_problem(self, index: int) -> Problem:
+        """Deterministic in (seed, index); asks only about training places."""
         if index < 0:
             raise IndexError(f"train_problem index must be >= 0, got {index}")
         return self._question(seeded_rng(self.seed, "search_qa", "train", index), self.train_entities, f"search_qa:train:{index}")
