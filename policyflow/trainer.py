@@ -21,7 +21,7 @@ from policyflow.types import TrainBatch
 def sequence_logprobs(model: torch.nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log π(token t | tokens < t) for every position of right-padded sequences ([B, T], position 0 = 0).
 
-    Logits are divided by the sampling temperature, so these match the engine's behaviour
+    Logits are divided by the sampling temperature, so these match the sampler's behaviour
     log-probs for the same weights (top-p renormalisation aside).
     """
     logits_BTV = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False).logits
