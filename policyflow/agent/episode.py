@@ -52,7 +52,7 @@ class EpisodeRunner:
         envs = await builder.make_envs(n)
         trajectories = list(await asyncio.gather(*(self.run(env, id=f"{task_id}/{j}", task_id=task_id) for j, env in enumerate(envs))))
         errors = 0
-        score = builder.score_group(trajectories)
+        score = await builder.score_group(trajectories)
         if score is not None:
             errors = score.errors
             for t, reward, parts in zip(trajectories, score.rewards, score.parts):
