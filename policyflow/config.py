@@ -35,6 +35,7 @@ class RunConfig(Section):
     log_every: int = Field(1, ge=1, description="Append a metrics line every N RL steps.")
     samples_every: int = Field(10, ge=1, description="Append prompts, completions and rewards to samples.jsonl every N RL steps.")
     progress: bool = Field(True, description="Show a live progress bar on stderr.")
+    overwrite: bool = Field(False, description="Let a fresh run start in a folder that already holds a run, deleting that run's metrics, samples, checkpoints, snapshots and summary first (otherwise refused: resume it with --resume, or choose another run.name).")
 
 
 class TinyModelConfig(Section):

@@ -26,13 +26,14 @@ import torch
 import yaml
 
 from policyflow.buffer import RolloutBuffer
-from policyflow.checkpoint import LoopState, latest_checkpoint
+from policyflow.checkpoint import LoopState
 from policyflow.config import Config
 from policyflow.evaluate import EvalResult
 from policyflow.logging import JsonlWriter, Progress, plot_run
 from policyflow.pool import RolloutPool, task_index
 from policyflow.runtime import make_runtime
-from policyflow.session import open_session
+from policyflow.rundir import open_run_folder
+from policyflow.session import open_session, pick_device
 from policyflow.sft import warm_start
 from policyflow.threads import configure_threads, thread_share
 from policyflow.types import Group
@@ -47,7 +48,18 @@ def train(cfg: Config, *, resume: Path | None = None, log=print) -> dict:
 
 async def run_rl(cfg: Config, *, resume: Path | None = None, log=print, worker_cls: type = RolloutWorker) -> dict:
     """`train` as a coroutine; `worker_cls` replaces the rollout worker (fault-injection tests)."""
-    run_dir, checkpoint = _prepare_run_dir(cfg, resume)
+    pick_device(cfg)  # run.device=cuda without a GPU fails here, before anything is written
+    folder = open_run_folder(cfg, resume)  # locked until the run ends
+    try:
+        for note in folder.notes:
+            log(note)
+        (folder.path / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        return await _run_rl(cfg, folder.path, folder.checkpoint, log, worker_cls)
+    finally:
+        folder.close()  # snapshot files removed, lock released
+
+
+async def _run_rl(cfg: Config, run_dir: Path, checkpoint: Path | None, log, worker_cls: type) -> dict:
     p, B = cfg.pipeline, cfg.train.prompts_per_step
     threads = thread_share(cfg.run.threads, processes=1 + p.rollout_workers if p.runtime == "process" else 1)
     torch.set_num_threads(threads if p.runtime == "inline" else 1)  # the driver itself computes little in the process runtime
@@ -145,19 +157,6 @@ async def run_rl(cfg: Config, *, resume: Path | None = None, log=print, worker_c
     log(_accuracy_line("after RL ", eval_after))
     log(f"plot: {plot}\nsummary: {run_dir / 'summary.json'}\ncheckpoint: {final}")
     return summary
-
-
-def _prepare_run_dir(cfg: Config, resume: Path | None) -> tuple[Path, Path | None]:
-    run_dir = Path(resume) if resume else cfg.run_dir
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume {str(run_dir)!r}: no checkpoint under {run_dir / 'checkpoints'}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if checkpoint is None:  # a fresh run starts fresh logs (a resumed one appends)
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            (run_dir / name).unlink(missing_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    return run_dir, checkpoint
 
 
 async def _checkpoint(trainer, pool: RolloutPool, buffer: RolloutBuffer, loop: LoopState, run_dir: Path) -> str:

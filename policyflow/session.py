@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from policyflow.config import Config
+from policyflow.config import Config, ConfigError
 from policyflow.engine import Sampler, SamplingParams
 from policyflow.evaluate import EvalResult, accuracy, evaluate
 from policyflow.model import build_tiny, load_pretrained
@@ -18,6 +18,10 @@ from policyflow.tasks.base import Problem, Task
 
 
 def pick_device(cfg: Config) -> torch.device:
+    """run.device as a torch device; a ConfigError when it asks for a GPU torch cannot see."""
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"run.device=cuda but torch sees no CUDA GPU (torch {torch.__version__}, {build}); use run.device=auto or run.device=cpu")
     use_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
     return torch.device("cuda" if use_cuda else "cpu")
 

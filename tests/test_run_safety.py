@@ -1,0 +1,116 @@
+"""A mistake gets one clear line and no run is ever lost: run folders, locks, devices, resume rules, Ctrl-C."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from policyflow import coordinator
+from policyflow.cli import main
+from policyflow.config import ConfigError
+from policyflow.rundir import RunLock, RunLockedError, open_run_folder
+from tests.conftest import SMALL
+
+QUIET = {"log": lambda *_: None}
+
+
+def _cli_args(tmp_path: Path, jsonl_file: Path, *extra: str) -> list[str]:
+    return [*SMALL, f"run.output_dir={tmp_path / 'runs'}", "task.name=jsonl", f"task.path={jsonl_file}",
+            "task.reward=tests.rewards_for_tests:dense", "sft.max_steps=0", *extra]
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("policyflow: ") and "\n" not in err, err
+    return err
+
+
+# ---- a fresh run in an existing folder ----------------------------------------------------
+
+
+def test_fresh_run_in_an_existing_run_folder_is_refused_and_keeps_the_old_run(small_config, capsys) -> None:
+    cfg = small_config("run.name=same", "train.steps=1", "sft.max_steps=0")
+    coordinator.train(cfg, **QUIET)
+    old_metrics = (cfg.run_dir / "metrics.jsonl").read_text()
+    old_checkpoints = sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match=r"already holds a run \(metrics.jsonl, summary.json, checkpoints\); continue it with `policyflow train --resume .*same`, choose another run.name, or set run.overwrite=true"):
+        coordinator.train(small_config("run.name=same", "train.steps=2", "sft.max_steps=0"), **QUIET)
+    assert (cfg.run_dir / "metrics.jsonl").read_text() == old_metrics
+    assert sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir()) == old_checkpoints
+    assert not (cfg.run_dir / "run.lock").exists()  # the refusal released the lock
+
+
+def test_overwrite_deletes_the_old_run_first(small_config) -> None:
+    coordinator.train(small_config("run.name=same", "train.steps=3", "checkpoint.every=1", "sft.max_steps=0"), **QUIET)
+    cfg = small_config("run.name=same", "train.steps=1", "run.overwrite=true", "sft.max_steps=0")
+    notes: list[str] = []
+    summary = coordinator.train(cfg, log=notes.append)
+    assert any(n.startswith("run.overwrite=true: deleted the previous run's metrics.jsonl") for n in notes)
+    assert sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir()) == ["step-1"]  # no step-2/step-3 left from the old run
+    assert summary["final_checkpoint"].endswith("step-1") and Path(summary["final_checkpoint"]).is_dir()
+    assert [m["step"] for m in map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines()) if "rollout/reward_mean" in m] == [1]
+
+
+def test_a_failed_start_does_not_count_as_a_run(small_config) -> None:
+    """A run that failed before its first metrics line left only config.yaml: the same command may run again."""
+    cfg = small_config("run.name=again", "train.steps=1", "sft.max_steps=0")
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.yaml").write_text("old: true\n")
+    assert coordinator.train(cfg, **QUIET)["steps"] == 1
+
+
+# ---- two runs in one folder --------------------------------------------------------------
+
+
+def test_a_second_run_on_a_locked_folder_is_refused(small_config, tmp_path: Path) -> None:
+    cfg = small_config("run.name=busy", "train.steps=1", "sft.max_steps=0")
+    cfg.run_dir.mkdir(parents=True)
+    holder = subprocess.Popen(  # another process holds the lock, as a running `policyflow train` would
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from policyflow.rundir import RunLock; "
+         "RunLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(60)", str(cfg.run_dir)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=rf"run folder .*busy is in use by another run \(pid {holder.pid} on "):
+            coordinator.train(cfg, **QUIET)
+        assert not (cfg.run_dir / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing: its lock is taken over, with a note naming it.
+    notes: list[str] = []
+    assert coordinator.train(cfg, log=notes.append)["steps"] == 1
+    assert any(n.startswith("took over") and f"pid {holder.pid} on" in n for n in notes), notes
+    assert not (cfg.run_dir / "run.lock").exists()
+
+
+def test_lock_is_exclusive_within_one_process_too(tmp_path: Path) -> None:
+    first = RunLock(tmp_path)
+    assert first.acquire() is None
+    with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+        RunLock(tmp_path).acquire()
+    first.release()
+    assert RunLock(tmp_path).acquire() is None
+
+
+# ---- start-up checks ---------------------------------------------------------------------
+
+
+def test_output_dir_that_is_a_file_is_a_config_error(tmp_path: Path, jsonl_file: Path, capsys) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["train", *_cli_args(tmp_path, jsonl_file, f"run.output_dir={afile}")]) == 2
+    assert _one_line_error(capsys) == f"policyflow: config error: run.output_dir: {str(afile)!r} is a file, so the run folder {str(afile / 'demo')!r} cannot be made there; point run.output_dir at a folder"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_config_error(tmp_path: Path, jsonl_file: Path, capsys) -> None:
+    for command in ("train", "eval", "sft"):
+        assert main([command, *_cli_args(tmp_path, jsonl_file, "run.device=cuda")]) == 2
+        assert _one_line_error(capsys).startswith("policyflow: config error: run.device=cuda but torch sees no CUDA GPU")
+    assert not (tmp_path / "runs").exists()
