@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from policyflow.checkpoint import latest_good_checkpoint
 from policyflow.config import Config, ConfigError
 
 LOCK_FILE = "run.lock"
@@ -145,8 +146,8 @@ def _prepare_fresh(cfg: Config, folder: RunFolder) -> None:
 
 
 def _prepare_resume(cfg: Config, folder: RunFolder) -> None:
-    from policyflow.checkpoint import latest_checkpoint
-
-    folder.checkpoint = latest_checkpoint(folder.path)
+    folder.checkpoint, notes = latest_good_checkpoint(folder.path)
+    folder.notes += notes
     if folder.checkpoint is None:
-        raise FileNotFoundError(f"--resume {str(folder.path)!r}: no checkpoint under {folder.path / 'checkpoints'}")
+        why = "none of them passed verification" if notes else "none was written"
+        raise ConfigError(f"--resume {str(folder.path)!r}: no checkpoint under {folder.path / 'checkpoints'} to resume from ({why}); start the run again with run.overwrite=true")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from policyflow.checkpoint import is_checkpoint, verify_checkpoint
 from policyflow.config import Config, ConfigError
 from policyflow.engine import Sampler, SamplingParams
 from policyflow.evaluate import EvalResult, accuracy, evaluate
@@ -30,6 +31,8 @@ def load_policy(cfg: Config, model_path: Path | str | None = None):
     """The policy model (from `model_path`, else model.path, else the tiny model) and its tokenizer, on the run's device."""
     path = model_path or cfg.model.path
     dtype = getattr(torch, cfg.model.dtype)
+    if path and is_checkpoint(Path(path)):
+        verify_checkpoint(Path(path))
     if path:
         model, tokenizer = load_pretrained(path, dtype=dtype)
     else:

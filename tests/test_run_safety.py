@@ -114,3 +114,83 @@ def test_cuda_without_a_gpu_is_a_config_error(tmp_path: Path, jsonl_file: Path, 
         assert main([command, *_cli_args(tmp_path, jsonl_file, "run.device=cuda")]) == 2
         assert _one_line_error(capsys).startswith("policyflow: config error: run.device=cuda but torch sees no CUDA GPU")
     assert not (tmp_path / "runs").exists()
+
+
+# ---- checkpoints -------------------------------------------------------------------------
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_checkpoints_are_verified_and_a_corrupt_latest_falls_back(small_config) -> None:
+    cfg = small_config("run.name=ck", "train.steps=2", "checkpoint.every=1", "sft.max_steps=0", "eval.every=0")
+    coordinator.train(cfg, **QUIET)
+    step2 = cfg.run_dir / "checkpoints" / "step-2"
+    assert set(json.loads((step2 / "manifest.json").read_text())["files"]) >= {"model.safetensors", "trainer_state.pt", "config.json"}
+    _flip_a_byte(step2 / "model.safetensors")
+    lines: list[str] = []
+    summary = coordinator.train(small_config("run.name=ck", "train.steps=3", "checkpoint.every=1", "sft.max_steps=0", "eval.every=0"), resume=cfg.run_dir, log=lines.append)
+    assert f"checkpoint {step2} is corrupt: model.safetensors does not match its sha256 in the manifest; moved it to step-2.corrupt, trying the one before" in lines
+    assert any(line.startswith(f"resumed from {step2.with_name('step-1')} at step 1") for line in lines), lines
+    assert summary["steps"] == 3 and (cfg.run_dir / "checkpoints" / "step-2.corrupt").is_dir()
+
+
+def test_eval_of_a_corrupt_checkpoint_is_one_line(small_config, tmp_path: Path, jsonl_file: Path, capsys) -> None:
+    cfg = small_config("run.name=ev", "train.steps=1", "sft.max_steps=0")
+    final = Path(coordinator.train(cfg, **QUIET)["final_checkpoint"])
+    (final / "model.safetensors").write_bytes((final / "model.safetensors").read_bytes()[:100])
+    assert main(["eval", "--model", str(final), *_cli_args(tmp_path, jsonl_file)]) != 0
+    err = _one_line_error(capsys)
+    assert f"checkpoint {final} is corrupt: model.safetensors has 100 bytes, the manifest says" in err
+
+
+def test_a_failed_checkpoint_write_leaves_nothing_and_keeps_the_previous(small_config, monkeypatch) -> None:
+    from policyflow import checkpoint
+
+    cfg = small_config("run.name=full", "train.steps=2", "checkpoint.every=1", "sft.max_steps=0", "eval.every=0")
+    real_save = checkpoint.save_pretrained
+    calls = []
+
+    def disk_full_on_second(model, tokenizer, folder):
+        calls.append(folder)
+        if len(calls) == 2:
+            real_save(model, tokenizer, folder)  # half the files written, then the disk is full
+            raise OSError(28, "No space left on device", str(Path(folder) / "trainer_state.pt"))
+        return real_save(model, tokenizer, folder)
+
+    monkeypatch.setattr(checkpoint, "save_pretrained", disk_full_on_second)
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        coordinator.train(cfg, **QUIET)
+    step1 = cfg.run_dir / "checkpoints" / "step-1"
+    assert str(err.value) == (f"could not write checkpoint {step1.with_name('step-2')}: No space left on device "
+                              f"({step1.with_name('step-2.tmp') / 'trainer_state.pt'}); nothing was left behind, and the previous checkpoint {step1} is intact")
+    assert sorted(p.name for p in step1.parent.iterdir()) == ["step-1"]
+    checkpoint.verify_checkpoint(step1)
+    assert not (cfg.run_dir / "run.lock").exists() and not (cfg.run_dir / "snapshots").exists()
+
+
+# ---- every other failure -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error, line", [
+    (FloatingPointError("non-finite loss at step 3"), "policyflow: FloatingPointError: non-finite loss at step 3 (run with --debug for the traceback)"),
+    (OSError(5, "Input/output error"), "policyflow: OSError: [Errno 5] Input/output error (run with --debug for the traceback)"),
+    ("WorkerDied", "policyflow: WorkerDied: component 'rollout-0' died (run with --debug for the traceback)"),
+    (RuntimeError("first line\n  Traceback (most recent call last):\n    more"), "policyflow: RuntimeError: first line (run with --debug for the traceback)"),
+])
+def test_other_failures_are_one_line_with_status_1(monkeypatch, capsys, error, line) -> None:
+    from policyflow.runtime import WorkerDied
+
+    error = WorkerDied("component 'rollout-0' died") if error == "WorkerDied" else error
+
+    def fail(*_, **__):
+        raise error
+
+    monkeypatch.setattr(coordinator, "train", fail)
+    assert main(["train", "train.steps=1"]) == 1
+    assert _one_line_error(capsys) == line
+    with pytest.raises(type(error)):
+        main(["train", "--debug", "train.steps=1"])
