@@ -44,6 +44,7 @@ class LoopState:
     eval_before: dict[str, float] = field(default_factory=dict)
     consumed_task_ids: list[str] = field(default_factory=list)  # trained, in order
     in_flight_task_ids: list[str] = field(default_factory=list)  # issued, not trained when saved: dropped by a resume
+    counters: dict[str, float] = field(default_factory=dict)  # run totals of the cumulative metrics (continued by a resume)
 
 
 def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:

@@ -67,8 +67,9 @@ _EXPLAINED = {"ModelLoadError", "TaskError", "CheckpointError", "RunLockedError"
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train" and args.resume is not None and args.config is None:
-        saved = args.resume / "config.yaml"
-        args.config = saved if saved.is_file() else None
+        from policyflow.rundir import saved_config_path
+
+        args.config = saved_config_path(args.resume)  # refused when missing: never the defaults
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
         print("\n".join(describe_fields()) if args.fields else json.dumps(cfg.model_dump(mode="json"), indent=2))

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,7 +34,7 @@ from policyflow.evaluate import EvalResult
 from policyflow.logging import JsonlWriter, Progress, plot_run
 from policyflow.pool import RolloutPool, task_index
 from policyflow.runtime import make_runtime
-from policyflow.rundir import open_run_folder
+from policyflow.rundir import RunFolder, RunInterrupted, open_run_folder
 from policyflow.session import open_session, pick_device
 from policyflow.sft import warm_start
 from policyflow.threads import configure_threads, thread_share
@@ -54,12 +56,14 @@ async def run_rl(cfg: Config, *, resume: Path | None = None, log=print, worker_c
         for note in folder.notes:
             log(note)
         (folder.path / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        return await _run_rl(cfg, folder.path, folder.checkpoint, log, worker_cls)
+        with StopOnCtrlC() as stop:
+            return await _run_rl(cfg, folder, log, worker_cls, stop)
     finally:
         folder.close()  # snapshot files removed, lock released
 
 
-async def _run_rl(cfg: Config, run_dir: Path, checkpoint: Path | None, log, worker_cls: type) -> dict:
+async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: StopOnCtrlC) -> dict:
+    run_dir, checkpoint = folder.path, folder.checkpoint
     p, B = cfg.pipeline, cfg.train.prompts_per_step
     threads = thread_share(cfg.run.threads, processes=1 + p.rollout_workers if p.runtime == "process" else 1)
     torch.set_num_threads(threads if p.runtime == "inline" else 1)  # the driver itself computes little in the process runtime
@@ -82,6 +86,8 @@ async def _run_rl(cfg: Config, run_dir: Path, checkpoint: Path | None, log, work
         else:
             loop, worker_rng = await trainer.call("restore", str(checkpoint))
             log(f"resumed from {checkpoint} at step {loop.step}; {len(loop.in_flight_task_ids)} group(s) in flight then are dropped")
+            metrics_log.write({"resumed_at_step": loop.step, "checkpoint": str(checkpoint), "overrides": folder.resume_overrides})
+        totals = RunTotals(loop.counters)  # cumulative counters continue from the checkpoint's
         await trainer.call("publish")  # version loop.version, which every engine starts from
         buffer = RolloutBuffer(
             B, p.eta, p.eta_hard, filters=("dynamic_sampling",) if cfg.train.dynamic_sampling else (),
@@ -94,10 +100,20 @@ async def _run_rl(cfg: Config, run_dir: Path, checkpoint: Path | None, log, work
         wall_start = time.perf_counter() - loop.wall_seconds
         loop_start, idle_s, tokens_before = time.perf_counter(), 0.0, 0.0
         budget = cfg.train.time_budget_s or float("inf")
-        while loop.step < cfg.train.steps and time.perf_counter() - wall_start < budget:
+        checkpointed_at = loop.step if checkpoint else None
+        pending: dict | None = None  # the last step's metrics line, written together with the final evaluation
+
+        def finished() -> bool:
+            return loop.step >= cfg.train.steps or time.perf_counter() - wall_start >= budget
+
+        last = finished()
+        while not last and not stop.requested:
             step_start = time.perf_counter()
             # 1. The oldest B finished groups; the time spent waiting is trainer idle time.
-            groups = await pool.guard(buffer.wait_for_batch(B, loop.version))
+            #    Ctrl-C here stops before the step begins; during steps 2-5 it lets the step finish.
+            groups = await stop.unless_requested(pool.guard(buffer.wait_for_batch(B, loop.version)))
+            if groups is None:
+                break
             idle_s += time.perf_counter() - step_start
             groups.sort(key=lambda g: task_index(g.task_id))  # issue order: a batch does not depend on finishing order
             # 2. One policy version: advantages, μ epochs × minibatches, the new weights published.
@@ -109,7 +125,8 @@ async def _run_rl(cfg: Config, run_dir: Path, checkpoint: Path | None, log, work
                 metrics |= EvalResult(**await trainer.call("evaluate")).as_metrics()
             loop.wall_seconds = time.perf_counter() - wall_start
             if cfg.checkpoint.every and loop.step % cfg.checkpoint.every == 0 and loop.step < cfg.train.steps:
-                await _checkpoint(trainer, pool, buffer, loop, run_dir)
+                await _checkpoint(trainer, pool, buffer, loop, run_dir, totals)
+                checkpointed_at = loop.step
             # 4. Engines take the new weights (eagerly, or when they lag more than max_lag), then
             #    the admission window moves one batch.
             await pool.update_weights(loop.version)
@@ -123,18 +140,29 @@ async def _run_rl(cfg: Config, run_dir: Path, checkpoint: Path | None, log, work
                 "perf/rollout_tokens_per_s": (pool_metrics["rollout/generated_tokens"] - tokens_before) / max(now - step_start, 1e-9),
             }
             tokens_before = pool_metrics["rollout/generated_tokens"]
-            if loop.step % cfg.run.log_every == 0 or loop.step == cfg.train.steps:
-                metrics_log.write({"step": loop.step, "wall_seconds": loop.wall_seconds, **metrics})
+            line = {"step": loop.step, "wall_seconds": loop.wall_seconds, **totals.of(metrics)}
+            last = finished()
+            if last:
+                pending = line
+            elif loop.step % cfg.run.log_every == 0:
+                metrics_log.write(line)
             if loop.step % cfg.run.samples_every == 0:
                 _write_samples(samples_log, loop.step, groups)
             progress.update(metrics)
         progress.close()
+        if stop.requested:  # Ctrl-C: the last completed step is recorded (metrics line and checkpoint), then stop
+            if pending is not None:
+                metrics_log.write(pending)
+            if checkpointed_at != loop.step:
+                await _checkpoint(trainer, pool, buffer, loop, run_dir, totals)
+            raise RunInterrupted(f"interrupted at step {loop.step}; resume with `policyflow train --resume {run_dir}`")
         await pool.stop()
 
         eval_after = await trainer.call("evaluate")
         loop.wall_seconds = time.perf_counter() - wall_start
-        metrics_log.write({"step": loop.step, "wall_seconds": loop.wall_seconds, **EvalResult(**eval_after).as_metrics()})
-        final = await _checkpoint(trainer, pool, buffer, loop, run_dir)
+        if pending is not None:  # one line per step: the last step's metrics and the final evaluation
+            metrics_log.write(pending | {"wall_seconds": loop.wall_seconds} | EvalResult(**eval_after).as_metrics())
+        final = await _checkpoint(trainer, pool, buffer, loop, run_dir, totals)
     finally:
         if pool is not None:
             await pool.stop()
@@ -151,7 +179,8 @@ async def _run_rl(cfg: Config, run_dir: Path, checkpoint: Path | None, log, work
         "plot": str(plot) if plot else None,
         "pipeline": {"mode": p.mode, "runtime": p.runtime, "eta": p.eta, "eta_hard": p.eta_hard, "swap": p.swap_mode, "max_lag": p.max_lag, "rollout_workers": p.rollout_workers},
         "groups": {name: len(getattr(ledger, name)) for name in ("trained", "buffered", "running", "requeued", "filtered", "stale", "failed")},
-        "async": {k: v for k, v in (buffer.metrics() | pool.metrics()).items() if k.startswith("async/")},
+        "async": {k: v for k, v in totals.of(buffer.metrics() | pool.metrics()).items() if k.startswith("async/")},
+        "resume_overrides": folder.resume_overrides,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log(_accuracy_line("after RL ", eval_after))
@@ -159,12 +188,83 @@ async def _run_rl(cfg: Config, run_dir: Path, checkpoint: Path | None, log, work
     return summary
 
 
-async def _checkpoint(trainer, pool: RolloutPool, buffer: RolloutBuffer, loop: LoopState, run_dir: Path) -> str:
+async def _checkpoint(trainer, pool: RolloutPool, buffer: RolloutBuffer, loop: LoopState, run_dir: Path, totals: RunTotals) -> str:
     """Weights, optimizer, RNG (trainer and engines) and the loop state; in-flight groups are recorded as dropped."""
     ledger = buffer.ledger()
     loop.next_problem = pool.next_index
+    loop.counters = totals.counters(buffer.metrics() | pool.metrics())
     loop.in_flight_task_ids = sorted(ledger.running | ledger.buffered | ledger.requeued)
     return await trainer.call("save_checkpoint", str(run_dir), loop, await pool.rng_states())
+
+
+# Metrics counted from the start of the run (pool and buffer counters); a resume adds the checkpoint's totals.
+CUMULATIVE = (
+    "rollout/generated_tokens", "rollout/reward_errors", "async/weight_updates", "async/aborted_sequences",
+    "async/aborted_tokens", "async/worker_restarts", "async/dropped_stale_groups", "async/dropped_stale_trajectories",
+    "async/dropped_stale_tokens", "async/dropped_failed_groups", "async/filtered_tokens", "async/refills",
+    "async/requeues", "async/reissues", "async/issued_groups", "async/accepted_groups", "async/trained_groups",
+)
+
+
+def is_cumulative(key: str) -> bool:
+    return key in CUMULATIVE or key.startswith("async/filtered/")
+
+
+class RunTotals:
+    """Cumulative counters across resumes: this process's counts plus those saved in the checkpoint."""
+
+    def __init__(self, offsets: dict[str, float]) -> None:
+        self.offsets = dict(offsets)
+
+    def of(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {k: v + self.offsets.get(k, 0.0) if is_cumulative(k) else v for k, v in metrics.items()}
+
+    def counters(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The run totals of the cumulative metrics, as stored in LoopState.counters."""
+        return {k: v for k, v in self.of(metrics).items() if is_cumulative(k)}
+
+
+class StopOnCtrlC:
+    """Ctrl-C asks the loop to stop at the next step boundary; a second Ctrl-C stops at once.
+
+    The first press sets `requested` (and says so); a wait for the next batch is abandoned, a
+    step in progress finishes and is recorded. The handler is installed only in the main thread.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._event = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __enter__(self) -> StopOnCtrlC:
+        try:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+        except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no signal support
+            self._loop = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._loop is not None:
+            self._loop.remove_signal_handler(signal.SIGINT)
+
+    def _on_sigint(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._event.set()
+        print("policyflow: Ctrl-C: stopping after the current step (press again to stop at once)", file=sys.stderr, flush=True)
+
+    async def unless_requested(self, awaitable):
+        """The awaitable's result, or None (the awaitable cancelled) if Ctrl-C comes first."""
+        work, stopped = asyncio.ensure_future(awaitable), asyncio.ensure_future(self._event.wait())
+        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return None
 
 
 def _accuracy_line(label: str, result: dict) -> str:

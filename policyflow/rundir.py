@@ -7,6 +7,13 @@
 - A fresh run never mixes with an old one: a folder that already holds a run is refused
   unless `run.overwrite=true`, which deletes that run's files first (`RUN_FILES`; anything
   else in the folder, such as `sft/` from `policyflow sft`, is left alone).
+- A resume continues the run recorded in the folder: `config.yaml` must be there, and only
+  settings in `RESUMABLE` may change (how long to train, logging, evaluation, checkpoints,
+  where it runs). Anything else (task, model, sampling, loss, batch shape, pipeline) would make
+  the checkpoint continue a different experiment, and is refused. Allowed changes are recorded
+  as a `{"resumed_at_step": ...}` line in metrics.jsonl. Lines written after the checkpoint's
+  step (by a run that stopped before its next checkpoint) are dropped from metrics.jsonl and
+  samples.jsonl, so no step is ever logged twice.
 - Snapshot files (`snapshots/`, the process runtime's weight hand-over) are removed when the
   run ends, however it ends.
 """
@@ -14,6 +21,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import socket
@@ -22,17 +30,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from policyflow.checkpoint import latest_good_checkpoint
-from policyflow.config import Config, ConfigError
+from policyflow.config import Config, ConfigError, read_yaml, validate_config
 
 LOCK_FILE = "run.lock"
 # What a run writes (deleted by run.overwrite=true) ...
 RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", "plot.png", "config.yaml", "checkpoints", "snapshots")
 # ... and what makes a folder hold a run (a run that failed before its first metrics line left only config.yaml).
 RUN_MARKERS = ("metrics.jsonl", "samples.jsonl", "summary.json", "checkpoints")
+# Settings a resume may change (a trailing ".*" covers a whole section); every other change is refused.
+RESUMABLE = (
+    "train.steps", "train.time_budget_s", "run.log_every", "run.samples_every", "run.progress", "run.threads",
+    "run.device", "run.overwrite", "eval.*", "checkpoint.*",
+)
 
 
 class RunLockedError(RuntimeError):
     """Another live run holds the run folder."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run at a step boundary; the message says where and how to resume."""
 
 
 class RunLock:
@@ -83,6 +100,7 @@ class RunFolder:
     lock: RunLock
     checkpoint: Path | None = None
     notes: list[str] = field(default_factory=list)
+    resume_overrides: dict[str, list] = field(default_factory=dict)  # setting -> [saved, now]
 
     def close(self) -> None:
         """Remove the snapshot files and release the lock (called however the run ends)."""
@@ -146,8 +164,84 @@ def _prepare_fresh(cfg: Config, folder: RunFolder) -> None:
 
 
 def _prepare_resume(cfg: Config, folder: RunFolder) -> None:
+    saved = read_saved_config(folder.path)
+    folder.resume_overrides = changed_settings(saved, cfg)
+    refused = [key for key in folder.resume_overrides if not resumable(key)]
+    if refused:
+        key, (old, new) = refused[0], folder.resume_overrides[refused[0]]
+        raise ConfigError(
+            f"--resume cannot change {key} ({old!r} in the run's config.yaml, {new!r} now): the checkpoint was trained with "
+            f"the saved value; a resume may change only {', '.join(RESUMABLE)}; start a new run (another run.name) to change it"
+        )
     folder.checkpoint, notes = latest_good_checkpoint(folder.path)
     folder.notes += notes
     if folder.checkpoint is None:
         why = "none of them passed verification" if notes else "none was written"
         raise ConfigError(f"--resume {str(folder.path)!r}: no checkpoint under {folder.path / 'checkpoints'} to resume from ({why}); start the run again with run.overwrite=true")
+    step = int(folder.checkpoint.name[5:])
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        dropped = drop_lines_after(folder.path / name, step)
+        if dropped:
+            folder.notes.append(f"{name}: dropped {dropped} line(s) written after step {step} (they are run again)")
+
+
+def saved_config_path(run_dir: Path) -> Path:
+    """`<run_dir>/config.yaml`, the settings of the run a resume continues; a ConfigError when missing."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume {str(run_dir)!r}: there is no config.yaml, so the run's settings are unknown; give the run folder itself (<output_dir>/<name>, holding config.yaml and checkpoints/)")
+    return path
+
+
+def read_saved_config(run_dir: Path) -> Config:
+    """The config a run was started with; resuming without it is refused (never the defaults)."""
+    path = saved_config_path(run_dir)
+    try:
+        return validate_config(read_yaml(path))
+    except ConfigError as err:
+        raise ConfigError(f"--resume {str(run_dir)!r}: its config.yaml is not valid: {err}") from None
+
+
+def changed_settings(before: Config, after: Config) -> dict[str, list]:
+    """`{"section.key": [before, after]}` for every leaf setting that differs."""
+    a, b = _flatten(before.model_dump(mode="json")), _flatten(after.model_dump(mode="json"))
+    return {key: [a.get(key), b.get(key)] for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)}
+
+
+def resumable(key: str) -> bool:
+    return any(key == allowed or (allowed.endswith(".*") and key.startswith(allowed[:-1])) for allowed in RESUMABLE)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _keep_line(line: str, step: int) -> bool:
+    """A complete JSON line logged at or before `step` (lines without a step, e.g. SFT, are kept)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False  # half a line, cut by a crash
+    if not isinstance(record, dict):
+        return False
+    at = record.get("step", record.get("resumed_at_step"))
+    return not isinstance(at, int) or at <= step
+
+
+def drop_lines_after(path: Path, step: int) -> int:
+    """Remove the JSON lines of `path` logged after `step`, and broken ones (atomically); returns how many."""
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if _keep_line(line, step)]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return len(lines) - len(kept)

@@ -42,7 +42,7 @@ def test_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err.strip()
     assert err.startswith("policyflow: ModelLoadError: model path") and "\n" not in err
     assert main(["train", "--resume", str(tmp_path)]) == 2
-    assert "no checkpoint under" in capsys.readouterr().err
+    assert "there is no config.yaml, so the run's settings are unknown" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": 5}\n')
     assert main(["eval", "task.name=jsonl", f"task.path={bad}"]) == 1

@@ -98,6 +98,15 @@ def test_lock_is_exclusive_within_one_process_too(tmp_path: Path) -> None:
     assert RunLock(tmp_path).acquire() is None
 
 
+def test_closing_the_run_folder_removes_snapshots_and_the_lock(small_config) -> None:
+    cfg = small_config("run.name=snap")
+    folder = open_run_folder(cfg)
+    (folder.path / "snapshots").mkdir()
+    (folder.path / "snapshots" / "v0000000001.safetensors").write_bytes(b"x")
+    folder.close()
+    assert sorted(p.name for p in folder.path.iterdir()) == []
+
+
 # ---- start-up checks ---------------------------------------------------------------------
 
 
@@ -194,3 +203,102 @@ def test_other_failures_are_one_line_with_status_1(monkeypatch, capsys, error, l
     assert _one_line_error(capsys) == line
     with pytest.raises(type(error)):
         main(["train", "--debug", "train.steps=1"])
+
+
+# ---- resume rules ------------------------------------------------------------------------
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return [m["step"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "step" in m]
+
+
+def test_resume_refuses_a_folder_without_config_yaml(small_config, tmp_path: Path, capsys) -> None:
+    cfg = small_config("run.name=nocfg", "train.steps=1", "sft.max_steps=0")
+    coordinator.train(cfg, **QUIET)
+    (cfg.run_dir / "config.yaml").unlink()
+    assert main(["train", "--resume", str(cfg.run_dir), "train.steps=2"]) == 2
+    assert _one_line_error(capsys) == (f"policyflow: config error: --resume {str(cfg.run_dir)!r}: there is no config.yaml, so the run's settings "
+                                       "are unknown; give the run folder itself (<output_dir>/<name>, holding config.yaml and checkpoints/)")
+    assert _steps(cfg.run_dir) == [0, 1]  # nothing ran with the defaults
+
+
+@pytest.mark.parametrize("override, key", [
+    ("task.seed=7", "task.seed"), ("model.tiny.hidden_size=64", "model.tiny.hidden_size"), ("train.group_size=2", "train.group_size"),
+    ("sampling.max_new_tokens=4", "sampling.max_new_tokens"), ("loss.name=dapo", "loss.name"), ("train.lr=0.01", "train.lr"),
+])
+def test_resume_refuses_overrides_that_change_the_experiment(small_config, tmp_path: Path, jsonl_file: Path, capsys, override: str, key: str) -> None:
+    assert main(["train", *_cli_args(tmp_path, jsonl_file, "run.name=r", "train.steps=1")]) == 0
+    run = tmp_path / "runs" / "r"
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "train.steps=2", override]) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith(f"policyflow: config error: --resume cannot change {key} (") and "a resume may change only train.steps, train.time_budget_s" in err
+    assert _steps(run) == [0, 1]
+
+
+def test_harmless_resume_overrides_are_allowed_and_recorded(tmp_path: Path, jsonl_file: Path, capsys) -> None:
+    assert main(["train", *_cli_args(tmp_path, jsonl_file, "run.name=r", "train.steps=1")]) == 0
+    run = tmp_path / "runs" / "r"
+    assert main(["train", "--resume", str(run), "train.steps=3", "run.log_every=2", "eval.every=0", "checkpoint.keep_last=3"]) == 0
+    overrides = {"checkpoint.keep_last": [2, 3], "eval.every": [1, 0], "run.log_every": [1, 2], "train.steps": [1, 3]}
+    events = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "resumed_at_step" in m]
+    assert events == [{"resumed_at_step": 1, "checkpoint": str(run / "checkpoints" / "step-1"), "overrides": overrides}]
+    assert json.loads((run / "summary.json").read_text())["resume_overrides"] == overrides
+    assert _steps(run) == [0, 1, 2, 3]  # log_every=2 skips step... 3 is the last (with the final evaluation)
+
+
+# ---- metrics across a resume ---------------------------------------------------------------
+
+
+def test_metrics_never_repeat_a_step_and_counters_continue(small_config) -> None:
+    cfg = small_config("run.name=m", "train.steps=3", "checkpoint.every=1", "checkpoint.keep_last=5", "sft.max_steps=0", "eval.every=0")
+    coordinator.train(cfg, **QUIET)
+    first = {m["step"]: m for m in map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines()) if "step" in m}
+    assert sorted(first) == [0, 1, 2, 3] and len(_steps(cfg.run_dir)) == 4  # the final evaluation shares step 3's line
+    assert first[3]["eval/num_prompts"] == 4 and "loss/total" in first[3]
+    # A run that died after logging step 3 but before checkpointing it:
+    import shutil
+    shutil.rmtree(cfg.run_dir / "checkpoints" / "step-3")
+    lines: list[str] = []
+    coordinator.train(cfg, resume=cfg.run_dir, log=lines.append)
+    assert "metrics.jsonl: dropped 1 line(s) written after step 2 (they are run again)" in lines
+    again = {m["step"]: m for m in map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines()) if "step" in m}
+    assert _steps(cfg.run_dir) == [0, 1, 2, 3]
+    for key in ("rollout/generated_tokens", "async/trained_groups", "async/issued_groups", "async/accepted_groups"):
+        assert again[3][key] == first[3][key], key  # continued from the checkpoint's totals, not from 0
+    # The swap after step 2 happened after its checkpoint; the resumed engines start at version 2 without one.
+    assert again[3]["async/weight_updates"] == first[2]["async/weight_updates"] == 1
+    assert again[3]["async/trained_groups"] == 3 * cfg.train.prompts_per_step
+    assert again[3]["rollout/generated_tokens"] > again[2]["rollout/generated_tokens"] > 0
+
+
+# ---- Ctrl-C --------------------------------------------------------------------------------
+
+
+def test_ctrl_c_records_the_last_step_and_resumes(tmp_path: Path, jsonl_file: Path, runtime: str = "inline") -> None:
+    """(With runtime="process" this passes too, in about a minute; the snapshot clean-up is checked below.)"""
+    import signal
+    import time
+
+    run = tmp_path / "runs" / "c"
+    args = _cli_args(tmp_path, jsonl_file, "run.name=c", "train.steps=500", "eval.every=0", f"pipeline.runtime={runtime}")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "policyflow", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (run / "metrics.jsonl").is_file() or max(_steps(run), default=0) < 2:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    steps = _steps(run)
+    last = steps[-1]
+    assert steps == list(range(last + 1))  # every completed step logged once, the interrupted one fully or not at all
+    assert err.strip().splitlines()[-1] == f"policyflow: interrupted at step {last}; resume with `policyflow train --resume {run}`"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{last}"]
+    assert not (run / "snapshots").exists() and not (run / "run.lock").exists()
+    assert main(["train", "--resume", str(run), f"train.steps={last + 1}"]) == 0
+    assert _steps(run) == list(range(last + 2))
