@@ -20,6 +20,7 @@ import asyncio
 import json
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -228,31 +229,32 @@ class StopOnCtrlC:
     """Ctrl-C asks the loop to stop at the next step boundary; a second Ctrl-C stops at once.
 
     The first press sets `requested` (and says so); a wait for the next batch is abandoned, a
-    step in progress finishes and is recorded. The handler is installed only in the main thread.
+    step in progress finishes and is recorded. A second press raises KeyboardInterrupt wherever
+    the program is, even inside a long synchronous call (checkpoints already on disk are
+    intact: they are written atomically). Installed only in the main thread.
     """
 
     def __init__(self) -> None:
         self.requested = False
         self._event = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous = None
 
     def __enter__(self) -> StopOnCtrlC:
-        try:
+        if threading.current_thread() is threading.main_thread():
             self._loop = asyncio.get_running_loop()
-            self._loop.add_signal_handler(signal.SIGINT, self._on_sigint)
-        except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no signal support
-            self._loop = None
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._loop is not None:
-            self._loop.remove_signal_handler(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._previous)
 
-    def _on_sigint(self) -> None:
+    def _on_sigint(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        self._event.set()
+        self._loop.call_soon_threadsafe(self._event.set)
         print("policyflow: Ctrl-C: stopping after the current step (press again to stop at once)", file=sys.stderr, flush=True)
 
     async def unless_requested(self, awaitable):
