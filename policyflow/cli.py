@@ -57,7 +57,7 @@ def _one_line(err: Exception) -> str:
     first = next((line for line in str(err).splitlines() if line.strip()), "") or repr(err)
     if isinstance(err, ConfigError):
         return f"policyflow: config error: {first}"
-    explained = type(err).__name__ in _EXPLAINED or isinstance(err, FileNotFoundError)
+    explained = any(kind.__name__ in _EXPLAINED for kind in type(err).__mro__) or isinstance(err, FileNotFoundError)
     return f"policyflow: {type(err).__name__}: {first}" + ("" if explained else " (run with --debug for the traceback)")
 
 

@@ -83,6 +83,7 @@ class TaskConfig(Section):
     reward: str = Field("exact", description="jsonl: 'exact', 'numeric', or an import path 'module:function' called as fn(prompts, completions, **columns) -> list[float].")
     on_bad_row: Literal["skip", "error"] = Field("error", description="jsonl: what a malformed row does (reported with its line number either way).")
     reward_timeout_s: float = Field(10.0, gt=0, description="Seconds a reward function may take per batch before its samples are counted as errors.")
+    on_long_prompt: Literal["error", "truncate", "skip"] = Field("error", description="A prompt longer than the model's context minus sampling.max_new_tokens (checked when the task loads): error = refuse naming the row; truncate = keep its last tokens (left truncation); skip = drop the row (jsonl; generated tasks always refuse).")
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:

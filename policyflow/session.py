@@ -7,15 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoTokenizer
 
 from policyflow.checkpoint import is_checkpoint, verify_checkpoint
 from policyflow.config import Config, ConfigError
 from policyflow.engine import Sampler, SamplingParams
 from policyflow.evaluate import EvalResult, accuracy, evaluate
-from policyflow.model import build_tiny, load_pretrained
+from policyflow.model import ModelLoadError, build_char_tokenizer, build_tiny, load_pretrained
 from policyflow.rollout import encode_prompts
 from policyflow.tasks import make_task
 from policyflow.tasks.base import Problem, Task
+from policyflow.tasks.length import PromptFit
+from policyflow.tokens import render_prompt
 
 
 def pick_device(cfg: Config) -> torch.device:
@@ -41,7 +44,11 @@ def load_policy(cfg: Config, model_path: Path | str | None = None):
     return model.to(pick_device(cfg)), tokenizer
 
 
-def build_task(cfg: Config) -> Task:
+def build_task(cfg: Config, tokenizer=None, context: int | None = None) -> Task:
+    """The task named by the config, its prompts fitted to the model's context (task.on_long_prompt).
+
+    `tokenizer` and `context` (the model's max positions) default to those of model.path or the tiny model.
+    """
     t = cfg.task
     if t.name == "arithmetic":
         kwargs = dict(seed=t.seed, min_digits=t.min_digits, max_digits=t.max_digits, num_eval=t.num_eval)
@@ -53,7 +60,48 @@ def build_task(cfg: Config) -> Task:
             eval_path=t.eval_path, eval_fraction=t.eval_fraction, seed=t.seed, on_bad_row=t.on_bad_row,
             reward_timeout_s=t.reward_timeout_s,
         )
-    return make_task(t.name, **kwargs)
+    task = make_task(t.name, **kwargs)
+    if tokenizer is None:
+        tokenizer, context = _tokenizer_and_context(cfg)
+    if context:
+        task.limit_prompts(prompt_fit(cfg, tokenizer, context))
+    return task
+
+
+def prompt_fit(cfg: Config, tokenizer, context: int) -> PromptFit:
+    """How the task's prompts are measured against `context` and cut (tasks/length.py)."""
+    if context <= cfg.sampling.max_new_tokens:
+        raise ConfigError(f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens; lower it")
+
+    def count(text: str) -> int:
+        return len(render_prompt(tokenizer, text, cfg.model.chat_template))
+
+    def cut(text: str, n: int) -> str:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return text[offsets[n][0]:] if n < len(offsets) else ""
+
+    longest = max((len(piece) for piece in tokenizer.get_vocab()), default=1)
+    return PromptFit(count, cut, context, cfg.sampling.max_new_tokens, max(1, longest), cfg.task.on_long_prompt)
+
+
+def _context(model_config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        if isinstance(getattr(model_config, name, None), int):
+            return getattr(model_config, name)
+    return None
+
+
+def _tokenizer_and_context(cfg: Config):
+    """The tokenizer and context length of model.path (config only, no weights), or of the tiny model."""
+    if not cfg.model.path:
+        return build_char_tokenizer(), cfg.model.tiny.max_positions
+    if not (Path(cfg.model.path) / "config.json").is_file():
+        raise ModelLoadError(f"model path {cfg.model.path!r} is not a local model folder (one holding config.json); point model.path at a Hugging Face model folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
+        return tokenizer, _context(AutoConfig.from_pretrained(cfg.model.path, local_files_only=True))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load the tokenizer or config in {cfg.model.path!r}: {err}") from err
 
 
 def sampling_params(cfg: Config, task: Task) -> SamplingParams:
@@ -97,7 +145,7 @@ def open_session(cfg: Config, model_path: Path | str | None = None) -> Session:
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     model, tokenizer = load_policy(cfg, model_path)
-    task = build_task(cfg)
+    task = build_task(cfg, tokenizer, _context(model.config))
     problems = list(task.eval_problems())[: cfg.eval.num_prompts]
     prompt_ids = encode_prompts(tokenizer, task, problems, cfg.model.chat_template)
     return Session(cfg, model, tokenizer, task, Sampler(model, tokenizer), problems, prompt_ids, pick_device(cfg))
