@@ -210,6 +210,7 @@ class EvalConfig(Section):
     num_prompts: int = Field(200, ge=1, description="Held-out problems evaluated before and after training.")
     temperature: float = Field(1.0, gt=0, le=10, description="Temperature of the sampled-accuracy evaluation.")
     every: int = Field(20, ge=0, description="Evaluate during RL every N steps (0 = only before and after).")
+    samples_per_prompt: int = Field(1, ge=1, le=1024, description="Samples per held-out problem at eval.temperature: n. With n > 1, eval/pass@k (unbiased, Chen et al. 2107.03374) is reported for k = 2, 4, ... and n; eval/accuracy_sampled is the mean over all samples (pass@1).")
 
 
 class CheckpointConfig(Section):

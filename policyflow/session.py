@@ -130,7 +130,7 @@ class Session:
         return evaluate(
             self.sampler, self.task, self.eval_problems, self.eval_prompt_ids,
             max_new_tokens=self.cfg.sampling.max_new_tokens, temperature=self.cfg.eval.temperature,
-            stop=self.params.stop, seed=self.cfg.run.seed,
+            stop=self.params.stop, seed=self.cfg.run.seed, samples_per_prompt=self.cfg.eval.samples_per_prompt, device=self.device,
         )
 
     def greedy_accuracy(self) -> float:
