@@ -162,7 +162,7 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
         eval_after = await trainer.call("evaluate")
         loop.wall_seconds = time.perf_counter() - wall_start
         if pending is not None:  # one line per step: the last step's metrics and the final evaluation
-            metrics_log.write(pending | {"wall_seconds": loop.wall_seconds} | EvalResult(**eval_after).as_metrics())
+            metrics_log.write(pending | EvalResult(**eval_after).as_metrics())  # wall_seconds: when the step ended
         final = await _checkpoint(trainer, pool, buffer, loop, run_dir, totals)
     finally:
         if pool is not None:
