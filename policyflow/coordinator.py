@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import sys
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,10 +29,10 @@ from policyflow.buffer import RolloutBuffer
 from policyflow.checkpoint import LoopState
 from policyflow.config import Config
 from policyflow.evaluate import EvalResult
-from policyflow.logging import JsonlWriter, Progress, plot_run
+from policyflow.logging import JsonlWriter, Progress, RunTotals, plot_run
 from policyflow.pool import RolloutPool, task_index
 from policyflow.runtime import make_runtime
-from policyflow.rundir import RunFolder, RunInterrupted, open_run_folder
+from policyflow.rundir import RunFolder, RunInterrupted, StopOnCtrlC, open_run_folder
 from policyflow.session import open_session, pick_device
 from policyflow.sft import warm_start
 from policyflow.threads import configure_threads, thread_share
@@ -196,77 +193,6 @@ async def _checkpoint(trainer, pool: RolloutPool, buffer: RolloutBuffer, loop: L
     loop.counters = totals.counters(buffer.metrics() | pool.metrics())
     loop.in_flight_task_ids = sorted(ledger.running | ledger.buffered | ledger.requeued)
     return await trainer.call("save_checkpoint", str(run_dir), loop, await pool.rng_states())
-
-
-# Metrics counted from the start of the run (pool and buffer counters); a resume adds the checkpoint's totals.
-CUMULATIVE = (
-    "rollout/generated_tokens", "rollout/reward_errors", "async/weight_updates", "async/aborted_sequences",
-    "async/aborted_tokens", "async/worker_restarts", "async/dropped_stale_groups", "async/dropped_stale_trajectories",
-    "async/dropped_stale_tokens", "async/dropped_failed_groups", "async/filtered_tokens", "async/refills",
-    "async/requeues", "async/reissues", "async/issued_groups", "async/accepted_groups", "async/trained_groups",
-)
-
-
-def is_cumulative(key: str) -> bool:
-    return key in CUMULATIVE or key.startswith("async/filtered/")
-
-
-class RunTotals:
-    """Cumulative counters across resumes: this process's counts plus those saved in the checkpoint."""
-
-    def __init__(self, offsets: dict[str, float]) -> None:
-        self.offsets = dict(offsets)
-
-    def of(self, metrics: dict[str, float]) -> dict[str, float]:
-        return {k: v + self.offsets.get(k, 0.0) if is_cumulative(k) else v for k, v in metrics.items()}
-
-    def counters(self, metrics: dict[str, float]) -> dict[str, float]:
-        """The run totals of the cumulative metrics, as stored in LoopState.counters."""
-        return {k: v for k, v in self.of(metrics).items() if is_cumulative(k)}
-
-
-class StopOnCtrlC:
-    """Ctrl-C asks the loop to stop at the next step boundary; a second Ctrl-C stops at once.
-
-    The first press sets `requested` (and says so); a wait for the next batch is abandoned, a
-    step in progress finishes and is recorded. A second press raises KeyboardInterrupt wherever
-    the program is, even inside a long synchronous call (checkpoints already on disk are
-    intact: they are written atomically). Installed only in the main thread.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._event = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._previous = None
-
-    def __enter__(self) -> StopOnCtrlC:
-        if threading.current_thread() is threading.main_thread():
-            self._loop = asyncio.get_running_loop()
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._loop is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-    def _on_sigint(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self._loop.call_soon_threadsafe(self._event.set)
-        print("policyflow: Ctrl-C: stopping after the current step (press again to stop at once)", file=sys.stderr, flush=True)
-
-    async def unless_requested(self, awaitable):
-        """The awaitable's result, or None (the awaitable cancelled) if Ctrl-C comes first."""
-        work, stopped = asyncio.ensure_future(awaitable), asyncio.ensure_future(self._event.wait())
-        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        if work.done():
-            return work.result()
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
-        return None
 
 
 def _accuracy_line(label: str, result: dict) -> str:

@@ -16,15 +16,21 @@
   samples.jsonl, so no step is ever logged twice.
 - Snapshot files (`snapshots/`, the process runtime's weight hand-over) are removed when the
   run ends, however it ends.
+- Ctrl-C (`StopOnCtrlC`) stops the RL loop at a step boundary; the coordinator then records
+  the last completed step and raises `RunInterrupted` (the CLI exits 130).
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,3 +251,47 @@ def drop_lines_after(path: Path, step: int) -> int:
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
     return len(lines) - len(kept)
+
+
+class StopOnCtrlC:
+    """Ctrl-C asks the loop to stop at the next step boundary; a second Ctrl-C stops at once.
+
+    The first press sets `requested` (and says so); a wait for the next batch is abandoned, a
+    step in progress finishes and is recorded. A second press raises KeyboardInterrupt wherever
+    the program is, even inside a long synchronous call (checkpoints already on disk are
+    intact: they are written atomically). Installed only in the main thread.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._event = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous = None
+
+    def __enter__(self) -> StopOnCtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._loop = asyncio.get_running_loop()
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._loop is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._loop.call_soon_threadsafe(self._event.set)
+        print("policyflow: Ctrl-C: stopping after the current step (press again to stop at once)", file=sys.stderr, flush=True)
+
+    async def unless_requested(self, awaitable):
+        """The awaitable's result, or None (the awaitable cancelled) if Ctrl-C comes first."""
+        work, stopped = asyncio.ensure_future(awaitable), asyncio.ensure_future(self._event.wait())
+        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return None
