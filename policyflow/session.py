@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from policyflow.checkpoint import is_checkpoint, verify_checkpoint
 from policyflow.config import Config, ConfigError
@@ -33,15 +34,16 @@ def pick_device(cfg: Config) -> torch.device:
 def load_policy(cfg: Config, model_path: Path | str | None = None):
     """The policy model (from `model_path`, else model.path, else the tiny model) and its tokenizer, on the run's device."""
     path = model_path or cfg.model.path
-    dtype = getattr(torch, cfg.model.dtype)
+    dtype, device = getattr(torch, cfg.model.dtype), pick_device(cfg)
     if path and is_checkpoint(Path(path)):
         verify_checkpoint(Path(path))
     if path:
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr: errors and notes stay one line each
         model, tokenizer = load_pretrained(path, dtype=dtype)
     else:
         model, tokenizer = build_tiny(seed=cfg.run.seed, **cfg.model.tiny.model_dump())
         model = model.to(dtype)
-    return model.to(pick_device(cfg)), tokenizer
+    return model.to(device), tokenizer
 
 
 def build_task(cfg: Config, tokenizer=None, context: int | None = None) -> Task:
