@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt as err:  # the coordinator's RunInterrupted says where the run stopped
-        print(f"policyflow: {err or 'interrupted at once; checkpoints already written are intact'}", file=sys.stderr)
+        print(f"policyflow: {str(err) or 'interrupted at once; checkpoints already written are intact'}", file=sys.stderr)
         return 130
     except Exception as err:
         if args.debug:

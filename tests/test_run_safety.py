@@ -302,3 +302,12 @@ def test_ctrl_c_records_the_last_step_and_resumes(tmp_path: Path, jsonl_file: Pa
     assert not (run / "snapshots").exists() and not (run / "run.lock").exists()
     assert main(["train", "--resume", str(run), f"train.steps={last + 1}"]) == 0
     assert _steps(run) == list(range(last + 2))
+
+
+def test_a_plain_keyboard_interrupt_is_one_line_with_status_130(monkeypatch, capsys) -> None:
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(coordinator, "train", interrupted)
+    assert main(["train", "train.steps=1"]) == 130
+    assert _one_line_error(capsys) == "policyflow: interrupted at once; checkpoints already written are intact"
