@@ -54,7 +54,7 @@ async def run_rl(cfg: Config, *, resume: Path | None = None, log=print, worker_c
         for note in folder.notes:
             log(note)
         (folder.path / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        with StopOnCtrlC() as stop:
+        with StopOnCtrlC(folder.path) as stop:
             return await _run_rl(cfg, folder, log, worker_cls, stop)
     finally:
         folder.close()  # snapshot files removed, lock released
@@ -105,6 +105,7 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
             return loop.step >= cfg.train.steps or time.perf_counter() - wall_start >= budget
 
         last = finished()
+        stop.graceful = True  # from here Ctrl-C finishes the current step and records it
         while not last and not stop.requested:
             step_start = time.perf_counter()
             # 1. The oldest B finished groups; the time spent waiting is trainer idle time.

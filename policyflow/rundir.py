@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from policyflow.checkpoint import latest_good_checkpoint
+from policyflow.checkpoint import latest_checkpoint, latest_good_checkpoint
 from policyflow.config import Config, ConfigError, read_yaml, validate_config
 
 LOCK_FILE = "run.lock"
@@ -254,15 +254,19 @@ def drop_lines_after(path: Path, step: int) -> int:
 
 
 class StopOnCtrlC:
-    """Ctrl-C asks the loop to stop at the next step boundary; a second Ctrl-C stops at once.
+    """Ctrl-C during the RL loop stops it at the next step boundary; otherwise Ctrl-C stops at once.
 
-    The first press sets `requested` (and says so); a wait for the next batch is abandoned, a
-    step in progress finishes and is recorded. A second press raises KeyboardInterrupt wherever
-    the program is, even inside a long synchronous call (checkpoints already on disk are
-    intact: they are written atomically). Installed only in the main thread.
+    Once `graceful` (set by the coordinator when the RL loop starts), the first press sets
+    `requested` and says so: a wait for the next batch is abandoned, a step in progress
+    finishes and is recorded. Before that (model loading, SFT warm-start, the first
+    evaluation), or on a second press, KeyboardInterrupt is raised wherever the program is,
+    even inside a long synchronous call; checkpoints already on disk are intact (written
+    atomically). Installed only in the main thread.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.graceful = False
         self.requested = False
         self._event = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -279,11 +283,17 @@ class StopOnCtrlC:
             signal.signal(signal.SIGINT, self._previous)
 
     def _on_sigint(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
+        if self.requested or not self.graceful:
+            raise RunInterrupted(self._at_once())
         self.requested = True
         self._loop.call_soon_threadsafe(self._event.set)
         print("policyflow: Ctrl-C: stopping after the current step (press again to stop at once)", file=sys.stderr, flush=True)
+
+    def _at_once(self) -> str:
+        latest = latest_checkpoint(self.run_dir)
+        if latest is None:
+            return f"interrupted before any checkpoint of {self.run_dir} was written; start again with run.overwrite=true"
+        return f"interrupted at once; resume from {latest.name} with `policyflow train --resume {self.run_dir}`"
 
     async def unless_requested(self, awaitable):
         """The awaitable's result, or None (the awaitable cancelled) if Ctrl-C comes first."""
