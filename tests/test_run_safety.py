@@ -311,3 +311,25 @@ def test_a_plain_keyboard_interrupt_is_one_line_with_status_130(monkeypatch, cap
     monkeypatch.setattr(coordinator, "train", interrupted)
     assert main(["train", "train.steps=1"]) == 130
     assert _one_line_error(capsys) == "policyflow: interrupted at once; checkpoints already written are intact"
+
+
+def test_ctrl_c_during_the_sft_warm_start_stops_at_once(tmp_path: Path, jsonl_file: Path) -> None:
+    import signal
+    import time
+
+    run = tmp_path / "runs" / "s"
+    args = [*_cli_args(tmp_path, jsonl_file, "run.name=s"), "sft.max_steps=100000", "sft.eval_every=100000"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "policyflow", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (run / "metrics.jsonl").is_file():  # the first sft/loss line (step 10)
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == f"policyflow: interrupted before any checkpoint of {run} was written; start again with run.overwrite=true"
+    assert not (run / "run.lock").exists()
