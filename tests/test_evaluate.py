@@ -3,7 +3,6 @@
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from policyflow.evaluate import EvalResult, evaluate, pass_at_ks
 from policyflow.session import open_session
