@@ -32,6 +32,7 @@ from policyflow.config import Config
 from policyflow.evaluate import EvalResult
 from policyflow.logging import JsonlWriter, Progress, plot_run
 from policyflow.pool import RolloutPool, task_index
+from policyflow.rollout import episode_record
 from policyflow.runtime import make_runtime
 from policyflow.session import open_session
 from policyflow.sft import warm_start
@@ -176,7 +177,7 @@ def _accuracy_line(label: str, result: dict) -> str:
 def _write_samples(writer: JsonlWriter, step: int, groups: list[Group], per_step: int = 4) -> None:
     for g in groups[:per_step]:
         for t in g.trajectories[:2]:
-            writer.write({"step": step, "prompt": g.prompt, "answer": g.answer, "completion": t.completion_text, "reward": t.reward, "finish_reason": t.finish_reason})
+            writer.write({"step": step, "prompt": g.prompt, "answer": g.answer, "completion": t.completion_text, "reward": t.reward, "finish_reason": t.finish_reason, "episode": episode_record(t)})
 
 
 def run_sft(cfg: Config, log=print) -> Path:

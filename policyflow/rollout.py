@@ -21,7 +21,7 @@ from policyflow.engine import run_blocking, using_generator
 from policyflow.rewards import overlong_penalty
 from policyflow.tasks.base import Problem, Task
 from policyflow.tokens import collate, render_prompt
-from policyflow.types import Group, TrainBatch
+from policyflow.types import Group, TrainBatch, Trajectory
 
 
 def encode_prompts(tokenizer, task: Task, problems: Sequence[Problem], chat_template: bool) -> list[list[int]]:
@@ -39,6 +39,17 @@ def rollout_groups(runner: EpisodeRunner, task: Task, problems: Sequence[Problem
     """`run_groups` from synchronous code, sampling with `generator` (None: the engine's)."""
     with using_generator(runner.engine, generator):
         return run_blocking(run_groups(runner, task, problems, group_size))
+
+
+def episode_record(t: Trajectory) -> dict:
+    """A whole episode for samples.jsonl: every segment's text (and whether it was trained), the calls, the env's step notes."""
+    return {
+        "status": t.status, "turns": t.num_turns, "tool_calls": t.num_tool_calls, "tool_errors": t.num_tool_errors,
+        "reward_parts": t.reward_parts,
+        "segments": [{"kind": s.kind, "turn": s.turn, "text": s.text, "tokens": len(s.token_ids), "trained": s.trainable} for s in t.segments],
+        "calls": [{"context": list(c.context), "produced": c.produced} for c in t.calls],
+        "steps": t.step_info,
+    }
 
 
 def shape_overlong(groups: Sequence[Group], max_len: int, cache_len: int) -> None:
@@ -72,7 +83,7 @@ def build_batch(groups: list[Group], cfg: Config, pad_id: int) -> tuple[TrainBat
 
 
 def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:
-    """Reward, correctness, length and truncation of the trajectories in `groups` (`rollout/…`)."""
+    """Reward, correctness, length, truncation (`rollout/…`), turns and tools (`agent/…`) of the trajectories in `groups`."""
     trajectories = [t for g in groups for t in g.trajectories]
     n = max(1, len(trajectories))
     return {
@@ -85,4 +96,11 @@ def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:
         "agent/tool_errors": float(sum(t.num_tool_errors for t in trajectories)),
         "agent/context_tokens_max": float(max((t.context_tokens_max for t in trajectories), default=0)),
         "perf/tool_seconds": sum(t.timings.tools_s for t in trajectories),
-    } | {f"reward/{name}": sum(t.reward_parts.get(name, 0.0) for t in trajectories) / n for name in sorted({k for t in trajectories for k in t.reward_parts})}
+    } | reward_part_means(trajectories)
+
+
+def reward_part_means(trajectories: Sequence[Trajectory]) -> dict[str, float]:
+    """The mean of every named reward part (`reward/correct`, `reward/search_penalty`, ...); a missing part counts 0."""
+    names = sorted({name for t in trajectories for name in t.reward_parts})
+    n = max(1, len(trajectories))
+    return {f"reward/{name}": sum(t.reward_parts.get(name, 0.0) for t in trajectories) / n for name in names}

@@ -31,14 +31,15 @@ def render_prompt(tokenizer, text: str, chat_template: bool, tools: list[dict] |
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def render_observation(tokenizer, text: str, chat_template: bool, max_tokens: int | None = None) -> tuple[list[int], str]:
+def render_observation(tokenizer, text: str, chat_template: bool, max_tokens: int | None = None, *, turn_ended: bool = True) -> tuple[list[int], str]:
     """Token ids (and the text kept) of an observation appended after the model's turn.
 
     The text is first cut to `max_tokens` tokens. Plain models get the text's own tokens. Chat
     models get what the template puts between the end of an assistant turn and the next
     assistant turn when a tool message comes in: the separator after the assistant's end token,
     the tool-role message, and the generation prompt (read off the template by rendering a
-    conversation with and without the tool message).
+    conversation with and without the tool message). When the model's turn stopped on a stop
+    string (`turn_ended` False: e.g. at `</tool_call>`), the template's end token comes first.
     """
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if max_tokens is not None and len(ids) > max_tokens:
@@ -53,19 +54,26 @@ def render_observation(tokenizer, text: str, chat_template: bool, max_tokens: in
     cut = ends[-1] + 1 if ends else len(before)  # the model's turn ends with its end token: what follows is the template's
     if after[:cut] != before[:cut]:
         raise ValueError("the chat template renders earlier turns differently once a tool message follows; observations cannot be appended as tokens with this template")
-    return after[cut:], text
+    return after[cut - (0 if turn_ended or not ends else 1):], text
 
 
-def trajectory_tokens(segments: Sequence[Segment]) -> tuple[list[int], list[int], list[float], list[int]]:
-    """Flatten segments to (token ids, loss mask, behaviour log-probs, versions); non-gen tokens get 0/0.0/-1."""
+Row = tuple[list[int], list[int], list[float], list[int]]  # token ids, loss mask, behaviour log-probs, versions
+
+
+def row_tokens(segments: Sequence[Segment], indices: Sequence[int] | None = None, trained: set[int] | None = None) -> Row:
+    """Flatten the segments at `indices` (None: all) into one row.
+
+    Tokens of the gen segments in `trained` (None: every gen segment) get loss mask 1 with their
+    behaviour log-probs and versions; all other tokens get 0 / 0.0 / -1.
+    """
     ids: list[int] = []
     mask: list[int] = []
     logprobs: list[float] = []
     versions: list[int] = []
-    for seg in segments:
-        n = len(seg.token_ids)
+    for i in range(len(segments)) if indices is None else indices:
+        seg, n = segments[i], len(segments[i].token_ids)
         ids += seg.token_ids
-        if seg.trainable:
+        if seg.trainable and (trained is None or i in trained):
             mask += [1] * n
             logprobs += seg.logprobs
             versions += seg.versions
@@ -76,13 +84,7 @@ def trajectory_tokens(segments: Sequence[Segment]) -> tuple[list[int], list[int]
     return ids, mask, logprobs, versions
 
 
-def row_tokens(segments: Sequence[Segment], indices: Sequence[int], trained: set[int]) -> tuple[list[int], list[int], list[float], list[int]]:
-    """`trajectory_tokens` of the segments at `indices`, with loss mask 1 only on the gen segments in `trained`."""
-    picked = [segments[i] if i in trained or segments[i].kind != "gen" else Segment("obs", segments[i].token_ids) for i in indices]
-    return trajectory_tokens(picked)
-
-
-def episode_rows(trajectory: Trajectory) -> list[tuple[list[int], list[int], list[float], list[int]]]:
+def episode_rows(trajectory: Trajectory) -> list[Row]:
     """The training rows of one episode, each as (token ids, loss mask, behaviour log-probs, versions).
 
     A row is the context of a run of calls plus what they produced: call k+1 joins call k's row
@@ -93,7 +95,7 @@ def episode_rows(trajectory: Trajectory) -> list[tuple[list[int], list[int], lis
     A trajectory without calls is one row of all its segments.
     """
     if not trajectory.calls:
-        return [trajectory_tokens(trajectory.segments)]
+        return [row_tokens(trajectory.segments)]
     groups: list[tuple[list[int], set[int]]] = []  # (segment indices of the row, produced segments)
     for call in trajectory.calls:
         context = list(call.context)

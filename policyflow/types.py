@@ -7,7 +7,7 @@ shape suffix: B sequences, T tokens, G group members, P prompts, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -110,6 +110,7 @@ class Trajectory:
     status: TrajectoryStatus = "complete"
     finish_reason: FinishReason = "eos"
     timings: Timings = field(default_factory=Timings)
+    step_info: list[dict[str, Any]] = field(default_factory=list)  # the env's `StepResult.info`, one per step
 
     @property
     def num_gen_tokens(self) -> int:

@@ -1,13 +1,10 @@
-"""Scripted environments for episode tests: fixed observations, a controllable "tool", a pruning context policy."""
+"""Scripted environments for episode tests: fixed observations and a controllable "tool"."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-
 from policyflow.agent.env import Env, EnvGroupBuilder, StepResult
 from policyflow.tasks.base import Problem
-from policyflow.types import Segment
 
 
 class ScriptedEnv(Env):
@@ -50,11 +47,3 @@ class ScriptedBuilder(EnvGroupBuilder):
     async def make_envs(self, n: int) -> list[Env]:
         self.envs = [ScriptedEnv(self.problem.prompt, self.turns, reward=float(j), **self.env_kw) for j in range(n)]
         return list(self.envs)
-
-
-def last_turn_context(segments: Sequence[Segment]) -> tuple[int, ...]:
-    """A pruning policy (MEM1's shape): the prompt, the latest generated turn and what followed it."""
-    gens = [i for i, s in enumerate(segments) if s.kind == "gen"]
-    if not gens:
-        return (0,)
-    return (0, *range(gens[-1], len(segments)))

@@ -11,16 +11,16 @@ import torch
 
 from policyflow.agent.context import full_context, mem1_context
 from policyflow.agent.episode import EpisodeRunner
-from policyflow.config import AgentConfig
+from policyflow.config import AgentConfig, LossConfig, TrainConfig
 from policyflow.engine import AsyncEngine, SamplingParams
 from policyflow.model import build_tiny
 from policyflow.session import open_session
 from policyflow.tasks.base import Problem
 from policyflow.tokens import collate, episode_rows
-from policyflow.trainer import sequence_logprobs
+from policyflow.trainer import Trainer, sequence_logprobs
 from policyflow.weights import SnapshotStore
 from policyflow.workers import GroupSpec, RolloutWorker
-from tests.envs_for_tests import ScriptedBuilder, ScriptedEnv, last_turn_context
+from tests.envs_for_tests import ScriptedBuilder, ScriptedEnv
 
 PROBLEM = Problem("p0", "What is 12+30? ", "42")
 
@@ -45,7 +45,7 @@ def _group(runner: EpisodeRunner, builder, n: int):
 # -- exact multi-turn training ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("context", "rows_per_episode"), [(full_context, 1), (last_turn_context, 3)])
+@pytest.mark.parametrize(("context", "rows_per_episode"), [(full_context, 1), (mem1_context, 3)])
 def test_trainer_recomputes_the_engines_logprobs_for_every_generated_token(tiny, context, rows_per_episode) -> None:
     """4 turns with observations between: every generated token, trained once, in a row that is exactly what the model saw."""
     model, _ = tiny
@@ -67,7 +67,9 @@ def test_trainer_recomputes_the_engines_logprobs_for_every_generated_token(tiny,
         recomputed_BT = sequence_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT)
     mask = batch.loss_mask_BT.bool()
     assert (recomputed_BT[mask] - batch.behav_logprobs_BT[mask]).abs().max().item() < 1e-4
-    if context is last_turn_context:  # the third call's row: prompt, turn 2, observation 2, turn 3 — and only turn 3 trained
+    out = Trainer(copy.deepcopy(model), TrainConfig(), LossConfig(), temperature=1.0, max_len=5).step(batch)
+    assert out["loss/ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # the trainer's own step sees the batch as on-policy
+    if context is mem1_context:  # the third call's row: prompt, turn 2, observation 2, turn 3 — and only turn 3 trained
         t = episodes[0]
         seg = lambda i: list(t.segments[i].token_ids)
         ids, mask_row, _, _ = episode_rows(t)[1]
@@ -96,7 +98,7 @@ def test_max_turns_ends_the_episode_truncated_with_its_reward(tiny) -> None:
 
 
 def test_many_turns_beyond_128_with_a_flat_context(tiny) -> None:
-    runner = _runner(tiny, last_turn_context, max_new_tokens=1, max_turns=130)
+    runner = _runner(tiny, mem1_context, max_new_tokens=1, max_turns=130)
     group = _group(runner, ScriptedBuilder(PROBLEM, turns=500, obs="o"), 1)
     (t,) = group.trajectories
     assert t.num_turns == 130 and t.status == "truncated"
@@ -246,3 +248,79 @@ def test_chat_observation_ids_continue_the_templates_own_rendering() -> None:
     whole = list(whole["input_ids"] if hasattr(whole, "keys") else whole)
     assert prompt + turn + obs == whole and text == "x is 4"
     assert tokenizer.decode(obs) == "\n[tool]x is 4<eos>\n[assistant]"
+    # A turn cut at a stop string (no end token generated): the observation closes the turn first.
+    closed, _ = render_observation(tokenizer, "x is 4", chat_template=True, turn_ended=False)
+    assert prompt + turn[:-1] + closed == whole
+
+
+def test_the_models_position_limit_caps_episodes_without_max_total_tokens(tiny) -> None:
+    """With agent.max_total_tokens empty, a growing `full` context stops at the model's window instead of failing."""
+    runner = _runner(tiny, max_new_tokens=40, max_turns=100)
+    window = runner.engine.max_positions
+    assert window is not None and runner.max_total_tokens == window
+    group = _group(runner, ScriptedBuilder(PROBLEM, turns=100), 1)
+    (t,) = group.trajectories
+    assert t.status == "truncated" and t.num_turns < 100 and t.context_tokens_max <= window
+
+
+class _BrokenEnv(ScriptedEnv):
+    async def step(self, action: str):
+        raise RuntimeError("simulated env bug")
+
+
+def test_an_env_that_raises_stops_the_worker_loudly(small_config) -> None:
+    cfg, session, store, worker, gate, waiting = _worker(small_config)
+    builder = ScriptedBuilder(PROBLEM, turns=2)
+
+    async def broken_envs(n):
+        return [_BrokenEnv("p", 2) for _ in range(n)]
+
+    builder.make_envs = broken_envs
+    worker.task.group_builder = lambda problem: builder
+
+    async def run():
+        await worker.submit([_spec(worker, 0)])
+        await worker.poll()
+
+    with pytest.raises(RuntimeError, match="simulated env bug"):
+        asyncio.run(asyncio.wait_for(run(), timeout=60))
+
+
+def test_episode_record_keeps_every_turn_for_samples_jsonl(tiny) -> None:
+    from policyflow.rollout import episode_record
+
+    group = _group(_runner(tiny), ScriptedBuilder(PROBLEM, turns=2), 1)
+    t = group.trajectories[0]
+    record = episode_record(t)
+    assert [(s["kind"], s["trained"]) for s in record["segments"]] == [("prompt", False), ("gen", True), ("obs", False), ("gen", True)]
+    assert record["segments"][0]["text"] == PROBLEM.prompt and record["segments"][2]["text"] == "[obs 1]"
+    assert record["calls"] == [{"context": [0], "produced": 1}, {"context": [0, 1, 2], "produced": 3}]
+    assert len(record["steps"]) == 2 and record["tool_calls"] == 1
+
+
+# -- the whole pipeline with multi-turn episodes ----------------------------------------------
+
+
+@pytest.mark.parametrize("runtime", ["inline", "process"])
+def test_async_pipeline_with_search_episodes_under_mem1(small_config, runtime) -> None:
+    """Multi-turn search episodes (tool calls, pruned contexts) through the pool, buffer and trainer in both runtimes."""
+    import json
+
+    from policyflow import coordinator
+
+    cfg = small_config(
+        "task.name=search_qa", "task.search.num_entities=30", "task.search.num_eval_entities=5", "task.num_eval=4",
+        "agent.context=mem1", "agent.max_turns=3", "agent.max_total_tokens=160", "agent.max_obs_tokens=48", "sampling.max_new_tokens=24",
+        "pipeline.mode=async", f"pipeline.runtime={runtime}", "sft.max_steps=0", "eval.every=0", "train.steps=2",
+        "train.skip_zero_variance=false", "run.samples_every=1",
+    )
+    summary = coordinator.train(cfg, log=lambda *_: None)
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in rows if "agent/turns_mean" in m]
+    assert len(steps) == 2
+    for m in steps:
+        assert 1 < m["agent/turns_mean"] <= 3 and m["agent/context_tokens_max"] <= 160
+        assert m["async/staleness_max"] <= cfg.pipeline.eta_hard
+    assert summary["groups"]["trained"] == 2 * cfg.train.prompts_per_step
+    sample = json.loads((cfg.run_dir / "samples.jsonl").read_text().splitlines()[0])
+    assert sample["episode"]["turns"] == len(sample["episode"]["calls"]) > 1

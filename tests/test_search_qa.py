@@ -143,6 +143,7 @@ class ScriptedEngine:
     """Stands in for AsyncEngine: answers each call with the next scripted turn (char tokens)."""
 
     version = 0
+    max_positions = None
 
     def __init__(self, tokenizer, turns: list[str]):
         self.tokenizer, self.turns, self.prompts = tokenizer, list(turns), []

@@ -115,8 +115,12 @@ class EnvGroupBuilder(ABC):
     async def make_envs(self, n: int) -> list[Env]:
         """`n` fresh, independent envs for `self.problem`."""
 
-    def score_group(self, trajectories: Sequence[Trajectory]) -> GroupScore | None:
-        """Rewards added to each finished episode of the group (None: the steps' rewards are all)."""
+    async def score_group(self, trajectories: Sequence[Trajectory]) -> GroupScore | None:
+        """Rewards added to each finished episode of the group (None: the steps' rewards are all).
+
+        Called once all G episodes are over: the place for rewards that compare group members
+        (pairwise judges, self-play) or that a batch reward function computes at once.
+        """
         return None
 
 
@@ -145,7 +149,7 @@ class SingleTurnGroupBuilder(EnvGroupBuilder):
     async def make_envs(self, n: int) -> list[Env]:
         return [SingleTurnEnv(self.task, self.problem) for _ in range(n)]
 
-    def score_group(self, trajectories: Sequence[Trajectory]) -> GroupScore:
+    async def score_group(self, trajectories: Sequence[Trajectory]) -> GroupScore:
         score = self.task.score([self.problem] * len(trajectories), [t.completion_text for t in trajectories])
         parts = [{"correct": float(score.correct[j])} | {name: values[j] for name, values in score.parts.items()} for j in range(len(trajectories))]
         return GroupScore(list(score.rewards), parts, score.errors)

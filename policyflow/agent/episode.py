@@ -11,8 +11,8 @@ segment indices and the segment it produced), which is what training reads
 (`tokens.episode_rows`).
 
 Limits (`agent.*`): after `max_turns` calls, or when a call would have no room left under
-`max_total_tokens` (context + completion), the episode ends `truncated` with the reward its
-steps earned; observations are cut to `max_obs_tokens`. An episode whose env reports `done`
+`max_total_tokens` (context + completion; never more than the model's position limit), the
+episode ends `truncated` with the reward its steps earned; observations are cut to `max_obs_tokens`. An episode whose env reports `done`
 ends `complete` (or `truncated` when its last completion was cut at max_new_tokens).
 """
 
@@ -39,6 +39,8 @@ class EpisodeRunner:
     ) -> None:
         self.engine, self.tokenizer, self.params, self.agent = engine, tokenizer, params, agent
         self.chat_template, self.context = chat_template, context
+        window = engine.max_positions or float("inf")  # the model's own limit, when it has one
+        self.max_total_tokens = min(agent.max_total_tokens or window, window)
 
     def with_params(self, **changes) -> EpisodeRunner:
         """The same runner with some sampling settings changed (e.g. temperature=0 for greedy evaluation)."""
@@ -50,7 +52,7 @@ class EpisodeRunner:
         envs = await builder.make_envs(n)
         trajectories = list(await asyncio.gather(*(self.run(env, id=f"{task_id}/{j}", task_id=task_id) for j, env in enumerate(envs))))
         errors = 0
-        score = builder.score_group(trajectories)
+        score = await builder.score_group(trajectories)
         if score is not None:
             errors = score.errors
             for t, reward, parts in zip(trajectories, score.rewards, score.parts):
@@ -80,9 +82,7 @@ class EpisodeRunner:
         for turn in range(self.agent.max_turns):
             context = tuple(self.context(segments))
             prompt = [t for i in context for t in segments[i].token_ids]
-            room = params.max_new_tokens
-            if self.agent.max_total_tokens is not None:
-                room = min(room, self.agent.max_total_tokens - len(prompt))
+            room = min(params.max_new_tokens, self.max_total_tokens - len(prompt))
             if room < 1:
                 break
             start = time.perf_counter()
@@ -99,7 +99,8 @@ class EpisodeRunner:
                 status = "truncated" if sample.finish_reason == "length" else "complete"
                 break
             if result.observation:
-                ids, text = render_observation(self.tokenizer, result.observation, self.chat_template, self.agent.max_obs_tokens)
+                ended = sample.token_ids[-1:] == (self.tokenizer.eos_token_id,)
+                ids, text = render_observation(self.tokenizer, result.observation, self.chat_template, self.agent.max_obs_tokens, turn_ended=ended)
                 segments.append(Segment("obs", tuple(ids), turn=turn, text=text))
         traj.status = status
         traj.num_turns = len(calls)
@@ -115,6 +116,7 @@ class EpisodeRunner:
         traj.reward_parts = _add_parts(traj.reward_parts, result.reward_parts)
         traj.num_tool_calls += result.tool_calls
         traj.num_tool_errors += result.tool_errors
+        traj.step_info.append(dict(result.info))
 
 
 def _add_parts(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:

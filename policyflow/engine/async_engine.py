@@ -83,6 +83,15 @@ class AsyncEngine:
         return self.core.backend_name
 
     @property
+    def device(self) -> torch.device:
+        return next(self.core.model.parameters()).device
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence (prompt + completion) the model takes, if its config says."""
+        return getattr(self.core.model.config, "max_position_embeddings", None)
+
+    @property
     def num_in_flight(self) -> int:
         """Requests submitted and not yet returned (queued or decoding)."""
         return len(self._waiting)
@@ -162,7 +171,7 @@ class AsyncEngine:
         if key in self._partials:
             sample = join_samples(self._partials.pop(key), sample)
         future, request = self._waiting[key]
-        if sample.finish_reason == "aborted":  # an abort swap: continue from the partial output
+        if sample.finish_reason == "aborted" and not future.done():  # an abort swap: continue from the partial output
             self.stats["aborted_tokens"] += len(done.sample.token_ids)  # the KV cache thrown away
             self._partials[key] = sample
             self.core.submit(request.resume(sample))

@@ -20,7 +20,7 @@ What each token carries (the contract with the trainer, DESIGN.md §3):
   nucleus and renormalised. That is the behaviour policy. At temperature 1 and top_p 1 it is
   the model's own log-softmax, and it matches the trainer's recomputation
   (`ops.shifted_token_logprobs` on a right-padded `prompt + completion` batch) to < 1e-4 in
-  float32 (tests/test_sampler.py). At temperature 0 (greedy) the token is the argmax and the
+  float32 (tests/test_engine.py). At temperature 0 (greedy) the token is the argmax and the
   log-prob is the model's log-softmax at temperature 1 (the greedy "distribution" would give
   log 1 = 0 everywhere, which is useless for training).
 * `Sample.versions[i]` is the engine's `version` when token i was sampled. With a

@@ -42,5 +42,5 @@ def evaluate(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], *, 
     greedy = runner.with_params(temperature=0.0)
     sampled = runner.with_params(temperature=temperature, top_p=1.0)
     acc_g, len_g = accuracy(greedy, task, problems)
-    acc_s, len_s = accuracy(sampled, task, problems, torch.Generator().manual_seed(seed))
+    acc_s, len_s = accuracy(sampled, task, problems, torch.Generator(runner.engine.device).manual_seed(seed))
     return EvalResult(acc_g, acc_s, len_g, len_s, len(problems))
