@@ -92,7 +92,8 @@ def probe_trainer(step_points: list[int], time_points: list[float], split: str, 
             metrics = super().train_step(groups)
             self.steps += 1
             rl_seconds, reward = self.rl_seconds(), metrics["rollout/reward_mean"]
-            log.append({"kind": "reward", "step": self.steps, "rl_seconds": rl_seconds, "reward": reward})
+            extra = {k: metrics[k] for k in ("loss/grad_norm", "loss/clip_frac", "rollout/groups_zero_variance") if k in metrics}
+            log.append({"kind": "reward", "step": self.steps, "rl_seconds": rl_seconds, "reward": reward, **extra})
             if self.steps in step_points:
                 self.probe("step", self.steps, rl_seconds, reward)
             if self.times_left and rl_seconds >= self.times_left[0]:
