@@ -159,6 +159,17 @@ def summarise(seeds: dict[int, list[dict]]) -> dict:
     }
 
 
+def compact(log: list[dict]) -> dict:
+    """A run's log as stored: the measurements, and per-step columns (reward, grad norm, ...), 4 decimals."""
+    def r4(value):
+        return round(value, 4) if isinstance(value, float) else value
+
+    probes = [{k: r4(v) for k, v in r.items()} for r in log if r["kind"] != "reward"]
+    steps = [r for r in log if r["kind"] == "reward"]
+    keys = [k for k in steps[0] if k not in ("kind", "step")] if steps else []
+    return {"probes": probes, "per_step": {k: [r4(r.get(k)) for r in steps] for k in keys}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", default="run", help="row name in the JSON (e.g. 'baseline main', 'new defaults')")
@@ -187,13 +198,13 @@ def main() -> None:
         "overrides": args.set, "seeds": args.seeds, "split": args.split, "prompts": args.prompts,
         "step_points": args.step_points, "time_points": args.time_points, "note": args.note,
         "benchmark_seconds": time.perf_counter() - start, **summarise(seeds),
-        "runs": {str(s): log for s, log in seeds.items()},
+        "runs": {str(s): compact(log) for s, log in seeds.items()},
     }
     out = Path(args.out)
     table = json.loads(out.read_text()) if out.is_file() else {}
     table.setdefault("rows", {})[args.label] = row
     table["about"] = __doc__.splitlines()[0]
-    out.write_text(json.dumps(table, indent=1))
+    out.write_text(json.dumps(table))
     print(json.dumps({k: row[k] for k in ("accuracy_at_step", "accuracy_at_seconds", "seconds_to_plus10", "steps_to_plus10")}, indent=1))
     _plot(table["rows"], out)
 
@@ -204,7 +215,7 @@ def _plot(rows: dict[str, dict], out: Path) -> None:
             for label, row in rows.items():
                 points = row[f"accuracy_at_{kind}"]
                 xs = sorted(points, key=float)
-                base = statistics.median(log[0]["accuracy"] for log in row["runs"].values())
+                base = statistics.median(run["probes"][0]["accuracy"] for run in row["runs"].values())
                 ax.plot([0.0] + [float(x) for x in xs], [base] + [points[x]["median"] for x in xs], marker="o", label=f"{label} ({row['split']})")
 
         save_figure(out.with_name(f"{out.stem}_{'time' if kind == 'seconds' else 'steps'}.png"), draw, xlabel, "sampled accuracy (median of seeds)")
