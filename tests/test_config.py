@@ -68,7 +68,7 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
 
 def test_every_field_has_a_description() -> None:
     lines = describe_fields()
-    assert any(line.startswith("train.lr (0.001): ") for line in lines)
+    assert any(line.startswith("train.lr (0.00025): ") for line in lines)
     assert all(not line.endswith(": None") for line in lines)
 
 

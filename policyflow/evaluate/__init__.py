@@ -7,6 +7,7 @@ when its episode's `correct` reward part is 1.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -47,13 +48,25 @@ def _sample_and_score(runner: EpisodeRunner, task: Task, problems: Sequence[Prob
     return correct_P, sum(t.num_gen_tokens for g in groups for t in g.trajectories)
 
 
+def eval_seed(seed: int) -> int:
+    """The sampling seed of the evaluation for run seed `seed`: a stream of its own.
+
+    Rollout worker i samples from `torch.Generator().manual_seed(seed + 1000·i)`; seeding the
+    evaluation with `seed` itself would make its draws the very uniforms of worker 0's first
+    rollout batch (correlated noise between a score and the data it trains on). This hashes
+    (seed, "eval") instead, stable across processes.
+    """
+    digest = hashlib.sha256(f"{seed}/eval".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def pass_at_ks(n: int) -> list[int]:
     """The k reported for n samples per prompt: powers of two below n, and n."""
     return sorted({2**i for i in range(1, n.bit_length()) if 2**i < n} | {n}) if n > 1 else []
 
 
 def evaluate(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], *, temperature: float, seed: int = 0, samples_per_prompt: int = 1) -> EvalResult:
-    """Greedy accuracy, and `samples_per_prompt` episodes per problem at `temperature` with a fixed seed.
+    """Greedy accuracy, and `samples_per_prompt` episodes per problem at `temperature` with a fixed seed (`eval_seed`).
 
     Other sampling settings are the runner's. The sampled accuracy is the mean over all samples
     (the unbiased pass@1); with n > 1 samples `pass_at` holds the unbiased pass@k (Chen et al.
@@ -62,7 +75,7 @@ def evaluate(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], *, 
     """
     acc_g, len_g = accuracy(runner.with_params(temperature=0.0), task, problems)
     sampled = runner.with_params(temperature=temperature, top_p=1.0, top_k=0)
-    generator = torch.Generator(runner.engine.device).manual_seed(seed)
+    generator = torch.Generator(runner.engine.device).manual_seed(eval_seed(seed))
     n, P = samples_per_prompt, max(1, len(problems))
     correct_P, tokens = _sample_and_score(sampled, task, problems, n, generator)
     pass_at = {}
