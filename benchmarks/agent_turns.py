@@ -71,6 +71,12 @@ class ScriptedSearchEnv(Env):
         return result
 
 
+def scripted_runner(engine: AsyncEngine, tokenizer, context: str, turns: int, new_tokens: int, max_obs_tokens: int, max_total_tokens: int) -> EpisodeRunner:
+    """The runner of one benchmark episode: `new_tokens` sampled tokens per turn, at most `turns` turns."""
+    agent = AgentConfig(max_turns=turns, max_total_tokens=max_total_tokens, max_obs_tokens=max_obs_tokens, context=context)
+    return EpisodeRunner(engine, tokenizer, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), agent, context=context_policy(context))
+
+
 def peak_context(trajectory) -> int:
     return max(context_tokens(trajectory.segments, call.context) for call in trajectory.calls)
 
@@ -96,14 +102,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = build_tiny(seed=0, max_positions=args.max_total_tokens)
     engine = AsyncEngine(model.eval(), tokenizer, generator=torch.Generator().manual_seed(0))
-    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     task = SearchQATask(seed=0, corpus_dir=ROOT / "runs" / "bench-agent-turns", max_obs_chars=args.max_obs_tokens)
 
     rows = []
     for context in args.contexts:
         for turns in args.turns:
-            agent = AgentConfig(max_turns=turns, max_total_tokens=args.max_total_tokens, max_obs_tokens=args.max_obs_tokens, context=context)
-            runner = EpisodeRunner(engine, tokenizer, params, agent, context=context_policy(context))
+            runner = scripted_runner(engine, tokenizer, context, turns, args.new_tokens, args.max_obs_tokens, args.max_total_tokens)
             trajectory, seconds = asyncio.run(run_episode(runner, task, seed=turns))
             row = {
                 "context": context, "turns": turns, "turns_done": trajectory.num_turns, "status": trajectory.status,
