@@ -1,26 +1,30 @@
 """Async over sync on multi-turn search episodes with a slow search tool: measured, and predicted
 by the scheduling simulation for the same settings (issue 10 §6).
 
-Measured: `configs/search.yaml` (search_qa, the BM25 tool, up to `--max-turns` turns), with
-`task.search.search_latency_s` injected into every search, from one shared SFT warm-start (so
-the model does search), in the process runtime: `sync-process` (η 0, drain) against `async`
-(η 2, continue, decoupled PPO), each for the same RL wall-clock budget (`common.train_pipeline`).
-The figure is trained samples per second, async / sync.
+Measured: `configs/search.yaml` (search_qa, the BM25 tool) with `task.search.search_latency_s`
+injected into every search, in the process runtime, from one shared SFT warm-start:
+`sync-process` (η 0, drain) against `async` (η 2, continue, decoupled PPO), each for the same RL
+wall-clock budget (`common.train_pipeline`). The rollout worker is `ScriptedSearchWorker`
+(`benchmarks/scripted_search.py`): the model samples every turn (`--new-tokens` tokens, no
+EOS or stop strings) and is trained on it, while a script picks the actions, so each episode
+makes 0..K−1 searches (uniform, K = `--max-turns`) and then answers. (The warm-started demo
+model does not search reliably yet, and without searches there is no tool latency to hide.)
+The tool pool's concurrency limit is raised above the episodes in flight (the simulation has
+none), B = 8 prompts × G = 4 per step by default, so that a train step and a step's chain of
+tool waits are of a size. The figure is trained samples per second, async / sync.
 
 Predicted: `async_sim.Simulation` (the real RolloutBuffer and SnapshotStore on a virtual clock)
-run for both modes with settings taken from this machine and the measured sync run:
+for both modes, with the same workload (turns uniform on 1..K, exactly `--new-tokens` tokens
+per turn, exactly `--latency` s after every turn but the last) and costs from this machine:
   * a, b (decode step cost a + b·n): timed on the warm-started model at n = 1 and n = B·G;
-  * t: mean `perf/train_seconds`; s: the async run's `async/pause_per_update_s`;
-  * tokens per turn: `rollout/response_tokens_mean / agent/turns_mean` (lognormal, σ `--sigma`);
-  * turns: uniform on 1..K with K = round(2·turns_mean − 1), so the mean matches;
-  * tool latency: exactly `--latency` after every turn but the last;
+  * t: mean `perf/train_seconds` of the sync run; s: the async run's `async/pause_per_update_s`;
   * B = train.prompts_per_step, G = train.group_size, C = pipeline.engine_slots.
 What the simulation leaves out, and the real run has, is listed in async_sim.py ("Multi-turn
 scheduling, simulated and real"); the largest on this machine: the trainer and the engine are
 two processes on the same 2 shared cores, whereas the simulation runs them side by side at
 full speed.
 
-Usage:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/agent_async.py [--budget 60] [--latency 0.5]
+Usage:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/agent_async.py [--budget 60] [--latency 1.0]
 Writes benchmarks/results/agent_async.json.
 """
 
@@ -41,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.async_sim import Mode, SimConfig, Workload, simulate  # noqa: E402
 from benchmarks.common import shared_warm_start, train_pipeline  # noqa: E402
+from benchmarks.scripted_search import ScriptedSearchWorker  # noqa: E402
 from policyflow.config import load_config  # noqa: E402
 from policyflow.engine import AsyncEngine, SamplingParams  # noqa: E402
 from policyflow.model import load_pretrained  # noqa: E402
@@ -62,18 +67,16 @@ def decode_step_cost(model_folder: Path, n: int, prompt_tokens: int, new_tokens:
     return asyncio.run(timed())
 
 
-def predict(cfg, sync_steps: list[dict], pause_s: float, a: float, b: float, latency: float, sigma: float, sim_steps: int) -> dict:
+def predict(cfg, sync_steps: list[dict], pause_s: float, a: float, b: float, latency: float, sim_steps: int) -> dict:
     """The simulation's async/sync throughput for the measured settings (see the module docstring)."""
-    mean = lambda key: sum(m[key] for m in sync_steps) / len(sync_steps)  # noqa: E731
-    turns = mean("agent/turns_mean")
-    per_turn = mean("rollout/response_tokens_mean") / turns
+    train_s = [m["perf/train_seconds"] for m in sync_steps if "perf/train_seconds" in m]
     workload = Workload(
-        "measured", mean_turn_tokens=per_turn, sigma=sigma, max_turn_tokens=cfg.sampling.max_new_tokens,
-        max_turns=max(1, round(2 * turns - 1)), tool_median_s=max(latency, 1e-9), tool_sigma=0.0,
+        "scripted_search", mean_turn_tokens=cfg.sampling.max_new_tokens, sigma=0.0, max_turn_tokens=cfg.sampling.max_new_tokens,
+        max_turns=cfg.agent.max_turns, tool_median_s=max(latency, 1e-9), tool_sigma=0.0,
     )
     sim = SimConfig(
         batch_groups=cfg.train.prompts_per_step, group_size=cfg.train.group_size, slots=cfg.pipeline.engine_slots,
-        step_base_s=a, step_per_seq_s=b, train_step_s=mean("perf/train_seconds"), swap_s=pause_s,
+        step_base_s=a, step_per_seq_s=b, train_step_s=sum(train_s) / len(train_s), swap_s=pause_s,
         steps=sim_steps, warmup_steps=sim_steps // 5,
     )
     sync = simulate(sim, Mode("sync", 0, "drain", 0), workload).stats
@@ -89,10 +92,12 @@ def predict(cfg, sync_steps: list[dict], pause_s: float, a: float, b: float, lat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=60.0, help="RL wall-clock seconds per pipeline")
-    parser.add_argument("--latency", type=float, default=0.5, help="injected seconds per search call")
+    parser.add_argument("--latency", type=float, default=1.0, help="injected seconds per search call")
+    parser.add_argument("--prompts", type=int, default=8, help="train.prompts_per_step (B)")
+    parser.add_argument("--group-size", type=int, default=4, help="train.group_size (G)")
     parser.add_argument("--max-turns", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens the model samples per turn")
     parser.add_argument("--sft-steps", type=int, default=300)
-    parser.add_argument("--sigma", type=float, default=0.3, help="σ of log tokens per turn in the simulation")
     parser.add_argument("--sim-steps", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "agent_async.json"))
@@ -102,10 +107,14 @@ def main() -> None:
     start = time.perf_counter()
     sft_folder = shared_warm_start(preset, common)
     sft_s = time.perf_counter() - start
-    rl = [*common, f"task.search.search_latency_s={args.latency}", f"agent.max_turns={args.max_turns}", "eval.num_prompts=20"]
+    rl = [
+        *common, f"task.search.search_latency_s={args.latency}", f"agent.max_turns={args.max_turns}", "agent.max_total_tokens=480",
+        f"sampling.max_new_tokens={args.new_tokens}", "eval.num_prompts=20", f"train.prompts_per_step={args.prompts}",
+        f"train.group_size={args.group_size}", "task.search.tool_concurrency=1024",
+    ]
     measured, steps = {}, {}
     for name in ("sync-process", "async"):
-        measured[name], steps[name] = train_pipeline(preset, name, rl, sft_folder, args.budget, args.seed)
+        measured[name], steps[name] = train_pipeline(preset, name, rl, sft_folder, args.budget, args.seed, ScriptedSearchWorker)
         print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in measured[name].items() if k != "pipeline"}), flush=True)
 
     cfg = load_config(preset, rl)
@@ -115,11 +124,11 @@ def main() -> None:
     b = max(0.0, (full - one) / (n - 1))
     a = one - b
     pause_s = steps["async"][-1]["async/pause_per_update_s"]
-    predicted = predict(cfg, steps["sync-process"], pause_s, a, b, args.latency, args.sigma, args.sim_steps)
+    predicted = predict(cfg, steps["sync-process"], pause_s, a, b, args.latency, args.sim_steps)
     ratio = measured["async"]["samples_per_s"] / measured["sync-process"]["samples_per_s"]
     result = {
         "machine": "shared 2-core CPU (other jobs running)", "budget_s": args.budget, "latency_s": args.latency,
-        "max_turns": args.max_turns, "sft_steps": args.sft_steps, "sft_seconds": round(sft_s, 1),
+        "batch": f"{args.prompts} prompts x {args.group_size}", "max_turns": args.max_turns, "new_tokens": args.new_tokens, "sft_steps": args.sft_steps, "sft_seconds": round(sft_s, 1),
         "turns_mean_sync": sum(m["agent/turns_mean"] for m in steps["sync-process"]) / len(steps["sync-process"]),
         "tool_calls_mean_sync": sum(m["agent/tool_calls_mean"] for m in steps["sync-process"]) / len(steps["sync-process"]),
         "decode_step_s": {"a": a, "b": b, "n1": one, f"n{n}": full},

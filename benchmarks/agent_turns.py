@@ -5,12 +5,12 @@ decoding the tiny model (`model.build_tiny`), the `EpisodeRunner` with the conte
 test, and `SearchEnv` calling the BM25 `search_tool` through a `ToolPool` over the search_qa
 corpus (`tasks/search_qa.py`, 200 made-up places).
 
-The policy is scripted, because an untrained model would answer, or write malformed turns, at
-random. The engine has no forced decoding, so the script sits between the model and the env:
-every turn the model samples exactly `--new-tokens` tokens (ignore_eos, no stop strings) into
-the episode as its `gen` segment, and `ScriptedSearchEnv` hands the real `SearchEnv` the
-scripted action `<state>k</state><search>NAME_k</search>` (turn k searches place k) in place
-of the model's text; it never answers, so every episode runs `turns` turns, or stops
+The policy is scripted (`benchmarks/scripted_search.py`), because an untrained model would
+answer, or write malformed turns, at random: every turn the model samples exactly
+`--new-tokens` tokens (ignore_eos, no stop strings) into the episode as its `gen` segment, and
+`ScriptedSearchEnv` hands the real `SearchEnv` the scripted action
+`<state>k</state><search>NAME_k</search>` (turn k searches place k) in place of the model's
+text; it never answers, so every episode runs `turns` turns, or stops
 `truncated` when the next call would pass `agent.max_total_tokens`. Token counts per turn are
 those of a policy writing `--new-tokens`-token actions; decode, tool and context policy are the
 library's own.
@@ -41,34 +41,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.scripted_search import ScriptedSearchEnv  # noqa: E402
 from policyflow.agent.context import context_policy, context_tokens  # noqa: E402
-from policyflow.agent.env import Env, StepResult  # noqa: E402
 from policyflow.agent.episode import EpisodeRunner  # noqa: E402
-from policyflow.agent.search_env import SearchEnv  # noqa: E402
 from policyflow.config import AgentConfig  # noqa: E402
 from policyflow.engine import AsyncEngine, SamplingParams  # noqa: E402
 from policyflow.model import build_tiny  # noqa: E402
 from policyflow.tasks.search_qa import SearchQATask  # noqa: E402
-
-
-class ScriptedSearchEnv(Env):
-    """`SearchEnv` driven by a script: turn k's action searches place k, whatever the model wrote."""
-
-    stop = ()  # the model writes its full `--new-tokens` every turn
-
-    def __init__(self, task: SearchQATask, inner: SearchEnv) -> None:
-        self.task, self.inner, self.turn = task, inner, 0
-
-    async def initial_observation(self) -> str:
-        return await self.inner.initial_observation()
-
-    async def step(self, action: str) -> StepResult:
-        place = self.task.entities[self.turn % len(self.task.entities)]
-        self.turn += 1
-        result = await self.inner.step(f"<state>{self.turn}</state><search>{place.name}</search>")
-        if result.tool_calls != 1 or result.tool_errors:
-            raise RuntimeError(f"the scripted search failed at turn {self.turn}: {result.info}")
-        return result
 
 
 def scripted_runner(engine: AsyncEngine, tokenizer, context: str, turns: int, new_tokens: int, max_obs_tokens: int, max_total_tokens: int) -> EpisodeRunner:

@@ -3,6 +3,7 @@ for a fixed RL wall-clock budget from it (`train_pipeline`), and a PNG figure.""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ from policyflow import coordinator
 from policyflow.config import load_config
 from policyflow.coordinator import run_sft
 from policyflow.logging import read_jsonl
+from policyflow.workers import RolloutWorker
 
 PIPELINES: dict[str, list[str]] = {
     "sync-inline": ["pipeline.mode=sync", "pipeline.runtime=inline"],
@@ -55,15 +57,17 @@ def third_means(steps: list[dict], budget: float) -> tuple[float, float]:
     return mean(first), mean(last)
 
 
-def train_pipeline(preset: Path, name: str, overrides: list[str], sft_folder: Path, budget: float, seed: int) -> tuple[dict, list[dict]]:
+def train_pipeline(
+    preset: Path, name: str, overrides: list[str], sft_folder: Path, budget: float, seed: int, worker_cls: type = RolloutWorker,
+) -> tuple[dict, list[dict]]:
     """RL from `sft_folder` under `PIPELINES[name]` for `budget` wall seconds (no evaluation during
-    it); returns the pipeline's figures and its per-step metrics."""
+    it), with `worker_cls` as the rollout worker; returns the pipeline's figures and its per-step metrics."""
     cfg = load_config(preset, [
         *overrides, *PIPELINES[name], f"run.name={name}", f"run.seed={seed}", f"model.path={sft_folder}",
         "sft.max_steps=0", "train.steps=100000", f"train.time_budget_s={budget}", "eval.every=0", "checkpoint.every=0",
     ])
     start = time.perf_counter()
-    summary = coordinator.train(cfg, log=lambda *_: None)
+    summary = asyncio.run(coordinator.run_rl(cfg, log=lambda *_: None, worker_cls=worker_cls))
     total = time.perf_counter() - start
     steps = [m for m in read_jsonl(cfg.run_dir / "metrics.jsonl") if "rollout/reward_mean" in m]
     early, late = third_means(steps, budget)

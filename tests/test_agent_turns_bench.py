@@ -58,3 +58,25 @@ def test_full_stops_truncated_at_max_total_tokens(setup):
     assert t.num_turns < 50 and t.status == "truncated"
     last = t.calls[-1]
     assert sum(len(t.segments[i].token_ids) for i in last.context) + len(t.segments[last.produced].token_ids) <= 300
+
+
+def test_scripted_groups_search_then_answer(setup):
+    """Each episode of a scripted group makes its drawn number of searches, then answers: turns =
+    searches + 1, and the answer is correct (reward 1 − β + γ) exactly when it searched."""
+    from benchmarks.scripted_search import ScriptedGroupBuilder
+
+    engine, tokenizer, task = setup
+    runner = scripted_runner(engine, tokenizer, "full", 4, NEW, OBS, 1024)
+    builder = ScriptedGroupBuilder(task, task.train_problem(3), max_searches=3)
+
+    async def go():
+        envs = await builder.make_envs(8)
+        planned = [env.searches for env in envs]
+        return planned, [await runner.run(env, id=str(j), task_id="t") for j, env in enumerate(envs)]
+
+    planned, trajectories = asyncio.run(go())
+    assert len(set(planned)) > 1 and all(0 <= s <= 3 for s in planned)
+    s = task.settings
+    for searches, t in zip(planned, trajectories):
+        assert (t.num_tool_calls, t.num_turns, t.status) == (searches, searches + 1, "complete")
+        assert t.reward == pytest.approx((1 - s.penalty if searches else 0.0) + s.format_weight)
