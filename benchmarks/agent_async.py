@@ -22,7 +22,8 @@ per turn, exactly `--latency` s after every turn but the last) and costs from th
 What the simulation leaves out, and the real run has, is listed in async_sim.py ("Multi-turn
 scheduling, simulated and real"); the largest on this machine: the trainer and the engine are
 two processes on the same 2 shared cores, whereas the simulation runs them side by side at
-full speed.
+full speed. The result also holds the simulation rerun with the train step as long as it was in
+the async run (`predicted_with_async_train_step`), which isolates that effect.
 
 Usage:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/agent_async.py [--budget 60] [--latency 1.0]
 Writes benchmarks/results/agent_async.json.
@@ -67,16 +68,20 @@ def decode_step_cost(model_folder: Path, n: int, prompt_tokens: int, new_tokens:
     return asyncio.run(timed())
 
 
-def predict(cfg, sync_steps: list[dict], pause_s: float, a: float, b: float, latency: float, sim_steps: int) -> dict:
+def mean_train_s(steps: list[dict]) -> float:
+    train_s = [m["perf/train_seconds"] for m in steps if "perf/train_seconds" in m]
+    return sum(train_s) / len(train_s)
+
+
+def predict(cfg, train_s: float, pause_s: float, a: float, b: float, latency: float, sim_steps: int) -> dict:
     """The simulation's async/sync throughput for the measured settings (see the module docstring)."""
-    train_s = [m["perf/train_seconds"] for m in sync_steps if "perf/train_seconds" in m]
     workload = Workload(
         "scripted_search", mean_turn_tokens=cfg.sampling.max_new_tokens, sigma=0.0, max_turn_tokens=cfg.sampling.max_new_tokens,
         max_turns=cfg.agent.max_turns, tool_median_s=max(latency, 1e-9), tool_sigma=0.0,
     )
     sim = SimConfig(
         batch_groups=cfg.train.prompts_per_step, group_size=cfg.train.group_size, slots=cfg.pipeline.engine_slots,
-        step_base_s=a, step_per_seq_s=b, train_step_s=sum(train_s) / len(train_s), swap_s=pause_s,
+        step_base_s=a, step_per_seq_s=b, train_step_s=train_s, swap_s=pause_s,
         steps=sim_steps, warmup_steps=sim_steps // 5,
     )
     sync = simulate(sim, Mode("sync", 0, "drain", 0), workload).stats
@@ -124,20 +129,31 @@ def main() -> None:
     b = max(0.0, (full - one) / (n - 1))
     a = one - b
     pause_s = steps["async"][-1]["async/pause_per_update_s"]
-    predicted = predict(cfg, steps["sync-process"], pause_s, a, b, args.latency, args.sim_steps)
+    t_sync, t_async = mean_train_s(steps["sync-process"]), mean_train_s(steps["async"])
+    predicted = predict(cfg, t_sync, pause_s, a, b, args.latency, args.sim_steps)
+    contended = predict(cfg, t_async, pause_s, a, b, args.latency, args.sim_steps)
     ratio = measured["async"]["samples_per_s"] / measured["sync-process"]["samples_per_s"]
+    per_s = {name: measured[name]["samples_per_s"] for name in measured}
     result = {
         "machine": "shared 2-core CPU (other jobs running)", "budget_s": args.budget, "latency_s": args.latency,
-        "batch": f"{args.prompts} prompts x {args.group_size}", "max_turns": args.max_turns, "new_tokens": args.new_tokens, "sft_steps": args.sft_steps, "sft_seconds": round(sft_s, 1),
+        "batch": f"{args.prompts} prompts x {args.group_size}", "max_turns": args.max_turns, "new_tokens": args.new_tokens, "sft_steps": args.sft_steps, "sft_seconds_this_run": round(sft_s, 1),
         "turns_mean_sync": sum(m["agent/turns_mean"] for m in steps["sync-process"]) / len(steps["sync-process"]),
         "tool_calls_mean_sync": sum(m["agent/tool_calls_mean"] for m in steps["sync-process"]) / len(steps["sync-process"]),
         "decode_step_s": {"a": a, "b": b, "n1": one, f"n{n}": full},
         "measured": measured, "measured_async_over_sync": ratio,
+        "train_step_s": {"sync": t_sync, "async": t_async},
         "predicted": predicted, "measured_over_predicted": ratio / predicted["async_over_sync"],
+        "measured_over_predicted_sync": per_s["sync-process"] / predicted["sync_trajectories_per_s"],
+        "measured_over_predicted_async": per_s["async"] / predicted["async_trajectories_per_s"],
+        # the same simulation with the train step as long as it was in the async run (sharing the cores with decoding)
+        "predicted_with_async_train_step": contended,
+        "measured_over_predicted_async_contended": per_s["async"] / contended["async_trajectories_per_s"],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"async/sync measured {ratio:.2f}, predicted {predicted['async_over_sync']:.2f}, measured/predicted {result['measured_over_predicted']:.2f}")
+    print(f"async/sync measured {ratio:.2f}, predicted {predicted['async_over_sync']:.2f}, measured/predicted {result['measured_over_predicted']:.2f}; "
+          f"train step {t_sync:.2f} s in sync, {t_async:.2f} s in async; async measured/predicted with that train step "
+          f"{result['measured_over_predicted_async_contended']:.2f}")
 
 
 if __name__ == "__main__":
