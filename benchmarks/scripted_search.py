@@ -11,7 +11,9 @@ wrapping and the reward are the library's.
 `ScriptedSearchWorker` is the rollout worker with that policy (for `coordinator.run_rl(...,
 worker_cls=...)`): every episode of a group draws its number of searches uniformly from
 0..agent.max_turns − 1 (so its turns from 1..max_turns, as `async_sim.Workload` draws them), and
-every turn is exactly sampling.max_new_tokens tokens (no EOS, no stop strings).
+every turn is exactly sampling.max_new_tokens tokens (no EOS, no stop strings). Its last turn is
+therefore cut at max_new_tokens, so an answered episode still ends `truncated` (the runner's
+rule): leave `train.mask_truncated` off with it, or nothing is trained.
 """
 
 from __future__ import annotations
