@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from policyflow.agent.context import context_policy
 from policyflow.agent.env import group_builder
 from policyflow.checkpoint import LoopState, load_state, rng_state, save_checkpoint, set_rng_state
 from policyflow.config import Config
@@ -41,7 +42,7 @@ from policyflow.engine import AsyncEngine
 from policyflow.logging import JsonlWriter, Progress
 from policyflow.model import load_pretrained, num_parameters, save_pretrained
 from policyflow.rollout import build_batch, rollout_metrics, shape_overlong
-from policyflow.session import build_task, episode_runner, load_policy, open_session, pick_device, sampling_params
+from policyflow.session import build_task, episode_runner, load_policy, model_context, open_session, pick_device, sampling_params
 from policyflow.sft import warm_start
 from policyflow.tasks.base import Problem
 from policyflow.trainer import Trainer
@@ -78,7 +79,7 @@ class RolloutWorker:
     def __init__(self, cfg: Config, store, *, seed: int, rng: torch.Tensor | None = None) -> None:
         model, self.tokenizer = load_policy(cfg)
         self.cfg = cfg
-        self.task = build_task(cfg)
+        self.task = build_task(cfg, self.tokenizer, model_context(model.config))
         self.store = store
         version, state = store.latest()
         generator = torch.Generator(pick_device(cfg)).manual_seed(seed)
@@ -229,7 +230,7 @@ class TrainerWorker:
                 log.write({"sft_step": step, "sft/loss": loss})
 
         result = warm_start(s.model, s.tokenizer, s.task, cfg.sft, chat_template=cfg.model.chat_template, greedy_accuracy=s.greedy_accuracy,
-                            on_step=on_step, compute_dtype=self.compute_dtype)
+                            on_step=on_step, compute_dtype=self.compute_dtype, context=context_policy(cfg.agent.context))
         bar.close()
         return asdict(result)
 
