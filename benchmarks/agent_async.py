@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "agent_async.json"))
     args = parser.parse_args()
     preset = ROOT / "configs" / "search.yaml"
-    common = ["run.progress=false", "run.output_dir=runs/agent-async", f"sft.max_steps={args.sft_steps}"]
+    common = ["run.progress=false", "run.output_dir=runs/agent-async", "run.overwrite=true", f"sft.max_steps={args.sft_steps}"]  # a rerun replaces the last one
     start = time.perf_counter()
     sft_folder = shared_warm_start(preset, common)
     sft_s = time.perf_counter() - start
