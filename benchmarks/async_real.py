@@ -23,30 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import save_figure, shared_warm_start  # noqa: E402
-from policyflow import coordinator  # noqa: E402
-from policyflow.config import load_config  # noqa: E402
-from policyflow.logging import read_jsonl  # noqa: E402
-
-PIPELINES: dict[str, list[str]] = {
-    "sync-inline": ["pipeline.mode=sync", "pipeline.runtime=inline"],
-    "sync-process": ["pipeline.mode=sync", "pipeline.runtime=process"],
-    "one_step_off": ["pipeline.mode=one_step_off", "pipeline.runtime=process", "loss.name=decoupled_ppo"],
-    "async": ["pipeline.mode=async", "pipeline.runtime=process", "loss.name=decoupled_ppo"],
-}
-
-
-def third_means(steps: list[dict], budget: float) -> tuple[float, float]:
-    first = [m["rollout/reward_mean"] for m in steps if m["wall_seconds"] <= budget / 3]
-    last = [m["rollout/reward_mean"] for m in steps if m["wall_seconds"] > 2 * budget / 3]
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
-    return mean(first), mean(last)
+from benchmarks.common import PIPELINES, save_figure, shared_warm_start, train_pipeline  # noqa: E402
 
 
 def main() -> None:
@@ -63,34 +45,7 @@ def main() -> None:
 
     results, curves = {}, {}
     for name in args.pipelines:
-        cfg = load_config(demo, [
-            *common, *PIPELINES[name], *args.set, f"run.name={name}", f"run.seed={args.seed}", f"model.path={sft_folder}",
-            "sft.max_steps=0", "train.steps=100000", f"train.time_budget_s={args.budget}", "eval.every=0", "checkpoint.every=0",
-        ])
-        start = time.perf_counter()
-        summary = coordinator.train(cfg, log=lambda *_: None)
-        total = time.perf_counter() - start
-        steps = [m for m in read_jsonl(cfg.run_dir / "metrics.jsonl") if "rollout/reward_mean" in m]
-        early, late = third_means(steps, args.budget)
-        rl_seconds = steps[-1]["wall_seconds"]
-        last = steps[-1]
-        results[name] = {
-            "steps": summary["steps"],
-            "rl_seconds": rl_seconds,
-            "total_seconds": total,
-            "steps_per_s": summary["steps"] / rl_seconds,
-            "samples_per_s": summary["steps"] * cfg.train.prompts_per_step * cfg.train.group_size / rl_seconds,
-            "reward_first_third": early,
-            "reward_last_third": late,
-            "sampled_before": summary["eval_before"]["accuracy_sampled"],
-            "sampled_after": summary["eval_after"]["accuracy_sampled"],
-            "greedy_after": summary["eval_after"]["accuracy_greedy"],
-            "trainer_idle_fraction": last["async/trainer_idle_fraction"],
-            "engine_utilisation": last["async/engine_utilisation"],
-            "staleness_mean": sum(m["async/staleness_mean"] for m in steps) / len(steps),
-            "staleness_max": max(m["async/staleness_max"] for m in steps),
-            "pipeline": summary["pipeline"],
-        }
+        results[name], steps = train_pipeline(demo, name, [*common, *args.set], sft_folder, args.budget, args.seed)
         curves[name] = [(m["wall_seconds"], m["rollout/reward_mean"]) for m in steps]
         print(name, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in results[name].items() if k != "pipeline"}), flush=True)
 

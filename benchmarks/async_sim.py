@@ -38,6 +38,27 @@ freed during a train step is not refilled until the step ends, and η = 1 falls 
 η_hard = η costs more on top: long trajectories span several versions and are dropped.
 
 The report (sweeps, the check against the prediction, the plot) is `benchmarks/async_speedup.py`.
+
+Multi-turn scheduling, simulated and real. The buffer, the admission rule, the snapshot store,
+`should_update` and the drain rule are the library's; the episodes and the engine are this
+file's own model of `RolloutWorker` + `EpisodeRunner` + `AsyncEngine`, because the real ones
+need a model, a tokenizer and an env and run on the wall clock. The differences, each of
+which the measurement in `benchmarks/agent_async.py` contains and this model does not:
+  * plans: a simulated episode draws its turns, tokens per turn and tool latencies up front;
+    a real one ends when the env says so (an answer) or at agent.max_turns, and a turn ends
+    at a stop string, EOS or max_new_tokens;
+  * tools: here every turn but the last waits; in the real search env only searches wait
+    (a malformed turn gets its error observation at once, an answer ends the episode);
+  * prefill: free here; the real engine prefills each call's whole context as a new request
+    (under `full` the history grows every turn), and those rows share the decode step;
+  * step cost: a + b·n here; really it also grows with the context lengths in the batch;
+  * admission: here a group is admitted when a slot frees and the buffer allows; really the
+    coordinator's producer admits every group the buffer allows at once and all G episodes
+    queue in the engine (the same while C ≥ (η + 1)·B·G, as in agent_async.py);
+  * compute: here the trainer and the engine run side by side at full speed; in the process
+    runtime they are two OS processes that share the machine's cores (2 here, with other
+    jobs), so overlapping them slows both;
+  * swaps cost a fixed s here; really a safetensors write and load, whose pause is measured.
 """
 
 from __future__ import annotations
