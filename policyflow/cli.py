@@ -1,4 +1,4 @@
-"""Command line: `policyflow train | sft | eval | config` (also `python -m policyflow`).
+"""Command line: `policyflow train | sft | eval | config | export` (also `python -m policyflow`).
 
 Overrides are `section.key=value` words after the options, e.g.
 `policyflow train --config configs/demo.yaml train.steps=10 loss.name=dapo`.
@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--model", type=Path, default=None, help="model folder (default: model.path or the tiny model)")
         if name == "config":
             p.add_argument("--fields", action="store_true", help="list every field with default and description")
+    export = sub.add_parser("export", help="write a LoRA checkpoint as one merged Hugging Face folder", description="write a LoRA checkpoint as one merged Hugging Face folder")
+    export.add_argument("--merge", action="store_true", required=True, help="merge the adapter into its base model (the only export)")
+    export.add_argument("checkpoint", type=Path, help="a LoRA checkpoint folder (runs/<name>/checkpoints/step-N)")
+    export.add_argument("out", type=Path, help="the folder to write")
     return parser
 
 
@@ -49,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "export":
+        from policyflow.lora import export_merged
+
+        print(f"merged model written to {export_merged(args.checkpoint, args.out)}")
+        return 0
     if args.command == "train" and args.resume is not None and args.config is None:
         saved = args.resume / "config.yaml"
         args.config = saved if saved.is_file() else None

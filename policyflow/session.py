@@ -11,6 +11,7 @@ import torch
 from policyflow.config import Config
 from policyflow.engine import Sampler, SamplingParams
 from policyflow.evaluate import EvalResult, accuracy, evaluate
+from policyflow.lora import is_adapter_folder, load_merged
 from policyflow.model import build_tiny, load_pretrained
 from policyflow.rollout import encode_prompts
 from policyflow.tasks import make_task
@@ -26,11 +27,14 @@ def load_policy(cfg: Config, model_path: Path | str | None = None, *, master_wei
     """The policy model (from `model_path`, else model.path, else the tiny model) and its tokenizer, on the run's device.
 
     Parameters are in model.dtype, or in float32 with `master_weights` (the trainer's copy:
-    fp32 master weights and optimizer state, compute in model.dtype under autocast).
+    fp32 master weights and optimizer state, compute in model.dtype under autocast). A LoRA
+    checkpoint folder (peft's adapter files) loads as its base with the adapter merged in.
     """
     path = model_path or cfg.model.path
     dtype = torch.float32 if master_weights else getattr(torch, cfg.model.dtype)
-    if path:
+    if path and is_adapter_folder(path):
+        model, tokenizer = load_merged(path, dtype=dtype)
+    elif path:
         model, tokenizer = load_pretrained(path, dtype=dtype)
     else:
         model, tokenizer = build_tiny(seed=cfg.run.seed, **cfg.model.tiny.model_dump())

@@ -1,0 +1,121 @@
+"""LoRA with peft: the adapter RL trains, the merged weights engines load, and its files.
+
+With `model.lora.rank` r > 0 the trainer wraps the model RL starts from (after any warm-start)
+in a peft LoRA adapter. Every adapted linear layer computes
+
+    y = W x + (α / r) · B A x        W frozen (the base), A [r, in] and B [out, r] trained (fp32)
+
+B starts at zero, so the wrapped model is exactly the base at version 0. The KL reference is
+the same model inside peft's `disable_adapter()`: no second model is held.
+
+Engines never see peft. They load `merged_state_dict(model)`: W + (α/r)·B·A for every adapted
+layer under the plain model's parameter names, computed beside the trained weights (the base
+is never merged in place, so no rounding from merge/unmerge accumulates in it).
+
+Files: a checkpoint holds the adapter in peft's own format (`adapter_config.json`,
+`adapter_model.safetensors`), whose `base_model_name_or_path` names the base folder, so
+`PeftModel.from_pretrained(base, checkpoint)` loads it without policyflow; `load_merged`
+(used by `policyflow export --merge` and `policyflow eval --model`) returns a plain model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from policyflow.config import LoRAConfig
+from policyflow.model import load_pretrained, save_pretrained
+
+ADAPTER_CONFIG = "adapter_config.json"  # peft's file: a folder holding it is an adapter checkpoint
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    return isinstance(model, PeftModel)
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def attach_lora(model: torch.nn.Module, cfg: LoRAConfig, base_path: str | Path) -> PeftModel:
+    """Wrap `model` (in place) in a fresh LoRA adapter; only A and B require gradients.
+
+    `base_path` is the folder holding the base weights, recorded in the adapter's config.
+    """
+    targets = "all-linear" if cfg.target_modules == ("all-linear",) else list(cfg.target_modules)
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none")
+    try:
+        wrapped = get_peft_model(model, config)
+    except ValueError as err:
+        raise ValueError(f"model.lora.target_modules={list(cfg.target_modules)!r} does not fit this model: {str(err).splitlines()[0]}") from None
+    _check_linear(wrapped, cfg)
+    wrapped.peft_config[wrapped.active_adapter].base_model_name_or_path = str(Path(base_path).resolve())
+    return wrapped
+
+
+def load_adapter(base: torch.nn.Module, folder: str | Path, *, trainable: bool) -> PeftModel:
+    """The adapter saved in `folder` (peft format) on `base`."""
+    model = PeftModel.from_pretrained(base, str(folder), is_trainable=trainable)
+    for p in model.parameters():  # the adapter in the base's dtype (fp32 master weights for training)
+        if p.requires_grad:
+            p.data = p.data.to(next(base.parameters()).dtype)
+    return model
+
+
+def adapter_base_path(folder: str | Path) -> Path:
+    """The base model folder an adapter checkpoint was trained on (its `base_model_name_or_path`)."""
+    base = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
+    if not base:
+        raise ValueError(f"{folder}/{ADAPTER_CONFIG} names no base model (base_model_name_or_path is empty)")
+    return Path(base)
+
+
+def load_merged(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """A plain model (base + adapter merged) and the base's tokenizer, from an adapter checkpoint folder."""
+    base, tokenizer = load_pretrained(adapter_base_path(folder), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()  # a throwaway copy: merging in place is fine
+    return merged.to(dtype), tokenizer
+
+
+def export_merged(folder: str | Path, out: str | Path) -> Path:
+    """Write base + adapter of a LoRA checkpoint as one plain Hugging Face folder (`policyflow export --merge`)."""
+    if not is_adapter_folder(folder):
+        raise ValueError(f"{folder} is not a LoRA checkpoint (no {ADAPTER_CONFIG}); other checkpoints are Hugging Face folders already")
+    model, tokenizer = load_merged(folder)
+    return save_pretrained(model, tokenizer, out)
+
+
+@torch.no_grad()
+def merged_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The plain model's state dict with every adapted weight replaced by W + (α/r)·B·A.
+
+    Keys are those of the model without peft (`...q_proj.weight`, not `...base_layer.weight`);
+    the adapter's own tensors are left out. The trained tensors are not modified.
+    """
+    inner = model.get_base_model()
+    adapter = model.active_adapter
+    deltas = {f"{name}.weight": m.get_delta_weight(adapter) for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
+    state = {}
+    for key, tensor in inner.state_dict().items():
+        if ".lora_" in key:
+            continue
+        plain = key.replace(".base_layer.", ".")
+        state[plain] = tensor + deltas[plain] if plain in deltas else tensor
+    return state
+
+
+def adapter_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The trained tensors alone (A and B of every adapted layer)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _check_linear(model: PeftModel, cfg: LoRAConfig) -> None:
+    for name, m in model.get_base_model().named_modules():
+        if isinstance(m, LoraLayer) and type(m.get_base_layer()) is not torch.nn.Linear:
+            raise ValueError(
+                f"model.lora.target_modules={list(cfg.target_modules)!r} adapts {name} "
+                f"({type(m.get_base_layer()).__name__}); only linear layers are supported"
+            )
