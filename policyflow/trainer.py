@@ -70,6 +70,7 @@ class Trainer:
         self.policy = sampling  # the behaviour policy's temperature, top_p, top_k
         self.compute_dtype = compute_dtype  # forward passes; parameters and AdamW state stay as they are (fp32)
         self.optimizer = make_optimizer(model, train.lr, train.weight_decay, train.betas)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]  # clipped and stepped
         self.ref_model: torch.nn.Module | None = None  # set by `set_reference` when train.kl_coef > 0
         self.ref_is_base = False  # LoRA: the reference is self.model with its adapter disabled
         self.version = version
@@ -157,7 +158,7 @@ class Trainer:
         self._check_finite("loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)  # a frozen base's leftover grads never count
         self._check_finite("gradient norm", grad_norm)  # before the step: the weights stay as they were
         self.optimizer.step()
         metrics["loss/total"] = float(loss.detach())

@@ -261,6 +261,7 @@ class TrainerWorker:
     def _use_model(self, model: torch.nn.Module) -> None:
         """Train `model` from now on (the policy, or with LoRA the policy wrapped in its adapter)."""
         s = self.session
+        s.model.zero_grad(set_to_none=True)  # the warm-start's gradients: a frozen base would keep them forever
         if model is not s.model:  # the evaluation engine must run the adapter: a fresh one over the wrapped modules
             s.model, s.sampler = model, Sampler(model.get_base_model(), s.tokenizer)
         self.trainer = Trainer(model, self.cfg.train, self.cfg.loss, self.cfg.sampling, compute_dtype=self.compute_dtype)

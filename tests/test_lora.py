@@ -75,8 +75,10 @@ def test_engine_samples_the_adapted_policy_not_the_base(small_config) -> None:
     cfg = small_config(*LORA, "train.kl_coef=0.05", "sampling.temperature=0.8", "sampling.top_p=0.9")
     store = SnapshotStore(keep=3)
     trainer = TrainerWorker(cfg, store)
+    trainer.warm_start()  # SFT trains the full model; its gradients must not linger on the frozen base
     trainer.begin_rl(str(cfg.run_dir))
     model = trainer.session.model
+    assert all(p.grad is None for p in model.parameters())
     base_before = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if ".lora_" not in k}
     assert trainer.trainer.ref_model is None and trainer.trainer.ref_is_base  # no second model
     trained = {id(p) for g in trainer.trainer.optimizer.param_groups for p in g["params"]}
