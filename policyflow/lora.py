@@ -20,6 +20,7 @@ Files: a checkpoint holds the adapter in peft's own format (`adapter_config.json
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -88,28 +89,54 @@ def export_merged(folder: str | Path, out: str | Path) -> Path:
     return save_pretrained(model, tokenizer, out)
 
 
+@dataclass(frozen=True)
+class LoRAWeights:
+    """Published LoRA weights: the frozen base (plain names) and the factors of each adapted weight.
+
+    `merged()` gives what an engine loads: W = base[W] + (B @ A)·scale for adapted weights, in
+    float32, then cast to `dtype`. The same function merges wherever it runs (in the trainer for
+    the inline runtime, in each engine process for the process runtime), so a version means the
+    same weights in both.
+    """
+
+    base: dict[str, torch.Tensor]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # weight name -> (A [r, in], B [out, r], α/r)
+    dtype: torch.dtype
+
+    def merged(self) -> dict[str, torch.Tensor]:
+        return merge_low_rank(self.base, self.factors, self.dtype)
+
+
 @torch.no_grad()
-def merged_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
+def merge_low_rank(base: dict[str, torch.Tensor], factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """base[W] + (B @ A)·scale for every W in `factors`, the other tensors as they are; floats cast to `dtype`."""
+    out = {}
+    for name, tensor in base.items():
+        if name in factors:
+            A, B, scale = factors[name]
+            tensor = tensor + (B @ A) * scale
+        out[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return out
+
+
+def lora_weights(model: PeftModel, dtype: torch.dtype) -> LoRAWeights:
+    """The model's base and adapter factors under the plain model's names (no copies are made)."""
+    inner, adapter = model.get_base_model(), model.active_adapter
+    factors = {
+        f"{name}.weight": (m.lora_A[adapter].weight.detach(), m.lora_B[adapter].weight.detach(), float(m.scaling[adapter]))
+        for name, m in inner.named_modules() if isinstance(m, LoraLayer)
+    }
+    base = {key.replace(".base_layer.", "."): t.detach() for key, t in inner.state_dict().items() if ".lora_" not in key}
+    return LoRAWeights(base, factors, dtype)
+
+
+def merged_state_dict(model: PeftModel, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The plain model's state dict with every adapted weight replaced by W + (α/r)·B·A.
 
     Keys are those of the model without peft (`...q_proj.weight`, not `...base_layer.weight`);
     the adapter's own tensors are left out. The trained tensors are not modified.
     """
-    inner = model.get_base_model()
-    adapter = model.active_adapter
-    deltas = {f"{name}.weight": m.get_delta_weight(adapter) for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
-    state = {}
-    for key, tensor in inner.state_dict().items():
-        if ".lora_" in key:
-            continue
-        plain = key.replace(".base_layer.", ".")
-        state[plain] = tensor + deltas[plain] if plain in deltas else tensor
-    return state
-
-
-def adapter_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
-    """The trained tensors alone (A and B of every adapted layer)."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+    return lora_weights(model, dtype).merged()
 
 
 def _check_linear(model: PeftModel, cfg: LoRAConfig) -> None:

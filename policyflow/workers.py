@@ -35,7 +35,7 @@ from policyflow.config import Config
 from policyflow.engine import Engine, Request, Sampler
 from policyflow.engine.sampler import join_samples
 from policyflow.logging import JsonlWriter, Progress
-from policyflow.lora import adapter_base_path, attach_lora, is_adapter_folder, is_lora, load_adapter, merged_state_dict
+from policyflow.lora import adapter_base_path, attach_lora, is_adapter_folder, is_lora, load_adapter, lora_weights
 from policyflow.model import load_pretrained, num_parameters, save_pretrained
 from policyflow.rollout import build_batch, encode_prompts, make_group, rollout_metrics, shape_overlong
 from policyflow.session import build_task, load_policy, open_session, pick_device, sampling_params
@@ -331,11 +331,14 @@ class TrainerWorker:
         """Publish the current weights as the trainer's version (done after every step).
 
         With LoRA the engines get the merged weights W + (α/r)·B·A under the plain model's
-        names (see `lora.py` and README "LoRA" for why merged, and the bytes per update).
+        names: merged here for the inline runtime, from the base and the adapter's factors in
+        each engine process for the process runtime (README "LoRA": the bytes per update).
         """
         model = self.session.model
-        full = merged_state_dict(model) if is_lora(model) else model.state_dict()
-        state = {k: v.to(self.compute_dtype) if v.is_floating_point() else v for k, v in full.items()}
+        if is_lora(model):  # the store merges: the inline one here, the file one in each engine process
+            state = lora_weights(model, self.compute_dtype)
+        else:
+            state = {k: v.to(self.compute_dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
         self.store.publish(self.trainer.version, state)  # in the engines' dtype (model.dtype)
         return self.trainer.version
 

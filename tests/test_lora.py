@@ -14,10 +14,10 @@ from transformers import AutoModelForCausalLM
 
 from policyflow import cli, coordinator
 from policyflow.config import ConfigError
-from policyflow.lora import attach_lora, merged_state_dict
+from policyflow.lora import attach_lora, lora_weights, merged_state_dict
 from policyflow.model import build_tiny
 from policyflow.trainer import sequence_logprobs
-from policyflow.weights import SnapshotStore
+from policyflow.weights import FileSnapshotStore, SnapshotStore, snapshot_path
 from policyflow.workers import GroupSpec, RolloutWorker, TrainerWorker
 
 QUIET = dict(log=lambda *_: None)
@@ -67,6 +67,34 @@ def test_merged_weights_give_the_adapted_model_and_leave_the_base_untouched(smal
     for key, value in wrapped.get_base_model().state_dict().items():  # publishing never merged into the trained tensors
         if ".lora_" not in key:
             assert torch.equal(value, base_state[key.replace(".base_layer.", ".")])
+
+
+def test_file_store_moves_only_the_adapter_and_merges_the_same_weights(small_config, tmp_path: Path) -> None:
+    """Process runtime: the base is written once, each version holds only A and B, and a reader
+    gets bit-for-bit the merged weights the inline store holds."""
+    cfg = small_config("model.lora.rank=2")
+    model, _ = build_tiny(seed=1, hidden_size=64, num_layers=2, intermediate_size=128, num_heads=2, num_kv_heads=1)
+    wrapped = attach_lora(model, cfg.model.lora, "base")
+    files, memory = FileSnapshotStore(tmp_path / "snap", keep=2), SnapshotStore(keep=2)
+    for version in range(3):
+        with torch.no_grad():
+            for name, p in wrapped.named_parameters():
+                if "lora_" in name:
+                    p.add_(torch.randn_like(p), alpha=0.01)  # a training step
+        weights = lora_weights(wrapped, torch.bfloat16)
+        files.publish(version, weights)
+        memory.publish(version, weights)
+        loaded, held = files.get(version), memory.get(version)
+        assert loaded.keys() == held.keys() and all(torch.equal(loaded[k], held[k]) for k in held)
+        assert held["model.layers.1.mlp.down_proj.weight"].dtype == torch.bfloat16
+    (base,) = (tmp_path / "snap").glob("base-*.safetensors")
+    adapter_bytes = snapshot_path(tmp_path / "snap", 2).stat().st_size
+    trained = sum(p.numel() for n, p in wrapped.named_parameters() if "lora_" in n)
+    assert adapter_bytes < 4 * trained + 8192 and adapter_bytes * 10 < base.stat().st_size  # A and B in fp32, names
+    resumed = FileSnapshotStore(tmp_path / "snap", keep=2)  # a resumed trainer writes its base afresh
+    resumed.publish(3, lora_weights(wrapped, torch.bfloat16))
+    (new_base,) = (tmp_path / "snap").glob("base-*.safetensors")
+    assert new_base != base and torch.equal(resumed.get(3)["model.embed_tokens.weight"], memory.get(2)["model.embed_tokens.weight"])
 
 
 def test_engine_samples_the_adapted_policy_not_the_base(small_config) -> None:
