@@ -256,6 +256,7 @@ class TrainerWorker:
         start = adapter_base_path(checkpoint) if adapter else checkpoint  # a LoRA checkpoint: its base, then the adapter
         self.session = open_session(cfg, model_path=start, master_weights=True)  # fp32 master weights
         self.compute_dtype = getattr(torch, cfg.model.dtype)  # bf16/fp16 models compute under autocast
+        self._sft_steps = 0  # warm-start steps taken here (none: the weights are still model.path's)
         self._use_model(load_adapter(self.session.model, checkpoint, trainable=True) if adapter else self.session.model)
 
     def _use_model(self, model: torch.nn.Module) -> None:
@@ -285,6 +286,7 @@ class TrainerWorker:
 
         result = warm_start(s.model, s.tokenizer, s.task, cfg.sft, chat_template=cfg.model.chat_template, greedy_accuracy=s.greedy_accuracy,
                             on_step=on_step, compute_dtype=self.compute_dtype)
+        self._sft_steps += result.steps
         bar.close()
         return asdict(result)
 
@@ -294,14 +296,16 @@ class TrainerWorker:
     def begin_rl(self, run_dir: str) -> None:
         """The current weights (after any warm-start) are where RL starts.
 
-        With LoRA (model.lora.rank > 0) they become the frozen base of a fresh adapter, stored
-        once in <run_dir>/base/ (the folder the adapter checkpoints name). With train.kl_coef > 0
+        With LoRA (model.lora.rank > 0) they become the frozen base of a fresh adapter: model.path
+        itself when no warm-start ran, else a copy stored once in <run_dir>/base/ (the adapter
+        checkpoints name this folder). With train.kl_coef > 0
         they are the KL reference: with LoRA the base with the adapter disabled; otherwise a copy,
         stored once in <run_dir>/reference/ so that a resumed run uses the same one.
         """
         lora = self.cfg.model.lora
         if lora.rank > 0:
-            base = self._save_once(Path(run_dir) / BASE_DIR)
+            unchanged = self.cfg.model.path and self._sft_steps == 0
+            base = Path(self.cfg.model.path) if unchanged else self._save_once(Path(run_dir) / BASE_DIR)
             self._use_model(attach_lora(self.session.model, lora, base))
         elif self.cfg.train.kl_coef > 0:
             self._save_once(Path(run_dir) / REFERENCE_DIR)

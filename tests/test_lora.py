@@ -208,3 +208,17 @@ def test_resume_restores_adapter_and_optimizer_exactly(small_config) -> None:
     assert finals[0].keys() == finals[1].keys()
     for key in finals[0]:
         torch.testing.assert_close(finals[0][key], finals[1][key], rtol=1e-5, atol=1e-7)
+
+
+def test_a_local_model_without_warm_start_is_its_own_base(small_config, tmp_path: Path) -> None:
+    """No copy of an unchanged model.path: the adapter names it as its base, and resume loads it from there."""
+    model, tokenizer = build_tiny(seed=5, hidden_size=32, num_layers=2, intermediate_size=64, num_heads=2, num_kv_heads=1)
+    model.save_pretrained(tmp_path / "local")
+    tokenizer.save_pretrained(tmp_path / "local")
+    overrides = (*LORA, f"model.path={tmp_path / 'local'}", "sft.max_steps=0", "eval.every=0")
+    first = small_config(*overrides, "train.steps=1")
+    coordinator.train(first, **QUIET)
+    summary = coordinator.train(small_config(*overrides, "train.steps=2"), resume=first.run_dir, **QUIET)
+    assert summary["steps"] == 2 and not (first.run_dir / "base").exists()
+    config = json.loads((Path(summary["final_checkpoint"]) / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == (tmp_path / "local").resolve()
