@@ -4,7 +4,8 @@ The model is the Qwen2-style tiny architecture at `--layers` layers of width `--
 by default: about 45M parameters). Each variant runs in its own fresh process so its peak RSS
 is its own: a `TrainerWorker` (the real trainer: fp32 master weights, AdamW, publishing), `--steps`
 GRPO steps on a fixed synthetic batch (B sequences of T tokens, random advantages), and one
-publish through each store:
+publish through each store. Peak RSS is read after training, after the process-runtime publish
+and after the inline publish (it only grows); the engine-side read is timed last:
 
 * process runtime (`FileSnapshotStore`): bytes written per update (full: the whole model in
   model.dtype; LoRA: the adapter's A and B, the base written once);
@@ -30,6 +31,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_variant(args: argparse.Namespace) -> dict:
@@ -65,22 +71,25 @@ def run_variant(args: argparse.Namespace) -> dict:
         worker.trainer.step(batch)
         step_s.append(time.perf_counter() - start)
 
+    peak_train = peak_rss_mib()
     worker.publish()  # process runtime (a LoRA publish writes the base once, first)
     start = time.perf_counter()
     worker.trainer.version += 1
     worker.publish()
     publish_files_s = time.perf_counter() - start
+    peak_process = peak_rss_mib()
     update_bytes = snapshot_path(files.folder, worker.trainer.version).stat().st_size
     once_bytes = sum(p.stat().st_size for p in files.folder.glob("base-*.safetensors"))
-    start = time.perf_counter()
-    engine_state = files.latest()[1]  # what an engine process does to take the update
-    engine_load_s = time.perf_counter() - start
     memory = SnapshotStore(keep=1)  # inline runtime
     worker.store = memory
     start = time.perf_counter()
     worker.publish()
     publish_memory_s = time.perf_counter() - start
+    peak_inline = peak_rss_mib()
     inline_bytes = sum(t.numel() * t.element_size() for t in memory.latest()[1].values())
+    start = time.perf_counter()
+    engine_state = files.latest()[1]  # what an engine process does to take the update (not trainer memory: measured last)
+    engine_load_s = time.perf_counter() - start
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     shutil.rmtree(work, ignore_errors=True)
     return {
@@ -97,7 +106,9 @@ def run_variant(args: argparse.Namespace) -> dict:
         "engine_state_bytes": sum(t.numel() * t.element_size() for t in engine_state.values()),
         "inline_runtime_bytes_per_update": inline_bytes,
         "inline_runtime_publish_seconds": publish_memory_s,
-        "trainer_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trainer_peak_rss_mib_training": peak_train,
+        "trainer_peak_rss_mib_after_process_publish": peak_process,
+        "trainer_peak_rss_mib_after_inline_publish": peak_inline,
     }
 
 
@@ -129,7 +140,8 @@ def main() -> None:
         "full": full,
         "lora": lora,
         "ratios_lora_over_full": {
-            "trainer_peak_rss": lora["trainer_peak_rss_mib"] / full["trainer_peak_rss_mib"],
+            "trainer_peak_rss_training": lora["trainer_peak_rss_mib_training"] / full["trainer_peak_rss_mib_training"],
+            "trainer_peak_rss_after_process_publish": lora["trainer_peak_rss_mib_after_process_publish"] / full["trainer_peak_rss_mib_after_process_publish"],
             "step_seconds": lora["step_seconds_median"] / full["step_seconds_median"],
             "process_runtime_bytes_per_update": lora["process_runtime_bytes_per_update"] / full["process_runtime_bytes_per_update"],
             "optimizer_state_bytes": lora["optimizer_state_bytes"] / full["optimizer_state_bytes"],

@@ -8,9 +8,12 @@ in a peft LoRA adapter. Every adapted linear layer computes
 B starts at zero, so the wrapped model is exactly the base at version 0. The KL reference is
 the same model inside peft's `disable_adapter()`: no second model is held.
 
-Engines never see peft. They load `merged_state_dict(model)`: W + (α/r)·B·A for every adapted
-layer under the plain model's parameter names, computed beside the trained weights (the base
-is never merged in place, so no rounding from merge/unmerge accumulates in it).
+Engines never see peft. The trainer publishes `lora_weights(model)` (the base and each adapted
+layer's A, B and α/r); the snapshot store hands engines `merge_low_rank`'s result: plain
+weights W + (α/r)·B·A under the model's own parameter names, computed beside the trained
+weights (the base is never merged in place, so no merge/unmerge rounding accumulates in it).
+The inline store merges at publish; the file store (process runtime) writes the base once and
+then only A and B per version, and each engine process merges with the same function.
 
 Files: a checkpoint holds the adapter in peft's own format (`adapter_config.json`,
 `adapter_model.safetensors`), whose `base_model_name_or_path` names the base folder, so

@@ -270,7 +270,8 @@ class TrainerWorker:
     def describe(self) -> str:
         s = self.session
         trained = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
-        lora = f" (LoRA rank {self.cfg.model.lora.rank}: {trained:,} trained)" if is_lora(s.model) else ""
+        rank = self.cfg.model.lora.rank
+        lora = f" (LoRA rank {rank}: {trained:,} trained)" if is_lora(s.model) else f" (LoRA rank {rank} added when RL starts)" if rank else ""
         return f"model: {num_parameters(s.model):,} parameters{lora} on {s.device}; task: {s.task.name}"
 
     def warm_start(self, metrics_path: str | None = None) -> dict[str, float]:
