@@ -31,7 +31,7 @@ from sampler_throughput import measure_peak_gflops, model_flops  # noqa: E402
 from policyflow.session import open_session  # noqa: E402
 from policyflow.config import load_config  # noqa: E402
 from policyflow.engine import SamplingParams  # noqa: E402
-from policyflow.rollout import build_batch, encode_prompts, rollout_groups  # noqa: E402
+from policyflow.rollout import build_batch, rollout_groups  # noqa: E402
 from policyflow.trainer import Trainer  # noqa: E402
 
 
@@ -53,8 +53,8 @@ def main() -> None:
     for repeat in range(args.repeats + 1):  # the first is a warm-up
         start = time.perf_counter()
         problems = [session.task.train_problem(repeat * 32 + i) for i in range(32)]
-        prompt_ids = encode_prompts(session.tokenizer, session.task, problems, False)
-        groups, _ = rollout_groups(session.sampler, session.task, problems, prompt_ids, 8, params, generator)
+        runner = session.runner.with_params(temperature=params.temperature, max_new_tokens=params.max_new_tokens, ignore_eos=True)
+        groups, _ = rollout_groups(runner, session.task, problems, 8, generator)
         for i, t in enumerate(t for g in groups for t in g.trajectories):
             t.reward = float(i % 3)  # dense, varied: every group has variance
         sampled = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Sampler throughput: policyflow's engine vs `transformers` `model.generate(do_sample=True)`.
+"""Engine throughput: policyflow's async engine vs `transformers` `model.generate(do_sample=True)`.
 
 Same tiny Qwen2 model (~1M parameters), same prompts ("123+456=" style, 4-8 characters),
 same batch and number of new tokens, measured side by side in one process, interleaved
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from policyflow.engine import Sampler, SamplingParams  # noqa: E402
+from policyflow.engine import AsyncEngine, SamplingParams, generate_blocking  # noqa: E402
 from policyflow.model import build_tiny  # noqa: E402
 
 
@@ -70,7 +70,7 @@ def model_flops(model, prompt_lens: list[int], new_lens: list[int]) -> float:
 def run_ours(sampler, prompts, n, forced):
     params = SamplingParams(max_new_tokens=n, ignore_eos=forced)
     start = time.perf_counter()
-    samples = sampler.generate(prompts, params)
+    samples = generate_blocking(sampler, prompts, params)
     return time.perf_counter() - start, [len(s.token_ids) for s in samples]
 
 
@@ -108,8 +108,8 @@ def main() -> None:
     prompts = [tokenizer(t)["input_ids"] for t in texts]
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     eos = tokenizer.eos_token_id
-    ours = Sampler(model, tokenizer, max_batch=args.batch, generator=torch.Generator().manual_seed(0))
-    generic = Sampler(model, tokenizer, max_batch=args.batch, backend="generic",
+    ours = AsyncEngine(model, tokenizer, max_batch=args.batch, generator=torch.Generator().manual_seed(0))
+    generic = AsyncEngine(model, tokenizer, max_batch=args.batch, backend="generic",
                       generator=torch.Generator().manual_seed(0))
     peak = measure_peak_gflops()
     prompt_lens = [len(p) for p in prompts]

@@ -72,8 +72,25 @@ class ModelConfig(Section):
     lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA adapter for RL (rank 0 = off).")
 
 
+class SearchQAConfig(Section):
+    """task.name=search_qa: made-up places answered with a local BM25 search tool (tasks/search_qa.py)."""
+
+    num_entities: int = Field(200, ge=3, description="Places in the synthetic corpus (one passage each).")
+    num_eval_entities: int = Field(40, ge=2, description="Places only held-out questions ask about (never in training questions).")
+    two_hop_fraction: float = Field(0.5, ge=0, le=1, description="Share of questions needing two lookups (the sum of two populations); the rest need one.")
+    max_value: int = Field(99, ge=10, description="Largest population.")
+    corpus_dir: str | None = Field(None, description="Folder for the JSONL corpus and its BM25 index; empty = <run.output_dir>/cache/search_qa.")
+    tool_format: Literal["tags", "hermes"] = Field("tags", description="tags: <search>…</search> / <answer>…</answer> (tiny models); hermes: <tool_call>{json}</tool_call> with the chat template's tools=.")
+    top_k: int = Field(1, ge=1, description="Passages returned per search.")
+    search_penalty: float = Field(0.1, ge=0, le=1, description="MMSearch-R1 β: a correct answer reached with search earns 1 − β instead of 1.")
+    format_weight: float = Field(0.1, ge=0, description="Reward added when every turn of an episode was one well-formed action.")
+    search_latency_s: float = Field(0.0, ge=0, description="Injected latency per search (benchmarks of tool waits).")
+    tool_timeout_s: float = Field(10.0, gt=0, description="A search running longer becomes an error observation.")
+    tool_concurrency: int = Field(16, ge=1, description="Searches in flight at once per process.")
+
+
 class TaskConfig(Section):
-    name: Literal["arithmetic", "countdown", "jsonl"] = Field("arithmetic", description="Which task supplies prompts and rewards.")
+    name: Literal["arithmetic", "countdown", "jsonl", "search_qa"] = Field("arithmetic", description="Which task supplies prompts and rewards.")
     seed: int = Field(0, description="Seed of the synthetic problem generator and of the jsonl held-out split.")
     num_eval: int = Field(200, ge=1, description="Held-out problems (synthetic tasks).")
     min_digits: int = Field(1, ge=1, le=9, description="arithmetic: fewest digits per operand.")
@@ -89,6 +106,7 @@ class TaskConfig(Section):
     reward: str = Field("exact", description="jsonl: 'exact', 'numeric', or an import path 'module:function' called as fn(prompts, completions, **columns) -> list[float].")
     on_bad_row: Literal["skip", "error"] = Field("error", description="jsonl: what a malformed row does (reported with its line number either way).")
     reward_timeout_s: float = Field(10.0, gt=0, description="Seconds a reward function may take per batch before its samples are counted as errors.")
+    search: SearchQAConfig = Field(default_factory=SearchQAConfig, description="search_qa: corpus, tool and reward settings.")
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
@@ -223,6 +241,15 @@ class CheckpointConfig(Section):
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
 
 
+class AgentConfig(Section):
+    """Episodes (DESIGN.md §6): how long one may run and what each engine call sees."""
+
+    max_turns: int = Field(8, ge=1, description="Most engine calls (model turns) per episode; an episode still going after them ends 'truncated' with the reward it earned.")
+    max_total_tokens: int | None = Field(None, ge=2, description="Most tokens one engine call may see and write (its context + its completion), so also the longest training row; a call's max_new_tokens is cut to fit, and an episode with no room left ends 'truncated'; empty = no cap beyond sampling.max_new_tokens per call.")
+    max_obs_tokens: int = Field(256, ge=1, description="Observation tokens kept per tool result (the rest is cut off before it is appended).")
+    context: Literal["full", "mem1"] = Field("full", description="What each call sees: full (the whole history) or mem1 (the prompt, the latest turn with its <state>, the latest observation).")
+
+
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity, seed, device, threads, logging.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
@@ -235,6 +262,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Synchronous, one-step-off or asynchronous rollouts and training.")
+    agent: AgentConfig = Field(default_factory=AgentConfig, description="Multi-turn episodes: limits and context policy.")
 
     @model_validator(mode="before")
     @classmethod

@@ -25,12 +25,14 @@ from pathlib import Path
 import torch
 import yaml
 
+from policyflow.agent.context import context_policy
 from policyflow.buffer import RolloutBuffer
 from policyflow.checkpoint import LoopState, latest_checkpoint
 from policyflow.config import Config
 from policyflow.evaluate import EvalResult
 from policyflow.logging import JsonlWriter, Progress, plot_run
 from policyflow.pool import RolloutPool, task_index
+from policyflow.rollout import episode_record
 from policyflow.runtime import make_runtime
 from policyflow.session import open_session
 from policyflow.sft import warm_start
@@ -176,7 +178,7 @@ def _accuracy_line(label: str, result: dict) -> str:
 def _write_samples(writer: JsonlWriter, step: int, groups: list[Group], per_step: int = 4) -> None:
     for g in groups[:per_step]:
         for t in g.trajectories[:2]:
-            writer.write({"step": step, "prompt": g.prompt, "answer": g.answer, "completion": t.completion_text, "reward": t.reward, "finish_reason": t.finish_reason})
+            writer.write({"step": step, "prompt": g.prompt, "answer": g.answer, "completion": t.completion_text, "reward": t.reward, "finish_reason": t.finish_reason, "episode": episode_record(t)})
 
 
 def run_sft(cfg: Config, log=print) -> Path:
@@ -188,6 +190,7 @@ def run_sft(cfg: Config, log=print) -> Path:
     result = warm_start(
         session.model, session.tokenizer, session.task, cfg.sft, chat_template=cfg.model.chat_template,
         greedy_accuracy=session.greedy_accuracy, compute_dtype=getattr(torch, cfg.model.dtype),
+        context=context_policy(cfg.agent.context),
     )
     folder = save_pretrained(session.model, session.tokenizer, cfg.run_dir / "sft")
     log(f"SFT: {result.steps} steps, loss {result.final_loss:.3f}, greedy held-out accuracy {result.accuracy_greedy:.1%}; saved to {folder}")

@@ -18,17 +18,20 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from policyflow.buffer import RolloutBuffer
 from policyflow.config import Config
 from policyflow.runtime import Handle, Runtime, WorkerDied
+from policyflow.session import build_task
+from policyflow.tasks.base import Problem
 from policyflow.weights import should_update
 from policyflow.workers import GroupSpec, RolloutWorker
 
 log = logging.getLogger("policyflow.pool")
 T = TypeVar("T")
-_COUNTERS = ("tokens", "busy_s", "alive_s", "swaps", "pause_s", "aborted_sequences", "aborted_tokens", "reward_errors")
+_COUNTERS = ("tokens", "busy_s", "alive_s", "swaps", "pause_s", "aborted_sequences", "aborted_tokens", "reward_errors")  # per worker, summed
 
 
 def task_id(index: int) -> str:
@@ -54,9 +57,12 @@ class RolloutPool:
     def __init__(
         self, runtime: Runtime, cfg: Config, store, buffer: RolloutBuffer, *,
         next_index: int, worker_cls: type = RolloutWorker, rng_states: list | None = None, cpus: float = 1,
+        problems: Callable[[int], Problem] | None = None,
     ) -> None:
         self.runtime, self.cfg, self.store, self.buffer = runtime, cfg, store, buffer
         self.next_index = next_index  # the first training problem never issued
+        self.problems = problems  # index -> problem; None: the task's training set (built on first use)
+        self._next_spec: GroupSpec | None = None
         self.worker_cls = worker_cls
         self.cpus = cpus
         self.restarts = 0
@@ -154,7 +160,11 @@ class RolloutPool:
     def _peek(self) -> GroupSpec:
         for payload in self.buffer.requeued.values():  # oldest requeued first
             return payload
-        return GroupSpec(task_id(self.next_index), self.next_index)
+        if self._next_spec is None or self._next_spec.index != self.next_index:
+            if self.problems is None:
+                self.problems = build_task(self.cfg).train_problem
+            self._next_spec = GroupSpec(task_id(self.next_index), self.next_index, self.problems(self.next_index))
+        return self._next_spec
 
     async def _dispatch(self, specs: list[GroupSpec]) -> None:
         while not any(s.handle.alive for s in self.slots):

@@ -40,3 +40,34 @@ def count_penalty(counts: Tensor, per_item: float, max_penalty: float | None = N
     """−per_item · count (e.g. per search or tool call), floored at −max_penalty when given."""
     penalty = -per_item * _float(counts)
     return penalty if max_penalty is None else penalty.clamp(min=-max_penalty)
+
+
+def search_penalty_reward(
+    correct: Tensor, num_searches: Tensor, format_ok: Tensor, *, penalty: float = 0.1, format_weight: float = 0.1
+) -> dict[str, Tensor]:
+    """MMSearch-R1's outcome reward with a search penalty (arXiv 2506.20670, §3), as named parts.
+
+    The paper's reward is (1 − α) · acc · P + α · fmt, with P = 1 − β when the episode searched
+    and 1 otherwise. Divided by (1 − α) it is
+
+        reward = acc · (1 − β · [searches > 0]) + γ · fmt,      γ = α / (1 − α)
+
+    which ranks every episode the same way, and group-normalised advantages (GRPO) are
+    unchanged by the scale. We use this form so that the `correct` part is the 0/1 verdict
+    itself. β = `penalty`, γ = `format_weight`; acc ∈ {0, 1} is the answer check and fmt ∈ {0, 1}
+    whether the episode kept the required format. A correct answer reached with search earns
+    1 − β (+ γ), one without search 1 (+ γ); a wrong answer earns only γ · fmt. The parts sum to
+    the reward:
+
+        correct        = acc
+        search_penalty = −β · acc · [searches > 0]
+        format         = γ · fmt
+    """
+    if not 0.0 <= penalty <= 1.0:
+        raise ValueError(f"search penalty must be in [0, 1], got {penalty}")
+    if format_weight < 0.0:
+        raise ValueError(f"format_weight must be >= 0, got {format_weight}")
+    acc = _float(torch.as_tensor(correct))
+    searched = (torch.as_tensor(num_searches) > 0).to(acc.dtype)
+    fmt = _float(torch.as_tensor(format_ok)).to(acc.dtype)
+    return {"correct": acc, "search_penalty": -penalty * acc * searched, "format": format_weight * fmt}

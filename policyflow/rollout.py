@@ -1,75 +1,55 @@
-"""From samples to a TrainBatch: groups of scored trajectories, reward shaping, advantages, collation.
+"""From episodes to a TrainBatch: groups of scored trajectories, reward shaping, advantages, collation.
 
-`make_group` turns the G samples of one problem into a scored `Group` (rollout workers call it
-as each group finishes); `rollout_groups` is the one-shot version for a list of problems;
-`build_batch` computes advantages and pads the batch the trainer consumes.
+Rollout workers run groups with `agent.episode.EpisodeRunner.run_group` as problems arrive;
+`rollout_groups` is the same for a list of problems from synchronous code (the textbook loop
+in tests and benchmarks); `build_batch` computes advantages and pads the batch the trainer
+consumes (rows from each episode's calls: `tokens.episode_rows`).
 """
 
 from __future__ import annotations
 
-import time
+import asyncio
 from collections.abc import Sequence
 
 import torch
 
 from policyflow.advantages import ADVANTAGES, has_signal
+from policyflow.agent.env import group_builder
+from policyflow.agent.episode import EpisodeRunner
 from policyflow.config import Config
-from policyflow.engine import Sampler, SamplingParams
+from policyflow.engine import run_blocking, using_generator
 from policyflow.rewards import overlong_penalty
 from policyflow.tasks.base import Problem, Task
 from policyflow.tokens import collate, render_prompt
-from policyflow.types import Call, Group, Sample, Segment, TrainBatch, Trajectory
+from policyflow.types import Group, TrainBatch, Trajectory
 
 
 def encode_prompts(tokenizer, task: Task, problems: Sequence[Problem], chat_template: bool) -> list[list[int]]:
     return [render_prompt(tokenizer, task.render_prompt(p), chat_template) for p in problems]
 
 
-def make_group(task: Task, problem: Problem, samples: Sequence[Sample], *, task_id: str | None = None, gen_seconds: float = 0.0) -> tuple[Group, int]:
-    """Score the G samples of one problem and package them; returns the group and the reward-error count."""
-    score = task.score([problem] * len(samples), [s.text for s in samples])
-    task_id = task_id or problem.id
-    trajectories = []
-    for j, s in enumerate(samples):
-        segments = [Segment("prompt", tuple(s.prompt_ids)), Segment("gen", tuple(s.token_ids), tuple(s.logprobs), tuple(s.versions))]
-        traj = Trajectory(
-            id=f"{task_id}/{j}",
-            task_id=task_id,
-            group_id=task_id,
-            segments=segments,
-            calls=[Call(context=(0,), produced=1)],
-            reward=score.rewards[j],
-            reward_parts={"correct": float(score.correct[j])} | {name: vals[j] for name, vals in score.parts.items()},
-            completion_text=s.text,
-            start_version=min(s.versions, default=0),
-            end_version=max(s.versions, default=0),
-            status="truncated" if s.finish_reason == "length" else "complete",
-            finish_reason=s.finish_reason,
-        )
-        traj.timings.generation_s = gen_seconds
-        trajectories.append(traj)
-    return Group(id=task_id, task_id=task_id, prompt=problem.prompt, answer=problem.answer, trajectories=trajectories), score.errors
+async def run_groups(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], group_size: int, task_ids: Sequence[str] | None = None) -> tuple[list[Group], int]:
+    """`group_size` episodes of each problem, all in flight at once; the groups in order and the reward-error count."""
+    task_ids = task_ids or [p.id for p in problems]
+    done = await asyncio.gather(*(runner.run_group(group_builder(task, p), group_size, task_id=i) for p, i in zip(problems, task_ids)))
+    return [g for g, _ in done], sum(e for _, e in done)
 
 
-def rollout_groups(
-    sampler: Sampler,
-    task: Task,
-    problems: Sequence[Problem],
-    prompt_ids: Sequence[list[int]],
-    group_size: int,
-    params: SamplingParams,
-    generator: torch.Generator | None = None,
-) -> tuple[list[Group], int]:
-    """G samples per problem in one engine batch, scored. Returns the groups and the reward-error count."""
-    start = time.perf_counter()
-    samples = sampler.generate([ids for ids in prompt_ids for _ in range(group_size)], params, generator=generator)
-    per_sample = (time.perf_counter() - start) / max(1, len(samples))
-    groups, errors = [], 0
-    for i, problem in enumerate(problems):
-        group, n = make_group(task, problem, samples[i * group_size:(i + 1) * group_size], gen_seconds=per_sample)
-        groups.append(group)
-        errors += n
-    return groups, errors
+def rollout_groups(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], group_size: int, generator: torch.Generator | None = None) -> tuple[list[Group], int]:
+    """`run_groups` from synchronous code, sampling with `generator` (None: the engine's)."""
+    with using_generator(runner.engine, generator):
+        return run_blocking(run_groups(runner, task, problems, group_size))
+
+
+def episode_record(t: Trajectory) -> dict:
+    """A whole episode for samples.jsonl: every segment's text (and whether it was trained), the calls, the env's step notes."""
+    return {
+        "status": t.status, "turns": t.num_turns, "tool_calls": t.num_tool_calls, "tool_errors": t.num_tool_errors,
+        "reward_parts": t.reward_parts,
+        "segments": [{"kind": s.kind, "turn": s.turn, "text": s.text, "tokens": len(s.token_ids), "trained": s.trainable} for s in t.segments],
+        "calls": [{"context": list(c.context), "produced": c.produced} for c in t.calls],
+        "steps": t.step_info,
+    }
 
 
 def shape_overlong(groups: Sequence[Group], max_len: int, cache_len: int) -> None:
@@ -115,7 +95,7 @@ def build_batch(groups: list[Group], cfg: Config, pad_id: int) -> tuple[TrainBat
 
 
 def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:
-    """Reward, correctness, length and truncation of the trajectories in `groups` (`rollout/…`)."""
+    """Reward, correctness, length, truncation (`rollout/…`), turns and tools (`agent/…`) of the trajectories in `groups`."""
     trajectories = [t for g in groups for t in g.trajectories]
     n = max(1, len(trajectories))
     return {
@@ -123,4 +103,16 @@ def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:
         "rollout/correct_mean": sum(t.reward_parts.get("correct", 0.0) for t in trajectories) / n,
         "rollout/response_tokens_mean": sum(t.num_gen_tokens for t in trajectories) / n,
         "rollout/truncated_fraction": sum(t.status == "truncated" for t in trajectories) / n,
-    }
+        "agent/turns_mean": sum(t.num_turns for t in trajectories) / n,
+        "agent/tool_calls_mean": sum(t.num_tool_calls for t in trajectories) / n,
+        "agent/tool_errors": float(sum(t.num_tool_errors for t in trajectories)),
+        "agent/context_tokens_max": float(max((t.context_tokens_max for t in trajectories), default=0)),
+        "perf/tool_seconds": sum(t.timings.tools_s for t in trajectories),
+    } | reward_part_means(trajectories)
+
+
+def reward_part_means(trajectories: Sequence[Trajectory]) -> dict[str, float]:
+    """The mean of every named reward part (`reward/correct`, `reward/search_penalty`, ...); a missing part counts 0."""
+    names = sorted({name for t in trajectories for name in t.reward_parts})
+    n = max(1, len(trajectories))
+    return {f"reward/{name}": sum(t.reward_parts.get(name, 0.0) for t in trajectories) / n for name in names}

@@ -1,4 +1,4 @@
-"""What one process needs to train or evaluate, built from the config: model, tokenizer, task, sampler."""
+"""What one process needs to train or evaluate, built from the config: model, tokenizer, task, engine."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 
 from policyflow.config import Config
-from policyflow.engine import Sampler, SamplingParams
+from policyflow.agent.context import context_policy
+from policyflow.agent.episode import EpisodeRunner
+from policyflow.engine import AsyncEngine, SamplingParams
 from policyflow.evaluate import EvalResult, accuracy, evaluate
 from policyflow.lora import is_adapter_folder, load_merged
 from policyflow.model import build_tiny, load_pretrained
-from policyflow.rollout import encode_prompts
 from policyflow.tasks import make_task
 from policyflow.tasks.base import Problem, Task
 
@@ -48,6 +49,10 @@ def build_task(cfg: Config) -> Task:
         kwargs = dict(seed=t.seed, min_digits=t.min_digits, max_digits=t.max_digits, num_eval=t.num_eval)
     elif t.name == "countdown":
         kwargs = dict(seed=t.seed, num_eval=t.num_eval, num_numbers=t.num_numbers, max_number=t.max_number, max_target=t.max_target)
+    elif t.name == "search_qa":
+        search = t.search.model_dump()
+        search["corpus_dir"] = search["corpus_dir"] or str(Path(cfg.run.output_dir) / "cache" / "search_qa")
+        kwargs = dict(seed=t.seed, num_eval=t.num_eval, max_obs_chars=cfg.agent.max_obs_tokens, **search)
     else:
         kwargs = dict(
             path=t.path, prompt_column=t.prompt_column, answer_column=t.answer_column, reward=t.reward,
@@ -62,6 +67,11 @@ def sampling_params(cfg: Config, task: Task) -> SamplingParams:
     return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens, stop=tuple(s.stop) + task.stop)
 
 
+def episode_runner(cfg: Config, engine: AsyncEngine, tokenizer, params: SamplingParams) -> EpisodeRunner:
+    """The episode runner the config describes (limits and context policy `agent.*`)."""
+    return EpisodeRunner(engine, tokenizer, params, cfg.agent, chat_template=cfg.model.chat_template, context=context_policy(cfg.agent.context))
+
+
 @dataclass
 class Session:
     """Everything one process needs to train or evaluate: built once from the config."""
@@ -70,27 +80,25 @@ class Session:
     model: torch.nn.Module
     tokenizer: object
     task: Task
-    sampler: Sampler
+    engine: AsyncEngine
     eval_problems: list[Problem]
-    eval_prompt_ids: list[list[int]]
     device: torch.device
 
     @property
     def params(self) -> SamplingParams:
         return sampling_params(self.cfg, self.task)
 
+    @property
+    def runner(self) -> EpisodeRunner:
+        """Episodes on this process's engine (evaluation: the same path as rollouts)."""
+        return episode_runner(self.cfg, self.engine, self.tokenizer, self.params)
+
     def evaluate(self) -> EvalResult:
-        return evaluate(
-            self.sampler, self.task, self.eval_problems, self.eval_prompt_ids,
-            max_new_tokens=self.cfg.sampling.max_new_tokens, temperature=self.cfg.eval.temperature,
-            stop=self.params.stop, seed=self.cfg.run.seed,
-        )
+        return evaluate(self.runner, self.task, self.eval_problems, temperature=self.cfg.eval.temperature, seed=self.cfg.run.seed)
 
     def greedy_accuracy(self) -> float:
         """Greedy accuracy on the first `sft.eval_prompts` held-out problems (the SFT stopping rule)."""
-        n = self.cfg.sft.eval_prompts
-        params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.sampling.max_new_tokens, stop=self.params.stop)
-        return accuracy(self.sampler, self.task, self.eval_problems[:n], self.eval_prompt_ids[:n], params)[0]
+        return accuracy(self.runner.with_params(temperature=0.0), self.task, self.eval_problems[: self.cfg.sft.eval_prompts])[0]
 
 
 def open_session(cfg: Config, model_path: Path | str | None = None, *, master_weights: bool = False) -> Session:
@@ -103,5 +111,4 @@ def open_session(cfg: Config, model_path: Path | str | None = None, *, master_we
     model, tokenizer = load_policy(cfg, model_path, master_weights=master_weights)
     task = build_task(cfg)
     problems = list(task.eval_problems())[: cfg.eval.num_prompts]
-    prompt_ids = encode_prompts(tokenizer, task, problems, cfg.model.chat_template)
-    return Session(cfg, model, tokenizer, task, Sampler(model, tokenizer), problems, prompt_ids, pick_device(cfg))
+    return Session(cfg, model, tokenizer, task, AsyncEngine(model, tokenizer), problems, pick_device(cfg))

@@ -1,4 +1,5 @@
-"""Supervised warm-start: cross-entropy on the reference answer tokens only.
+"""Supervised warm-start: cross-entropy on the reference answer tokens only (for multi-turn
+demonstrations, `Task.sft_turns`, on the model's turns and not on the tool results between them).
 
 RL from a random-init model gets no reward signal, so the demo first teaches the answer format
 and some skill by SFT, stopping as soon as greedy held-out accuracy reaches a target.
@@ -13,12 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
+from policyflow.agent.context import full_context
+from policyflow.agent.env import ContextPolicy
 from policyflow.config import SFTConfig
 from policyflow.losses import sft_loss
 from policyflow.rollout import encode_prompts
 from policyflow.tasks.base import Task
-from policyflow.tokens import sft_batch
+from policyflow.tokens import episode_rows, render_observation, sft_batch
 from policyflow.trainer import compute_precision, make_optimizer, sequence_logprobs
+from policyflow.types import Call, Segment, Trajectory
 
 # SFT draws training problems from its own index range so the RL stage starts on fresh ones.
 SFT_PROBLEM_OFFSET = 10_000_000
@@ -40,6 +44,32 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> flo
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def demonstration_rows(
+    tokenizer, prompt_ids: list[int], turns: list[tuple[str, str]], chat_template: bool, context: ContextPolicy = full_context
+) -> list[tuple[list[int], list[int]]]:
+    """The training rows (token ids, loss mask) of a demonstration, as RL would train them.
+
+    The turns become the segments the episode runner would have made (each turn tokenized on
+    its own: gen turns as text, obs turns with `render_observation`; EOS closes a final gen
+    turn), each gen turn a `Call` whose context is `context(segments before it)`, and
+    `tokens.episode_rows` cuts them into rows: one row under `full`, one per call under `mem1`.
+    Only gen tokens are trained (mask 1), each exactly once.
+    """
+    segments = [Segment("prompt", tuple(prompt_ids))]
+    calls: list[Call] = []
+    for k, (kind, text) in enumerate(turns):
+        if kind == "gen":
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id] * (k == len(turns) - 1)
+            calls.append(Call(context=tuple(context(segments)), produced=len(segments)))
+            segments.append(Segment("gen", tuple(ids), (0.0,) * len(ids), (0,) * len(ids), turn=k, text=text))
+        elif kind == "obs":
+            segments.append(Segment("obs", tuple(render_observation(tokenizer, text, chat_template)[0]), turn=k, text=text))
+        else:
+            raise ValueError(f"a demonstration turn is 'gen' or 'obs', got {kind!r}")
+    demo = Trajectory(id="sft", task_id="sft", group_id="sft", segments=segments, calls=calls)
+    return [(ids, mask) for ids, mask, _, _ in episode_rows(demo)]
+
+
 def warm_start(
     model: torch.nn.Module,
     tokenizer,
@@ -50,11 +80,14 @@ def warm_start(
     greedy_accuracy: Callable[[], float],
     on_step: Callable[[int, float], None] = lambda step, loss: None,
     compute_dtype: torch.dtype = torch.float32,
+    context: ContextPolicy = full_context,
 ) -> SFTResult:
     """Train until `greedy_accuracy()` (checked every `cfg.eval_every` steps) reaches the target.
 
     Forward passes run in `compute_dtype` (autocast) over the model's own (fp32 master) weights.
-    """
+    `context` is the run's context policy (`agent.context`): multi-turn demonstrations are cut
+    into the rows RL would train (`demonstration_rows`), so under mem1 each turn is learnt
+    from the pruned context it will see."""
     start = time.perf_counter()
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.99))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, cfg.max_steps))
@@ -63,8 +96,10 @@ def warm_start(
         first = SFT_PROBLEM_OFFSET + step * cfg.batch_size
         problems = [task.train_problem(first + i) for i in range(cfg.batch_size)]
         prompts = encode_prompts(tokenizer, task, problems, chat_template)
-        completions = [tokenizer(task.sft_completion(p), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for p in problems]
-        input_ids, attention, loss_mask = sft_batch(prompts, completions, tokenizer.pad_token_id)
+        rows = [row for p, ids in zip(problems, prompts) for row in demonstration_rows(tokenizer, ids, task.sft_turns(p), chat_template, context)]
+        input_ids, attention, loss_mask = sft_batch([[]] * len(rows), [ids for ids, _ in rows], tokenizer.pad_token_id)
+        for b, (_, mask) in enumerate(rows):
+            loss_mask[b, : len(mask)] = torch.tensor(mask, dtype=loss_mask.dtype)
         model.train()
         with compute_precision(next(model.parameters()).device, compute_dtype):
             logprobs = sequence_logprobs(model, input_ids, attention)

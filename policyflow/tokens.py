@@ -1,7 +1,11 @@
-"""Prompt rendering and collation of trajectories into padded training tensors with loss masks.
+"""Rendering (prompts, observations) and collation of episodes into padded training rows.
 
-History is never re-tokenized: a trajectory is the concatenation of its segments' token ids, and
-only `gen` tokens are trained (loss mask 1) (DESIGN.md §3).
+History is never re-tokenized (DESIGN.md §3): an episode is a list of segments (prompt, gen,
+obs) holding token ids; each engine call is a `Call` naming the segments that formed its exact
+context. `episode_rows` turns the calls into training rows — consecutive calls whose context
+extends the previous call's context plus its output share one row; a call whose context does
+not (MEM1 pruning) starts a new row — and `collate` pads the rows of many episodes into a
+`TrainBatch`. In a row, only the tokens produced by the row's own calls have loss mask 1.
 """
 
 from __future__ import annotations
@@ -13,28 +17,63 @@ import torch
 from policyflow.types import Segment, TrainBatch, Trajectory
 
 
-def render_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
-    """Token ids of the prompt; with `chat_template`, the tokenizer's template with a generation prompt."""
+def _chat_ids(tokenizer, messages: list[dict], *, generation_prompt: bool, tools: list[dict] | None = None) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("model.chat_template=true but the tokenizer has no chat template; set model.chat_template=false")
+    ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def render_prompt(tokenizer, text: str, chat_template: bool, tools: list[dict] | None = None) -> list[int]:
+    """Token ids of the prompt; with `chat_template`, the tokenizer's template (with `tools=` when given) and a generation prompt."""
     if chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("model.chat_template=true but the tokenizer has no chat template; set model.chat_template=false")
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return _chat_ids(tokenizer, [{"role": "user", "content": text}], generation_prompt=True, tools=tools)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def trajectory_tokens(segments: Sequence[Segment]) -> tuple[list[int], list[int], list[float], list[int]]:
-    """Flatten segments to (token ids, loss mask, behaviour log-probs, versions); non-gen tokens get 0/0.0/-1."""
+def render_observation(tokenizer, text: str, chat_template: bool, max_tokens: int | None = None, *, turn_ended: bool = True) -> tuple[list[int], str]:
+    """Token ids (and the text kept) of an observation appended after the model's turn.
+
+    The text is first cut to `max_tokens` tokens. Plain models get the text's own tokens. Chat
+    models get what the template puts between the end of an assistant turn and the next
+    assistant turn when a tool message comes in: the separator after the assistant's end token,
+    the tool-role message, and the generation prompt (read off the template by rendering a
+    conversation with and without the tool message). When the model's turn stopped on a stop
+    string (`turn_ended` False: e.g. at `</tool_call>`), the template's end token comes first.
+    """
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if max_tokens is not None and len(ids) > max_tokens:
+        ids = ids[:max_tokens]
+        text = tokenizer.decode(ids)
+    if not chat_template:
+        return ids, text
+    turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
+    before = _chat_ids(tokenizer, turns, generation_prompt=False)
+    after = _chat_ids(tokenizer, turns + [{"role": "tool", "content": text}], generation_prompt=True)
+    ends = [i for i, t in enumerate(before) if t == tokenizer.eos_token_id]
+    cut = ends[-1] + 1 if ends else len(before)  # the model's turn ends with its end token: what follows is the template's
+    if after[:cut] != before[:cut]:
+        raise ValueError("the chat template renders earlier turns differently once a tool message follows; observations cannot be appended as tokens with this template")
+    return after[cut - (0 if turn_ended or not ends else 1):], text
+
+
+Row = tuple[list[int], list[int], list[float], list[int]]  # token ids, loss mask, behaviour log-probs, versions
+
+
+def row_tokens(segments: Sequence[Segment], indices: Sequence[int] | None = None, trained: set[int] | None = None) -> Row:
+    """Flatten the segments at `indices` (None: all) into one row.
+
+    Tokens of the gen segments in `trained` (None: every gen segment) get loss mask 1 with their
+    behaviour log-probs and versions; all other tokens get 0 / 0.0 / -1.
+    """
     ids: list[int] = []
     mask: list[int] = []
     logprobs: list[float] = []
     versions: list[int] = []
-    for seg in segments:
-        n = len(seg.token_ids)
+    for i in range(len(segments)) if indices is None else indices:
+        seg, n = segments[i], len(segments[i].token_ids)
         ids += seg.token_ids
-        if seg.trainable:
+        if seg.trainable and (trained is None or i in trained):
             mask += [1] * n
             logprobs += seg.logprobs
             versions += seg.versions
@@ -45,6 +84,28 @@ def trajectory_tokens(segments: Sequence[Segment]) -> tuple[list[int], list[int]
     return ids, mask, logprobs, versions
 
 
+def episode_rows(trajectory: Trajectory) -> list[Row]:
+    """The training rows of one episode, each as (token ids, loss mask, behaviour log-probs, versions).
+
+    A row is the context of a run of calls plus what they produced: call k+1 joins call k's row
+    when its context starts with call k's context followed by call k's output (the prefix
+    extension of a `full` context); otherwise it starts a new row (MEM1 pruning, summaries), in
+    which earlier outputs are context only (mask 0): every generated token is trained exactly
+    once, in the row whose tokens are exactly what the model saw when it produced it.
+    A trajectory without calls is one row of all its segments.
+    """
+    if not trajectory.calls:
+        return [row_tokens(trajectory.segments)]
+    groups: list[tuple[list[int], set[int]]] = []  # (segment indices of the row, produced segments)
+    for call in trajectory.calls:
+        context = list(call.context)
+        if groups and context[: len(groups[-1][0])] == groups[-1][0]:
+            groups[-1] = (context + [call.produced], groups[-1][1] | {call.produced})
+        else:
+            groups.append((context + [call.produced], {call.produced}))
+    return [row_tokens(trajectory.segments, indices, trained) for indices, trained in groups]
+
+
 def collate(
     trajectories: Sequence[Trajectory],
     advantages_B: torch.Tensor,
@@ -53,8 +114,20 @@ def collate(
     *,
     trainable_B: Sequence[bool] | None = None,
 ) -> TrainBatch:
-    """Right-pad trajectories into a TrainBatch; rows with `trainable_B[b]` False get an all-zero loss mask."""
-    rows = [trajectory_tokens(t.segments) for t in trajectories]
+    """Right-pad the rows of every episode into a TrainBatch (one row per `episode_rows` entry).
+
+    `advantages_B`, `group_index_B` and `trainable_B` are per episode; every row of episode b
+    gets its advantage and group, and `episode_index_B` says which episode a row came from.
+    Rows of an episode with `trainable_B[b]` False get an all-zero loss mask.
+    """
+    rows, episode_of = [], []
+    for b, t in enumerate(trajectories):
+        for row in episode_rows(t):
+            rows.append(row)
+            episode_of.append(b)
+    episode_index_B = torch.tensor(episode_of, dtype=torch.long)
+    if trainable_B is not None:
+        trainable_B = [trainable_B[b] for b in episode_of]
     B, T = len(rows), max(len(r[0]) for r in rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     attention = torch.zeros((B, T), dtype=torch.long)
@@ -75,8 +148,9 @@ def collate(
         loss_mask_BT=loss_mask,
         behav_logprobs_BT=behav,
         versions_BT=versions,
-        advantages_B=advantages_B.to(torch.float32),
-        group_index_B=group_index_B,
+        advantages_B=advantages_B.to(torch.float32)[episode_index_B],
+        group_index_B=group_index_B[episode_index_B],
+        episode_index_B=episode_index_B,
     )
 
 

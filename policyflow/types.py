@@ -7,7 +7,7 @@ shape suffix: B sequences, T tokens, G group members, P prompts, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -43,7 +43,11 @@ class Sample:
 
 @dataclass(frozen=True)
 class Segment:
-    """A contiguous run of tokens of one kind. Only `gen` segments carry log-probs/versions."""
+    """A contiguous run of tokens of one kind. Only `gen` segments carry log-probs/versions.
+
+    `text` is what the tokens say (the decoded action for gen, the observation text for obs),
+    kept for context policies and samples.jsonl; training reads only the token ids.
+    """
 
     kind: SegmentKind
     token_ids: tuple[int, ...]
@@ -51,6 +55,7 @@ class Segment:
     versions: tuple[int, ...] | None = None
     turn: int = 0
     tag: str | None = None
+    text: str = ""
 
     @property
     def trainable(self) -> bool:
@@ -71,7 +76,7 @@ class Segment:
 
 @dataclass(frozen=True)
 class Call:
-    """One engine call: the segments that formed its exact context and the one it produced."""
+    """One engine call: the segments that formed its exact context (in order) and the one it produced."""
 
     context: tuple[int, ...]  # indices into Trajectory.segments
     produced: int  # index of the gen segment
@@ -99,15 +104,23 @@ class Trajectory:
     completion_text: str = ""
     num_turns: int = 1
     num_tool_calls: int = 0
+    num_tool_errors: int = 0
     start_version: int = 0
     end_version: int = 0
     status: TrajectoryStatus = "complete"
     finish_reason: FinishReason = "eos"
     timings: Timings = field(default_factory=Timings)
+    step_info: list[dict[str, Any]] = field(default_factory=list)  # the env's `StepResult.info`, one per step
 
     @property
     def num_gen_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.segments if s.kind == "gen")
+
+    @property
+    def context_tokens_max(self) -> int:
+        """Longest sequence one engine call saw and wrote (its context plus its output)."""
+        size = lambda indices: sum(len(self.segments[i].token_ids) for i in indices)
+        return max((size(c.context) + size((c.produced,)) for c in self.calls), default=size(range(len(self.segments))))
 
     @property
     def min_version(self) -> int:
@@ -137,7 +150,8 @@ class Group:
 
 @dataclass(frozen=True)
 class TrainBatch:
-    """Right-padded tensors for one optimisation step.
+    """Right-padded tensors for one optimisation step: one row per training row of an episode
+    (`tokens.episode_rows`; exactly one per episode unless its context was pruned).
 
     Position t of `*_BT` describes token t; `behav_logprobs_BT[b, t]` is log p(token t | < t)
     under the behaviour policy and is meaningful only where `loss_mask_BT` is 1.
@@ -150,10 +164,12 @@ class TrainBatch:
     versions_BT: torch.Tensor
     advantages_B: torch.Tensor
     group_index_B: torch.Tensor
+    episode_index_B: torch.Tensor | None = None  # the episode each row comes from (None: one row per episode)
 
     @property
     def num_sequences(self) -> int:
         return int(self.input_ids_BT.shape[0])
 
     def to(self, device: torch.device | str) -> TrainBatch:
-        return TrainBatch(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
+        moved = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return TrainBatch(**{name: None if value is None else value.to(device) for name, value in moved.items()})

@@ -3,16 +3,21 @@
 Both are plain classes; their async methods are meant to be awaited on one event loop (the
 inline runtime's, or the loop of the process that hosts them).
 
-`RolloutWorker` owns one sampling engine and runs it continuously: groups arrive with
-`submit`, each becomes G requests, finished groups are scored and collected by `poll`. Weight
-updates come from the snapshot store with `update_weights`, in one of three swap modes:
+`RolloutWorker` owns one `AsyncEngine` and runs episodes on it: each submitted group is a
+task that runs the G episodes of its problem (`EpisodeRunner.run_group`); all episodes of all
+groups await the one engine, which batches whatever is in flight. Finished groups are collected
+by `poll`. Weight updates come from the snapshot store with `update_weights`, in one of three
+swap modes:
 
-* continue — swap between two decode steps; in-flight sequences keep their KV cache and their
-  later tokens carry the new version (AReaL's interruptible generation);
-* drain — take no new group; finish every submitted group (queued members included, so a
-  group never mixes versions); then swap and start the groups that waited;
-* abort — stop in-flight sequences, swap, and continue each from its partial output (the
-  partial tokens keep their old versions and behaviour log-probs).
+* continue — swap between two decode steps; in-flight requests keep their KV cache and their
+  later tokens carry the new version, and so do the later turns of running episodes (AReaL's
+  interruptible generation);
+* drain — start no new group; let every running group finish all its episodes, all their
+  turns (so a group never mixes versions); then swap and start the groups that waited;
+* abort — stop in-flight requests, swap, and continue each from its partial output (the
+  partial tokens keep their old versions and behaviour log-probs; done inside the engine).
+
+The staleness of a group is its oldest token (`Group.min_version`), whatever turn produced it.
 
 `TrainerWorker` owns the policy being optimised: SFT warm-start, evaluation, one RL step per
 batch of groups, publishing each new version to the snapshot store, and checkpoints.
@@ -24,25 +29,24 @@ import asyncio
 import shutil
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from policyflow.agent.env import group_builder
 from policyflow.checkpoint import LoopState, load_state, rng_state, save_checkpoint, set_rng_state
 from policyflow.config import Config
-from policyflow.engine import Engine, Request, Sampler
-from policyflow.engine.sampler import join_samples
+from policyflow.engine import AsyncEngine
 from policyflow.logging import JsonlWriter, Progress
 from policyflow.lora import adapter_base_path, attach_lora, is_adapter_folder, is_lora, load_adapter, lora_weights
 from policyflow.model import load_pretrained, num_parameters, save_pretrained
-from policyflow.rollout import build_batch, encode_prompts, make_group, rollout_metrics, shape_overlong
-from policyflow.session import build_task, load_policy, open_session, pick_device, sampling_params
+from policyflow.rollout import build_batch, rollout_metrics, shape_overlong
+from policyflow.session import build_task, episode_runner, load_policy, open_session, pick_device, sampling_params
 from policyflow.sft import warm_start
 from policyflow.tasks.base import Problem
 from policyflow.trainer import Trainer
-from policyflow.types import Group, Sample
+from policyflow.types import Group
 
 
 REFERENCE_DIR = "reference"  # <run_dir>/reference/: the KL reference (HF format), written once per run
@@ -51,10 +55,15 @@ BASE_DIR = "base"  # <run_dir>/base/: with LoRA, the frozen base under the adapt
 
 @dataclass(frozen=True)
 class GroupSpec:
-    """One unit of rollout work: G samples of training problem `index`, known as `task_id`."""
+    """One unit of rollout work: the G episodes of `problem`, known as `task_id`.
+
+    `index` is the issue order (the resume ledger's); the problem itself travels with the work,
+    so it may come from a training set or be made at run time.
+    """
 
     task_id: str
     index: int
+    problem: Problem
 
 
 @dataclass
@@ -65,92 +74,72 @@ class WorkerReport:
     stats: dict[str, float]
 
 
-@dataclass
-class _Open:
-    """A submitted group whose samples are not all back yet."""
-
-    problem: Problem
-    samples: list[Sample | None]
-    partials: dict[int, Sample] = field(default_factory=dict)  # member -> aborted prefix
-    started: float = field(default_factory=time.perf_counter)
-
-
 class RolloutWorker:
-    """One engine, fed groups continuously. Construct it inside the process (and loop) that runs it."""
+    """One engine and the episodes running on it. Construct it inside the process (and loop) that runs it."""
 
-    def __init__(self, cfg: Config, store, *, seed: int, rng: Any = None) -> None:
+    def __init__(self, cfg: Config, store, *, seed: int, rng: torch.Tensor | None = None) -> None:
         model, self.tokenizer = load_policy(cfg)
         self.cfg = cfg
         self.task = build_task(cfg)
-        self.params = sampling_params(cfg, self.task)
         self.store = store
         version, state = store.latest()
         generator = torch.Generator(pick_device(cfg)).manual_seed(seed)
         if rng is not None:
             generator.set_state(rng)
-        self.engine = Engine(model, self.tokenizer, version=version, max_batch=cfg.pipeline.engine_slots, generator=generator)
+        self.engine = AsyncEngine(model, self.tokenizer, version=version, max_batch=cfg.pipeline.engine_slots, generator=generator)
         self.engine.update_weights(state, version)
-        self._open: dict[str, _Open] = {}
+        self.runner = episode_runner(cfg, self.engine, self.tokenizer, sampling_params(cfg, self.task))
+        self._open: dict[str, asyncio.Task] = {}  # task id -> the task running its group
         self._held: deque[GroupSpec] = deque()  # submitted during a drain: start after the swap
-        self._draining = False  # a drain swap waits for the submitted groups to finish
+        self._draining = False  # a drain swap waits for the running groups to finish
         self._drain_since = 0.0
         self._done: list[Group] = []
-        self._work = asyncio.Event()  # something to decode or to swap
-        self._news = asyncio.Event()  # a group finished
-        self._runner: asyncio.Task | None = None
-        self._error: BaseException | None = None  # what stopped the engine loop, raised by every later call
+        self._news = asyncio.Event()  # a group finished (or failed)
+        self._error: BaseException | None = None  # what stopped a group, raised by every later call
         self._closed = False
         self._born = time.perf_counter()
-        self.stats = {
-            "tokens": 0.0, "busy_s": 0.0, "alive_s": 0.0, "groups": 0.0, "reward_errors": 0.0,
-            "swaps": 0.0, "pause_s": 0.0, "aborted_sequences": 0.0, "aborted_tokens": 0.0,
-        }
+        self.stats = {"tokens": 0.0, "alive_s": 0.0, "groups": 0.0, "reward_errors": 0.0, "swaps": 0.0, "pause_s": 0.0}
 
     # -- the calls ---------------------------------------------------------------------------
     async def submit(self, specs: list[GroupSpec]) -> None:
-        """Start generating these groups (in order); their G requests join the running batch."""
-        self._ensure_running()
+        """Start these groups (in order); their episodes join the engine's running batch."""
+        self._check()
         for spec in specs:
-            if spec.task_id in self._open or spec in self._held:
+            if spec.task_id in self._open or any(h.task_id == spec.task_id for h in self._held):
                 raise ValueError(f"task {spec.task_id!r} was submitted twice to this worker")
             if self._draining:
                 self._held.append(spec)
             else:
                 self._start(spec)
-        self._work.set()
 
     async def update_weights(self, mode: str) -> int:
         """Take the latest published weights (see the module docstring for the modes); returns the version held afterwards."""
-        self._ensure_running()
+        self._check()
         latest = self.store.latest_version
         if latest is None or latest <= self.engine.version:
             return self.engine.version
-        if self._draining and not self.engine.has_work:  # the drain is complete: swap now, start the held groups
-            self._finish_drain()
-            return self.engine.version
-        if mode == "drain" and self.engine.has_work:
+        if mode == "drain" or self._draining:
             if not self._draining:
                 self._drain_since = time.perf_counter()
-            self._draining = True
-            self._work.set()
+                self._draining = True
+            if not self._open:  # nothing running (or the drain is complete): swap now
+                self._finish_drain()
             return self.engine.version
         start = time.perf_counter()
-        if mode == "abort":
-            self.stats["aborted_sequences"] += self.engine.num_active
-        self._load_latest("abort" if mode == "abort" else "continue")
+        self._load_latest(mode)
         self._swapped(time.perf_counter() - start)
         return self.engine.version
 
     async def poll(self) -> WorkerReport:
         """Wait until at least one group has finished (or the worker is closed); return them all."""
-        self._ensure_running()
+        self._check()
         while not self._done and not self._closed:
             self._news.clear()
             await self._news.wait()
-            self._ensure_running()
+            self._check()
         done, self._done = self._done, []
         self.stats["alive_s"] = time.perf_counter() - self._born
-        return WorkerReport(done, dict(self.stats) | {"version": float(self.engine.version)})
+        return WorkerReport(done, dict(self.stats) | self.engine.stats | {"version": float(self.engine.version)})
 
     def held_version(self) -> int:
         return self.engine.version
@@ -160,74 +149,46 @@ class RolloutWorker:
 
     def close(self) -> None:
         self._closed = True
+        for task in self._open.values():
+            task.cancel()
+        self.engine.close()
         self._news.set()
-        if self._runner is not None:
-            self._runner.cancel()
 
-    # -- the engine loop ---------------------------------------------------------------------
-    def _ensure_running(self) -> None:
-        """Start the engine loop on first use; re-raise what stopped it, if anything did."""
+    # -- groups ------------------------------------------------------------------------------
+    def _check(self) -> None:
+        """Re-raise what stopped a group (an engine failure, a broken env), if anything did."""
         if self._error is not None:
             raise self._error
-        if self._runner is None:
-            self._runner = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        try:
-            await self._decode_forever()
-        except Exception as err:  # surfaced by the next call; a poll is always waiting
-            self._error = err
-            self._news.set()
-
-    async def _decode_forever(self) -> None:
-        engine = self.engine
-        while not self._closed:
-            if not engine.has_work:
-                if self._draining:
-                    self._finish_drain()
-                    continue
-                self._work.clear()
-                await self._work.wait()
-                continue
-            start = time.perf_counter()
-            finished = engine.step()
-            self.stats["busy_s"] += time.perf_counter() - start
-            for done in finished:
-                self._on_finished(done.request, done.sample)
-            await asyncio.sleep(0)  # let submit / update_weights / poll run between decode steps
 
     def _start(self, spec: GroupSpec) -> None:
-        problem = self.task.train_problem(spec.index)
-        prompt = encode_prompts(self.tokenizer, self.task, [problem], self.cfg.model.chat_template)[0]
-        G = self.cfg.train.group_size
-        self._open[spec.task_id] = _Open(problem, [None] * G)
-        for j in range(G):
-            self.engine.submit(Request(tuple(prompt), self.params, id=(spec.task_id, j)))
+        self._open[spec.task_id] = asyncio.get_running_loop().create_task(self._run_group(spec), name=spec.task_id)
 
-    def _on_finished(self, request: Request, sample: Sample) -> None:
-        task_id, j = request.id
-        group = self._open[task_id]
-        if sample.finish_reason == "aborted":
-            self.stats["aborted_tokens"] += len(sample.token_ids)
-        if j in group.partials:
-            sample = join_samples(group.partials.pop(j), sample)
-        if sample.finish_reason == "aborted":  # an abort swap: continue from the partial output
-            group.partials[j] = sample
-            original = Request(sample.prompt_ids, self.params, id=request.id)
-            self.engine.submit(original.resume(sample))
-            return
-        self.stats["tokens"] += len(sample.token_ids)
-        group.samples[j] = sample
-        if all(s is not None for s in group.samples):
-            del self._open[task_id]
-            made, errors = make_group(self.task, group.problem, group.samples, task_id=task_id, gen_seconds=time.perf_counter() - group.started)
+    async def _run_group(self, spec: GroupSpec) -> None:
+        try:
+            builder = group_builder(self.task, spec.problem)
+            group, errors = await self.runner.run_group(builder, self.cfg.train.group_size, task_id=spec.task_id)
             if self.cfg.train.overlong_cache_len is not None:
-                shape_overlong([made], self.cfg.sampling.max_new_tokens, self.cfg.train.overlong_cache_len)
+                shape_overlong([group], self.cfg.sampling.max_new_tokens, self.cfg.train.overlong_cache_len)
             self.stats["groups"] += 1
             self.stats["reward_errors"] += errors
-            self._done.append(made)
+            self.stats["tokens"] += sum(t.num_gen_tokens for t in group.trajectories)
+            del self._open[spec.task_id]
+            self._done.append(group)
+            self._group_done(group)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # surfaced by the next call; a poll is always waiting
+            self._error = err
+        finally:
+            self._open.pop(spec.task_id, None)
             self._news.set()
+        if self._draining and not self._open:
+            self._finish_drain()
 
+    def _group_done(self, group: Group) -> None:
+        """Called as each group finishes (a hook for fault-injection tests)."""
+
+    # -- weights -----------------------------------------------------------------------------
     def _load_latest(self, mode: str) -> None:
         version, state = self.store.latest()  # retries if a newer publish removes the one listed
         self.engine.update_weights(state, version, mode=mode)
@@ -264,7 +225,8 @@ class TrainerWorker:
         s = self.session
         s.model.zero_grad(set_to_none=True)  # the warm-start's gradients: a frozen base would keep them forever
         if model is not s.model:  # the evaluation engine must run the adapter: a fresh one over the wrapped modules
-            s.model, s.sampler = model, Sampler(model.get_base_model(), s.tokenizer)
+            s.engine.close()
+            s.model, s.engine = model, AsyncEngine(model.get_base_model(), s.tokenizer)
         self.trainer = Trainer(model, self.cfg.train, self.cfg.loss, self.cfg.sampling, compute_dtype=self.compute_dtype)
 
     def describe(self) -> str:

@@ -11,8 +11,7 @@ import torch
 
 from policyflow import coordinator
 from policyflow.checkpoint import load_state
-from policyflow.engine import Sampler
-from policyflow.rollout import build_batch, encode_prompts, rollout_groups
+from policyflow.rollout import build_batch, rollout_groups
 from policyflow.session import open_session
 from policyflow.trainer import Trainer, sequence_logprobs
 from policyflow.weights import SnapshotStore
@@ -41,13 +40,11 @@ def test_sync_mode_reproduces_plain_synchronous_rl_exactly(small_config) -> None
     # The same run written as the textbook loop: sample B groups with the current policy, train.
     session = open_session(cfg)
     trainer = Trainer(session.model, cfg.train, cfg.loss, cfg.sampling)
-    sampler = Sampler(session.model, session.tokenizer)
     generator = torch.Generator().manual_seed(cfg.run.seed)
     B, G = cfg.train.prompts_per_step, cfg.train.group_size
     for step in range(3):
         problems = [session.task.train_problem(i) for i in range(step * B, (step + 1) * B)]
-        prompts = encode_prompts(session.tokenizer, session.task, problems, False)
-        groups, _ = rollout_groups(sampler, session.task, problems, prompts, G, session.params, generator)
+        groups, _ = rollout_groups(session.runner, session.task, problems, G, generator)
         batch, _ = build_batch(groups, cfg, session.tokenizer.pad_token_id)
         out = trainer.step(batch)
         rewards = [t.reward for g in groups for t in g.trajectories]
@@ -126,11 +123,15 @@ def _worker(small_config, *overrides):
     return cfg, session, store, RolloutWorker(cfg, store, seed=0)
 
 
+def _spec(worker: RolloutWorker, i: int) -> GroupSpec:
+    return GroupSpec(f"train-{i}", i, worker.task.train_problem(i))
+
+
 def test_worker_scores_groups_and_shapes_overlong(small_config) -> None:
     cfg, _, _, worker = _worker(small_config, "train.overlong_cache_len=2")
 
     async def run():
-        await worker.submit([GroupSpec(f"train-{i}", i) for i in range(3)])
+        await worker.submit([_spec(worker, i) for i in range(3)])
         return await _collect(worker, 3)
 
     groups = asyncio.run(run())
@@ -146,11 +147,11 @@ def test_drain_finishes_whole_groups_on_old_weights(small_config) -> None:
     cfg, session, store, worker = _worker(small_config, "pipeline.engine_slots=2", "sampling.max_new_tokens=4")
 
     async def run():
-        await worker.submit([GroupSpec("train-0", 0)])
+        await worker.submit([_spec(worker, 0)])
         await asyncio.sleep(0)
         store.publish(1, {k: v + 0.01 for k, v in session.model.state_dict().items()})
         assert await worker.update_weights("drain") == 0  # pending until the group is done
-        await worker.submit([GroupSpec("train-1", 1)])
+        await worker.submit([_spec(worker, 1)])
         return await _collect(worker, 2)
 
     groups = {g.task_id: g for g in asyncio.run(run())}
@@ -165,8 +166,8 @@ def test_abort_swap_keeps_per_version_logprobs_exact(small_config) -> None:
     new_weights = {k: v * 1.05 for k, v in session.model.state_dict().items()}
 
     async def run():
-        await worker.submit([GroupSpec("train-0", 0)])
-        for _ in range(4):
+        await worker.submit([_spec(worker, 0)])
+        while worker.engine.stats["steps"] < 3:  # some tokens decoded, none finished (8 new tokens, no stop)
             await asyncio.sleep(0)
         store.publish(1, new_weights)
         assert await worker.update_weights("abort") == 1
@@ -176,7 +177,7 @@ def test_abort_swap_keeps_per_version_logprobs_exact(small_config) -> None:
     old_model = session.model
     new_model = open_session(cfg).model
     new_model.load_state_dict(new_weights)
-    assert worker.stats["aborted_tokens"] > 0
+    assert worker.engine.stats["aborted_tokens"] > 0
     mixed = 0
     for t in group.trajectories:
         prompt, gen = t.segments

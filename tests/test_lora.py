@@ -117,7 +117,7 @@ def test_engine_samples_the_adapted_policy_not_the_base(small_config) -> None:
     B = cfg.train.prompts_per_step
 
     async def sample(first: int) -> list:
-        await worker.submit([GroupSpec(f"train-{i}", i) for i in range(first, first + B)])
+        await worker.submit([GroupSpec(f"train-{i}", i, worker.task.train_problem(i)) for i in range(first, first + B)])
         groups = []
         while len(groups) < B:
             groups += (await worker.poll()).groups

@@ -21,8 +21,7 @@ from policyflow.trainer import Trainer, sequence_logprobs
 def _one_batch(cfg):
     session = open_session(cfg)
     problems = [session.task.train_problem(i) for i in range(cfg.train.prompts_per_step)]
-    prompts = encode_prompts(session.tokenizer, session.task, problems, False)
-    groups, errors = rollout_groups(session.sampler, session.task, problems, prompts, cfg.train.group_size, session.params, torch.Generator().manual_seed(0))
+    groups, errors = rollout_groups(session.runner, session.task, problems, cfg.train.group_size, torch.Generator().manual_seed(0))
     batch, stats = build_batch(groups, cfg, session.tokenizer.pad_token_id)
     return session, groups, batch, stats | {"rollout/reward_errors": errors}
 

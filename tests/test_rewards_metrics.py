@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from policyflow.metrics import pass_at_k, pass_at_k_batch, percentile, summarize
-from policyflow.rewards import count_penalty, format_gate, overlong_penalty
+from policyflow.rewards import count_penalty, format_gate, overlong_penalty, search_penalty_reward
 
 F64 = torch.float64
 
@@ -100,3 +100,28 @@ def test_percentile_and_summarize():
     with pytest.raises(ValueError, match=r"\[0, 100\]"):
         percentile(values, 101)
     assert math.isclose(summarize([0.1] * 10)["mean"], 0.1)
+
+
+def test_search_penalty_reward_closed_form():
+    # β = 0.25, γ = 0.2: correct without search 1 + 0.2; with search 0.75 + 0.2; wrong with
+    # format 0.2; wrong without format 0; correct with 3 searches like with 1, no format 0.75.
+    correct = torch.tensor([1, 1, 0, 0, 1])
+    searches = torch.tensor([0, 1, 2, 0, 3])
+    fmt = torch.tensor([True, True, True, False, False])
+    parts = search_penalty_reward(correct, searches, fmt, penalty=0.25, format_weight=0.2)
+    assert set(parts) == {"correct", "search_penalty", "format"}
+    torch.testing.assert_close(parts["correct"], torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0]))
+    torch.testing.assert_close(parts["search_penalty"], torch.tensor([0.0, -0.25, 0.0, 0.0, -0.25]))
+    torch.testing.assert_close(parts["format"], torch.tensor([0.2, 0.2, 0.2, 0.0, 0.0]))
+    torch.testing.assert_close(sum(parts.values()), torch.tensor([1.2, 0.95, 0.2, 0.0, 0.75]))
+    # the paper's form (1 − α)·acc·P + α·fmt with α = γ/(1 + γ) is this reward times (1 − α)
+    alpha = 0.2 / 1.2
+    paper = (1 - alpha) * correct * torch.tensor([1.0, 0.75, 0.75, 1.0, 0.75]) + alpha * fmt
+    torch.testing.assert_close(paper, (1 - alpha) * sum(parts.values()))
+    # scalars work too (one episode), and β = 0 removes the penalty
+    one = search_penalty_reward(torch.tensor(True), torch.tensor(4), torch.tensor(True), penalty=0.0, format_weight=0.0)
+    assert sum(v.item() for v in one.values()) == 1.0
+    with pytest.raises(ValueError, match="penalty"):
+        search_penalty_reward(correct, searches, fmt, penalty=1.5)
+    with pytest.raises(ValueError, match="format_weight"):
+        search_penalty_reward(correct, searches, fmt, format_weight=-0.1)

@@ -14,7 +14,7 @@ from policyflow import coordinator
 from policyflow.checkpoint import latest_checkpoint
 from policyflow.losses import POLICY_LOSSES
 from policyflow.ops import policy_log_distribution, policy_logprobs
-from policyflow.rollout import build_batch, encode_prompts, rollout_groups
+from policyflow.rollout import build_batch, rollout_groups
 from policyflow.session import open_session
 from policyflow.sft import warm_start
 from policyflow.trainer import Trainer, sequence_logprobs
@@ -23,11 +23,10 @@ from policyflow.workers import TrainerWorker
 
 
 def one_batch(cfg, session=None, seed: int = 0):
-    """Rollouts of the first B training problems by the session's sampler, as a TrainBatch."""
+    """Rollouts of the first B training problems by the session's engine, as a TrainBatch."""
     session = session or open_session(cfg)
     problems = [session.task.train_problem(i) for i in range(cfg.train.prompts_per_step)]
-    prompts = encode_prompts(session.tokenizer, session.task, problems, False)
-    groups, _ = rollout_groups(session.sampler, session.task, problems, prompts, cfg.train.group_size, session.params, torch.Generator().manual_seed(seed))
+    groups, _ = rollout_groups(session.runner, session.task, problems, cfg.train.group_size, torch.Generator().manual_seed(seed))
     batch, _ = build_batch(groups, cfg, session.tokenizer.pad_token_id)
     assert batch is not None
     return session, batch

@@ -14,8 +14,8 @@ from policyflow.workers import RolloutWorker
 class DiesOnce(RolloutWorker):
     """After finishing two groups, while others are still being generated, SIGKILL itself (first worker to get there, once per run folder)."""
 
-    def _on_finished(self, request, sample) -> None:
-        super()._on_finished(request, sample)
+    def _group_done(self, group) -> None:
+        super()._group_done(group)
         if self.stats["groups"] >= 2 and self._open and self._first_to_die():
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -31,8 +31,8 @@ class DiesOnce(RolloutWorker):
 class BreaksAfterTwoGroups(RolloutWorker):
     """Its engine raises (as a CUDA out-of-memory error would) once two groups are done."""
 
-    def _on_finished(self, request, sample) -> None:
-        super()._on_finished(request, sample)
+    def _group_done(self, group) -> None:
+        super()._group_done(group)
         if self.stats["groups"] >= 2:
             raise MemoryError("simulated: the engine ran out of memory")
 

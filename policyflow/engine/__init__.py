@@ -1,35 +1,41 @@
-"""Samplers: batched, versioned generation with a KV cache (layer 1).
+"""Generation engines (layer 1).
 
-`Sampler.generate` for a list of prompts; `Engine` (submit / step / update_weights) for
-continuous batching and weight swaps between decode steps. See `sampler.py`.
+`AsyncEngine` (`async_engine.py`) is the engine everything uses: `await engine.generate(...)`
+from any number of coroutines, continuous batching underneath, weight swaps between decode
+steps. `Engine` (`core.py`) is its synchronous core (submit / step / update_weights).
+`sampling.py` draws tokens with their behaviour log-probs; `fast_decoder.py` and
+`hf_decoder.py` are the two backends.
 """
 
-from policyflow.engine.fast_decoder import FAST_MODEL_TYPES, FastDecoder, fast_path_problem
-from policyflow.engine.hf_decoder import HFDecoder
-from policyflow.engine.sampler import (
+from policyflow.engine.async_engine import AsyncEngine, generate_blocking, run_blocking, using_generator
+from policyflow.engine.core import (
     SWAP_MODES,
     Engine,
     Finished,
     Request,
-    Sampler,
     SamplingParams,
     join_samples,
     load_weights,
 )
+from policyflow.engine.fast_decoder import FAST_MODEL_TYPES, FastDecoder, fast_path_problem
+from policyflow.engine.hf_decoder import HFDecoder
 from policyflow.engine.sampling import sample_tokens
 
 __all__ = [
     "FAST_MODEL_TYPES",
     "SWAP_MODES",
+    "AsyncEngine",
     "Engine",
     "FastDecoder",
     "Finished",
     "HFDecoder",
     "Request",
-    "Sampler",
     "SamplingParams",
     "fast_path_problem",
+    "generate_blocking",
     "join_samples",
     "load_weights",
+    "run_blocking",
     "sample_tokens",
+    "using_generator",
 ]

@@ -1,4 +1,9 @@
-"""Held-out evaluation: greedy and sampled accuracy, and tokens spent per answer."""
+"""Held-out evaluation: greedy and sampled accuracy, and tokens spent per answer.
+
+Each held-out problem is one episode on the same engine and episode runner as training
+rollouts (so multi-turn tasks are evaluated as they are trained); accuracy is the mean of the
+episodes' `correct` reward part.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from policyflow.engine import Sampler, SamplingParams
+from policyflow.agent.episode import EpisodeRunner
+from policyflow.rollout import rollout_groups
 from policyflow.tasks.base import Problem, Task
 
 
@@ -23,31 +29,18 @@ class EvalResult:
         return {f"{prefix}{k}": float(v) for k, v in asdict(self).items()}
 
 
-def accuracy(
-    sampler: Sampler, task: Task, problems: Sequence[Problem], prompt_ids: Sequence[list[int]], params: SamplingParams, generator: torch.Generator | None = None
-) -> tuple[float, float]:
-    """Fraction of problems answered correctly, and mean completion tokens."""
-    samples = sampler.generate(list(prompt_ids), params, generator=generator)
-    score = task.score(problems, [s.text for s in samples])
+def accuracy(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], generator: torch.Generator | None = None) -> tuple[float, float]:
+    """Fraction of problems answered correctly (one episode each, with the runner's sampling), and mean generated tokens."""
+    groups, _ = rollout_groups(runner, task, problems, 1, generator)
+    episodes = [g.trajectories[0] for g in groups]
     n = max(1, len(problems))
-    return sum(score.correct) / n, sum(len(s.token_ids) for s in samples) / n
+    return sum(t.reward_parts.get("correct", 0.0) for t in episodes) / n, sum(t.num_gen_tokens for t in episodes) / n
 
 
-def evaluate(
-    sampler: Sampler,
-    task: Task,
-    problems: Sequence[Problem],
-    prompt_ids: Sequence[list[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    stop: tuple[str, ...] = (),
-    seed: int = 0,
-) -> EvalResult:
-    """Greedy accuracy and accuracy of one sample at `temperature`, with a fixed sampling seed."""
-    greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=stop)
-    sampled = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, stop=stop)
-    acc_g, len_g = accuracy(sampler, task, problems, prompt_ids, greedy)
-    generator = torch.Generator().manual_seed(seed)
-    acc_s, len_s = accuracy(sampler, task, problems, prompt_ids, sampled, generator)
+def evaluate(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], *, temperature: float, seed: int = 0) -> EvalResult:
+    """Greedy accuracy and accuracy of one sample at `temperature` (with a fixed sampling seed); other sampling settings are the runner's."""
+    greedy = runner.with_params(temperature=0.0)
+    sampled = runner.with_params(temperature=temperature, top_p=1.0)
+    acc_g, len_g = accuracy(greedy, task, problems)
+    acc_s, len_s = accuracy(sampled, task, problems, torch.Generator(runner.engine.device).manual_seed(seed))
     return EvalResult(acc_g, acc_s, len_g, len_s, len(problems))

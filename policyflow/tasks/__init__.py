@@ -9,8 +9,9 @@ from policyflow.tasks.arithmetic import ArithmeticTask
 from policyflow.tasks.base import Problem, Score, Task, TaskError
 from policyflow.tasks.countdown import CountdownTask
 from policyflow.tasks.jsonl import JsonlTask
+from policyflow.tasks.search_qa import SearchQATask
 
-TASKS: dict[str, type[Task]] = {"arithmetic": ArithmeticTask, "countdown": CountdownTask, "jsonl": JsonlTask}
+TASKS: dict[str, type[Task]] = {"arithmetic": ArithmeticTask, "countdown": CountdownTask, "jsonl": JsonlTask, "search_qa": SearchQATask}
 
 
 def make_task(name: str, **kwargs: Any) -> Task:
@@ -26,4 +27,4 @@ def make_task(name: str, **kwargs: Any) -> Task:
     return cls(**kwargs)
 
 
-__all__ = ["TASKS", "ArithmeticTask", "CountdownTask", "JsonlTask", "Problem", "Score", "Task", "TaskError", "make_task"]
+__all__ = ["TASKS", "ArithmeticTask", "CountdownTask", "JsonlTask", "Problem", "Score", "SearchQATask", "Task", "TaskError", "make_task"]

@@ -63,6 +63,11 @@ class Task(ABC):
         """The reference completion used for the supervised warm-start."""
         return problem.answer
 
+    def sft_turns(self, problem: Problem) -> list[tuple[str, str]]:
+        """The warm-start demonstration after the prompt as (kind, text) turns: 'gen' turns are
+        trained on, 'obs' turns (tool results) are context only. One 'gen' turn by default."""
+        return [("gen", self.sft_completion(problem))]
+
     @abstractmethod
     def extract_answer(self, completion: str) -> str | None:
         """The answer in a completion, or None if there is none."""

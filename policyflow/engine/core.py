@@ -1,13 +1,17 @@
-"""Sampling engine: batched, versioned autoregressive generation with a KV cache.
+"""The synchronous engine core: slots, one decode step at a time, versioned tokens.
 
     engine = Engine(model, tokenizer, version=0)
     engine.submit(Request(prompt_ids, SamplingParams(max_new_tokens=32), id="q1"))
     while engine.has_work:
         for done in engine.step():          # one decode step over all active slots
             ...                             # done.request, done.sample (a types.Sample)
-    engine.update_weights(state_dict, version=1, mode="continue")   # or "drain" / "abort"
+    engine.update_weights(state_dict, version=1)              # continue: swap between steps
+    engine.update_weights(state_dict, version=1, mode="abort")  # stop in-flight rows first
 
-`Sampler.generate(prompt_ids_list, params)` is the same loop for a fixed list of prompts.
+Nothing here awaits: callers use `AsyncEngine` (`async_engine.py`), which drives `step()` in
+a background task and gives every episode `await engine.generate(...)`. A `drain` swap is not
+the core's business: it is an episode-level rule ("finish the admitted episodes, all their
+turns, then swap") kept by the rollout worker.
 
 What each token carries (the contract with the trainer, DESIGN.md §3):
 
@@ -16,7 +20,7 @@ What each token carries (the contract with the trainer, DESIGN.md §3):
   top-p set and renormalised (`ops.policy_log_distribution`, the one definition the trainer
   uses too). That is the behaviour policy. The trainer's recomputation
   (`ops.shifted_token_logprobs` at the same temperature, top_p and top_k on a right-padded
-  `prompt + completion` batch) matches it to < 1e-4 in float32 (tests/test_sampler.py,
+  `prompt + completion` batch) matches it to < 1e-4 in float32 (tests/test_engine.py,
   tests/test_trainer.py). At temperature 0 (greedy) the token is the argmax and the
   log-prob is the model's log-softmax at temperature 1 (the greedy "distribution" would give
   log 1 = 0 everywhere, which is useless for training).
@@ -55,8 +59,8 @@ from policyflow.engine.hf_decoder import HFDecoder
 from policyflow.engine.sampling import sample_tokens
 from policyflow.types import FinishReason, Sample
 
-SwapMode = Literal["continue", "drain", "abort"]
-SWAP_MODES: tuple[str, ...] = ("continue", "drain", "abort")
+SwapMode = Literal["continue", "abort"]
+SWAP_MODES: tuple[str, ...] = ("continue", "drain", "abort")  # as configured (pipeline.swap); drain is the worker's
 BackendName = Literal["auto", "fast", "generic"]
 
 
@@ -202,7 +206,6 @@ class Engine:
         self._queue: deque[Request] = deque()
         self._rows: list[_Row] = []
         self._outbox: list[Finished] = []
-        self._pending: tuple[Mapping[str, torch.Tensor] | None, int] | None = None  # drain swap
         self._row_params: tuple[float | torch.Tensor, float | torch.Tensor, int | torch.Tensor] | None = None
         self._last_tokens = torch.zeros(0, dtype=torch.long)  # one pending token per active row
 
@@ -217,12 +220,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._rows or self._queue or self._outbox or self._pending)
-
-    @property
-    def draining(self) -> bool:
-        """True while a `drain` weight swap waits for the in-flight sequences to finish."""
-        return self._pending is not None
+        return bool(self._rows or self._queue or self._outbox)
 
     # -- requests -----------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -245,8 +243,6 @@ class Engine:
     def step(self) -> list[Finished]:
         """Admit queued requests into free slots, run one decode step, return what finished."""
         finished, self._outbox = self._outbox, []
-        if self._pending is not None and not self._rows:
-            self._load(*self._pending)
         parts = []
         if self._rows:
             parts.append(self.backend.decode(self._last_tokens))
@@ -266,8 +262,6 @@ class Engine:
         if done:
             finished.extend(self._finish(self._rows[i], reason) for i, reason in done.items())
             self._compact(set(done))
-        if self._pending is not None and not self._rows:
-            self._load(*self._pending)
         return finished
 
     # -- weights ------------------------------------------------------------------------
@@ -278,16 +272,12 @@ class Engine:
 
         continue: swap now; in-flight sequences go on with their old KV cache, later tokens
                   carry the new version.
-        drain:    admit nothing new; swap when the in-flight sequences have finished (inside
-                  `step()`); queued requests then start on the new weights.
         abort:    stop in-flight sequences (returned by the next `step()` as "aborted"), swap.
-        Always called between decode steps (the engine is single-threaded).
+        Always called between decode steps (the engine is single-threaded). `drain` is an
+        episode-level rule, kept by the caller (see the module docstring).
         """
-        if mode not in SWAP_MODES:
-            raise ValueError(f"mode must be one of {SWAP_MODES}, got {mode!r}")
-        if mode == "drain" and self._rows:
-            self._pending = (state_dict, int(version))
-            return
+        if mode not in ("continue", "abort"):
+            raise ValueError(f"Engine.update_weights mode must be 'continue' or 'abort', got {mode!r} (drain is kept by the rollout worker)")
         if mode == "abort":
             self.abort()
         self._load(state_dict, int(version))
@@ -297,7 +287,6 @@ class Engine:
             load_weights(self.model, state_dict)
         self.backend.refresh()
         self.version = version
-        self._pending = None
 
     # -- internals ----------------------------------------------------------------------
     def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
@@ -306,7 +295,7 @@ class Engine:
         return frozenset(params.stop_token_ids) if params.stop_token_ids is not None else self.eos_ids
 
     def _admit(self) -> list[Request]:
-        if self._pending is not None or not self._queue:
+        if not self._queue:
             return []
         if self._rows and not self.backend.continuous:
             return []
@@ -408,65 +397,3 @@ def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor])
             f"state_dict does not match the model: missing {missing[:5]}, unexpected "
             f"{result.unexpected_keys[:5]}; pass the full model.state_dict() of the same architecture"
         )
-
-
-class Sampler:
-    """Generate completions for a list of prompts: a thin loop over `Engine`.
-
-    `version` is the policy version of the weights held; every sampled token is tagged with it.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer=None,
-        *,
-        version: int = 0,
-        max_batch: int = 256,
-        backend: BackendName = "auto",
-        generator: torch.Generator | None = None,
-    ):
-        self.engine = Engine(
-            model, tokenizer, version=version, max_batch=max_batch, backend=backend, generator=generator
-        )
-
-    @property
-    def version(self) -> int:
-        return self.engine.version
-
-    @property
-    def backend_name(self) -> str:
-        return self.engine.backend_name
-
-    def set_weights(self, state_dict: Mapping[str, torch.Tensor] | None, version: int) -> None:
-        """Load new weights (None: already loaded into the module in place) as `version`."""
-        self.engine.update_weights(state_dict, version, mode="continue")
-
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        params: SamplingParams | None = None,
-        *,
-        generator: torch.Generator | None = None,
-    ) -> list[Sample]:
-        """One `Sample` per prompt (token ids), in order. `generator` overrides the engine's."""
-        engine = self.engine
-        if engine.has_work:
-            raise RuntimeError(
-                "generate() needs an idle engine (nothing queued, in flight or undelivered); "
-                "drive Engine.step() yourself instead"
-            )
-        params = params or SamplingParams()
-        saved = engine.generator
-        if generator is not None:
-            engine.generator = generator
-        results: list[Sample | None] = [None] * len(prompts)
-        try:
-            for i, prompt in enumerate(prompts):
-                engine.submit(Request(tuple(prompt), params, id=i))
-            while engine.has_work:
-                for done in engine.step():
-                    results[done.request.id] = done.sample
-        finally:
-            engine.generator = saved
-        return results  # type: ignore[return-value]

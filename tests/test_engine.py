@@ -1,4 +1,4 @@
-"""Sampler tests: agreement with the trainer's log-probs, HF parity, finish reasons, versions.
+"""Engine tests (the async engine and its synchronous core): agreement with the trainer's log-probs, HF parity, finish reasons, versions.
 
 All on CPU with the ~1M-parameter tiny Qwen2 model (and tiny Llama/Qwen3 configs for the fast
 path's generality). Tolerances: log-probs < 1e-4 (the trainer contract), logits < 1e-5.
@@ -14,9 +14,10 @@ from policyflow.engine import (
     Engine,
     FastDecoder,
     Request,
-    Sampler,
+    AsyncEngine,
     SamplingParams,
     fast_path_problem,
+    generate_blocking,
     join_samples,
     sample_tokens,
 )
@@ -113,9 +114,9 @@ def test_logprobs_match_with_refilled_slots(tiny, prompt_ids, backend):
 
 def test_long_prompt_uses_sdpa_prefill_and_agrees(tiny):
     model, tokenizer = tiny
-    sampler = Sampler(model, tokenizer, generator=torch.Generator().manual_seed(3))
+    engine = AsyncEngine(model, tokenizer, generator=torch.Generator().manual_seed(3))
     long = tokenizer("12345678+" * 10)["input_ids"]  # 90 tokens > short_prompt (64)
-    samples = sampler.generate([long, long[:5]], SamplingParams(max_new_tokens=6))
+    samples = generate_blocking(engine, [long, long[:5]], SamplingParams(max_new_tokens=6))
     assert max_logprob_error(model, samples) < 1e-4
 
 
@@ -202,9 +203,9 @@ def test_greedy_equals_hf_generate(tiny, backend):
     for row in hf[:, enc.input_ids.shape[1] :].tolist():  # HF pads after EOS; we stop at it
         expected.append(row[: row.index(eos) + 1] if eos in row else row)
     assert any(row[-1] == eos for row in expected) and any(len(row) == 10 for row in expected)
-    sampler = Sampler(model, tokenizer, backend=backend)
+    engine = AsyncEngine(model, tokenizer, backend=backend)
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    samples = sampler.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10))
+    samples = generate_blocking(engine, prompts, SamplingParams(temperature=0, max_new_tokens=10))
     assert [list(s.token_ids) for s in samples] == expected
     assert [s.finish_reason for s in samples] == ["eos" if row[-1] == eos else "length" for row in expected]
     # Greedy log-probs are the model's T=1 log-softmax of the chosen tokens.
@@ -216,7 +217,7 @@ def test_greedy_equals_hf_generate(tiny, backend):
 
 def test_max_new_tokens_and_length_reason(tiny, prompt_ids):
     model, tokenizer = tiny
-    samples = Sampler(model, tokenizer).generate(prompt_ids, SamplingParams(max_new_tokens=7, ignore_eos=True))
+    samples = generate_blocking(AsyncEngine(model, tokenizer), prompt_ids, SamplingParams(max_new_tokens=7, ignore_eos=True))
     assert all(len(s.token_ids) == 7 and s.finish_reason == "length" for s in samples)
     assert all(s.prompt_ids == tuple(p) for s, p in zip(samples, prompt_ids))
 
@@ -224,13 +225,13 @@ def test_max_new_tokens_and_length_reason(tiny, prompt_ids):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stop_token_ids_finish_with_eos_reason(tiny, prompt_ids, backend):
     model, tokenizer = tiny
-    sampler = Sampler(model, tokenizer, backend=backend)
+    engine = AsyncEngine(model, tokenizer, backend=backend)
     greedy = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
-    free = sampler.generate(prompt_ids[:1], greedy)[0]
+    free = generate_blocking(engine, prompt_ids[:1], greedy)[0]
     stop_id = free.token_ids[3]
     first = free.token_ids.index(stop_id)
     params = SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=(stop_id,))
-    stopped = sampler.generate(prompt_ids[:1], params)[0]
+    stopped = generate_blocking(engine, prompt_ids[:1], params)[0]
     assert stopped.finish_reason == "eos"
     assert stopped.token_ids == free.token_ids[: first + 1]  # the stop token is kept
 
@@ -243,14 +244,14 @@ def test_default_eos_ids_come_from_the_model(tiny):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stop_string_truncates_text_and_keeps_tokens(tiny, prompt_ids, backend):
     model, tokenizer = tiny
-    sampler = Sampler(model, tokenizer, backend=backend)
+    engine = AsyncEngine(model, tokenizer, backend=backend)
     greedy = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
-    free = sampler.generate(prompt_ids[:2], greedy)
+    free = generate_blocking(engine, prompt_ids[:2], greedy)
     text = free[0].text
     stop = text[4:6]  # two characters: spans two tokens of the char-level tokenizer
     end = text.index(stop) + len(stop)
     params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True, stop=(stop, "never-there"))
-    out = sampler.generate(prompt_ids[:2], params)
+    out = generate_blocking(engine, prompt_ids[:2], params)
     assert out[0].finish_reason == "stop"
     assert out[0].text == text[:end] and out[0].text.endswith(stop)
     assert tokenizer.decode(out[0].token_ids) == text[:end]  # tokens up to the stop string
@@ -270,9 +271,9 @@ def test_stop_strings_need_a_tokenizer(tiny):
 
 def test_tiny_top_p_keeps_only_the_argmax(tiny, prompt_ids):
     model, tokenizer = tiny
-    sampler = Sampler(model, tokenizer, generator=torch.Generator().manual_seed(0))
-    nucleus = sampler.generate(prompt_ids, SamplingParams(top_p=1e-6, max_new_tokens=6, ignore_eos=True))
-    greedy = sampler.generate(prompt_ids, SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True))
+    engine = AsyncEngine(model, tokenizer, generator=torch.Generator().manual_seed(0))
+    nucleus = generate_blocking(engine, prompt_ids, SamplingParams(top_p=1e-6, max_new_tokens=6, ignore_eos=True))
+    greedy = generate_blocking(engine, prompt_ids, SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True))
     for a, b in zip(nucleus, greedy):
         assert a.token_ids == b.token_ids
         assert all(lp == 0.0 for lp in a.logprobs)  # one token keeps all the mass
@@ -282,8 +283,8 @@ def test_tiny_top_p_keeps_only_the_argmax(tiny, prompt_ids):
 def test_temperature_and_top_p_logprobs_are_the_sampling_distribution(tiny, prompt_ids, backend):
     model, tokenizer = tiny
     temperature, top_p = 0.7, 0.8
-    sampler = Sampler(model, tokenizer, backend=backend, generator=torch.Generator().manual_seed(5))
-    samples = sampler.generate(prompt_ids, SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=6))
+    engine = AsyncEngine(model, tokenizer, backend=backend, generator=torch.Generator().manual_seed(5))
+    samples = generate_blocking(engine, prompt_ids, SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=6))
     for s in samples:
         ids = torch.tensor([list(s.prompt_ids) + list(s.token_ids)])
         with torch.no_grad():
@@ -303,8 +304,8 @@ def test_top_k_then_top_p_logprobs_are_the_sampling_distribution(tiny, prompt_id
     """top-k first, then top-p over the renormalised top-k mass (HF's and vLLM's order)."""
     model, tokenizer = tiny
     temperature, top_p, top_k = 1.3, 0.9, 4
-    sampler = Sampler(model, tokenizer, backend=backend, generator=torch.Generator().manual_seed(2))
-    samples = sampler.generate(prompt_ids, SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=6))
+    engine = AsyncEngine(model, tokenizer, backend=backend, generator=torch.Generator().manual_seed(2))
+    samples = generate_blocking(engine, prompt_ids, SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=6))
     for s in samples:
         ids = torch.tensor([list(s.prompt_ids) + list(s.token_ids)])
         with torch.no_grad():
@@ -357,11 +358,11 @@ def test_sampling_frequencies_follow_the_distribution():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_seeded_generator_reproduces(tiny, prompt_ids, backend):
     model, tokenizer = tiny
-    sampler = Sampler(model, tokenizer, backend=backend)
+    engine = AsyncEngine(model, tokenizer, backend=backend)
     params = SamplingParams(max_new_tokens=8)
-    a = sampler.generate(prompt_ids, params, generator=torch.Generator().manual_seed(11))
-    b = sampler.generate(prompt_ids, params, generator=torch.Generator().manual_seed(11))
-    c = sampler.generate(prompt_ids, params, generator=torch.Generator().manual_seed(12))
+    a = generate_blocking(engine, prompt_ids, params, generator=torch.Generator().manual_seed(11))
+    b = generate_blocking(engine, prompt_ids, params, generator=torch.Generator().manual_seed(11))
+    c = generate_blocking(engine, prompt_ids, params, generator=torch.Generator().manual_seed(12))
     assert a == b
     assert [s.token_ids for s in a] != [s.token_ids for s in c]
 
@@ -369,10 +370,10 @@ def test_seeded_generator_reproduces(tiny, prompt_ids, backend):
 def test_fast_and_generic_backends_sample_the_same_tokens(tiny, prompt_ids):
     model, tokenizer = tiny
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    fast = Sampler(model, tokenizer, backend="fast")
-    generic = Sampler(model, tokenizer, backend="generic")
-    fast = fast.generate(prompt_ids, params, generator=torch.Generator().manual_seed(4))
-    generic = generic.generate(prompt_ids, params, generator=torch.Generator().manual_seed(4))
+    fast = AsyncEngine(model, tokenizer, backend="fast")
+    generic = AsyncEngine(model, tokenizer, backend="generic")
+    fast = generate_blocking(fast, prompt_ids, params, generator=torch.Generator().manual_seed(4))
+    generic = generate_blocking(generic, prompt_ids, params, generator=torch.Generator().manual_seed(4))
     assert [s.token_ids for s in fast] == [s.token_ids for s in generic]
 
 
@@ -389,16 +390,16 @@ def two_models():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_versions_tag_tokens_and_set_weights_swaps(two_models, prompt_ids, backend):
     model_a, model_b, tokenizer = two_models
-    reference = Sampler(model_b, tokenizer, backend=backend, version=9)
+    reference = AsyncEngine(model_b, tokenizer, backend=backend, version=9)
     greedy = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
-    expected = reference.generate(prompt_ids, greedy)
+    expected = generate_blocking(reference, prompt_ids, greedy)
 
-    sampler = Sampler(model_a, tokenizer, backend=backend, version=3)
-    before = sampler.generate(prompt_ids, greedy)
+    engine = AsyncEngine(model_a, tokenizer, backend=backend, version=3)
+    before = generate_blocking(engine, prompt_ids, greedy)
     assert all(s.versions == (3,) * 6 for s in before)
-    sampler.set_weights(model_b.state_dict(), version=4)
-    assert sampler.version == 4
-    after = sampler.generate(prompt_ids, greedy)
+    engine.update_weights(model_b.state_dict(), version=4)
+    assert engine.version == 4
+    after = generate_blocking(engine, prompt_ids, greedy)
     assert all(s.versions == (4,) * 6 for s in after)
     assert [s.token_ids for s in after] == [s.token_ids for s in expected]
     assert [s.token_ids for s in after] != [s.token_ids for s in before]
@@ -407,32 +408,32 @@ def test_versions_tag_tokens_and_set_weights_swaps(two_models, prompt_ids, backe
 def test_set_weights_accepts_state_dict_without_tied_head(two_models, prompt_ids):
     model_a, model_b, tokenizer = two_models
     state = {k: v for k, v in model_b.state_dict().items() if k != "lm_head.weight"}
-    sampler = Sampler(model_a, tokenizer)
-    sampler.set_weights(state, version=1)
-    assert max_logprob_error(model_b, sampler.generate(prompt_ids, SamplingParams(max_new_tokens=4))) < 1e-4
+    engine = AsyncEngine(model_a, tokenizer)
+    engine.update_weights(state, version=1)
+    assert max_logprob_error(model_b, generate_blocking(engine, prompt_ids, SamplingParams(max_new_tokens=4))) < 1e-4
     with pytest.raises(ValueError, match="does not match"):
-        sampler.set_weights({"nonsense.weight": torch.zeros(1)}, version=2)
+        engine.update_weights({"nonsense.weight": torch.zeros(1)}, version=2)
 
 
 def test_fast_path_notices_in_place_weight_changes(two_models, prompt_ids):
     """An optimiser step / load_state_dict on the module is seen without set_weights."""
     model_a, model_b, tokenizer = two_models
-    sampler = Sampler(model_a, tokenizer)
-    sampler.generate(prompt_ids, SamplingParams(max_new_tokens=2))
+    engine = AsyncEngine(model_a, tokenizer)
+    generate_blocking(engine, prompt_ids, SamplingParams(max_new_tokens=2))
     model_a.load_state_dict(model_b.state_dict())
-    samples = sampler.generate(prompt_ids, SamplingParams(max_new_tokens=5))
+    samples = generate_blocking(engine, prompt_ids, SamplingParams(max_new_tokens=5))
     assert max_logprob_error(model_b, samples) < 1e-4
 
 
 def test_fast_path_follows_replaced_parameter_storage(two_models, prompt_ids):
     """`.data = ...` (or `.to()`) swaps a parameter's storage; the decoder re-reads it."""
     model_a, model_b, tokenizer = two_models
-    sampler = Sampler(model_a, tokenizer)
-    sampler.generate(prompt_ids, SamplingParams(max_new_tokens=2))
+    engine = AsyncEngine(model_a, tokenizer)
+    generate_blocking(engine, prompt_ids, SamplingParams(max_new_tokens=2))
     with torch.no_grad():
         for p_a, p_b in zip(model_a.parameters(), model_b.parameters()):
             p_a.data = p_b.data.clone()
-    samples = sampler.generate(prompt_ids, SamplingParams(max_new_tokens=5))
+    samples = generate_blocking(engine, prompt_ids, SamplingParams(max_new_tokens=5))
     assert max_logprob_error(model_b, samples) < 1e-4
 
 
@@ -451,24 +452,6 @@ def test_update_weights_continue_mid_flight(two_models, prompt_ids):
             out[done.request.id] = done.sample
     for s in out.values():
         assert s.versions == (0, 0, 0, 1, 1, 1, 1, 1)
-
-
-def test_update_weights_drain_finishes_in_flight_first(two_models, prompt_ids):
-    model_a, model_b, tokenizer = two_models
-    engine = Engine(model_a, tokenizer, max_batch=2, generator=torch.Generator().manual_seed(0))
-    for i, p in enumerate(prompt_ids[:4]):
-        engine.submit(Request(p, SamplingParams(max_new_tokens=5, ignore_eos=True), id=i))
-    engine.step()
-    engine.update_weights(model_b.state_dict(), version=1, mode="drain")
-    assert engine.draining and engine.version == 0
-    out = {}
-    while engine.has_work:
-        for done in engine.step():
-            out[done.request.id] = done.sample
-    assert out[0].versions == out[1].versions == (0,) * 5  # in flight: finished on old weights
-    assert out[2].versions == out[3].versions == (1,) * 5  # queued: started after the swap
-    assert engine.version == 1 and not engine.draining
-    assert max_logprob_error(model_b, [out[2], out[3]]) < 1e-4
 
 
 def test_update_weights_abort_returns_partials_that_resume(two_models, prompt_ids):
@@ -491,12 +474,10 @@ def test_update_weights_abort_returns_partials_that_resume(two_models, prompt_id
     assert max_logprob_error(model_b, [out["q"]]) < 1e-4
 
 
-def test_generate_is_a_loop_over_an_idle_engine(tiny, prompt_ids):
+def test_core_engine_refuses_drain_which_is_the_workers(tiny):
     model, tokenizer = tiny
-    sampler = Sampler(model, tokenizer)
-    sampler.engine.submit(Request(prompt_ids[0]))
-    with pytest.raises(RuntimeError, match="idle engine"):
-        sampler.generate(prompt_ids, SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="drain is kept by the rollout worker"):
+        Engine(model, tokenizer).update_weights(model.state_dict(), version=1, mode="drain")
 
 
 # -- loading ------------------------------------------------------------------------------
@@ -507,11 +488,114 @@ def test_saved_and_loaded_model_samples_the_same(tiny, prompt_ids, tmp_path):
     folder = save_pretrained(model, tokenizer, tmp_path / "tiny")
     loaded, loaded_tok = load_pretrained(folder)
     loaded.eval()
-    sampler = Sampler(loaded, loaded_tok)
-    assert sampler.backend_name == "fast"
+    engine = AsyncEngine(loaded, loaded_tok)
+    assert engine.backend_name == "fast"
     greedy = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
-    a = Sampler(model, tokenizer).generate(prompt_ids, greedy)
-    b = sampler.generate(prompt_ids, greedy)
+    a = generate_blocking(AsyncEngine(model, tokenizer), prompt_ids, greedy)
+    b = generate_blocking(engine, prompt_ids, greedy)
     assert [s.token_ids for s in a] == [s.token_ids for s in b]
     assert [s.text for s in a] == [s.text for s in b]
-    assert max_logprob_error(loaded, sampler.generate(prompt_ids, SamplingParams(max_new_tokens=5))) < 1e-4
+    assert max_logprob_error(loaded, generate_blocking(engine, prompt_ids, SamplingParams(max_new_tokens=5))) < 1e-4
+
+
+# -- the async engine ---------------------------------------------------------------------
+
+
+def test_async_generate_from_many_coroutines_equals_the_core_loop(tiny, prompt_ids):
+    """Coroutines awaiting `generate` at once share one batch: the same tokens as the core driven by hand."""
+    import asyncio
+
+    model, tokenizer = tiny
+    params = SamplingParams(max_new_tokens=7)
+    core = Engine(model, tokenizer, max_batch=3, generator=torch.Generator().manual_seed(8))
+    expected = run_engine(core, [Request(p, params, id=i) for i, p in enumerate(prompt_ids)])
+    engine = AsyncEngine(model, tokenizer, max_batch=3, generator=torch.Generator().manual_seed(8))
+
+    async def run():
+        return await asyncio.gather(*(engine.generate(p, params) for p in prompt_ids))
+
+    got = asyncio.run(run())
+    assert [s.token_ids for s in got] == [expected[i].token_ids for i in range(len(prompt_ids))]
+    assert max_logprob_error(model, got) < 1e-4
+    assert engine.num_in_flight == 0
+
+
+def test_an_episode_waiting_on_a_tool_holds_no_slot(tiny, prompt_ids):
+    """One slot: episode A's tool call waits for episode B's long generation, which needs that slot."""
+    import asyncio
+
+    model, tokenizer = tiny
+    engine = AsyncEngine(model, tokenizer, max_batch=1, generator=torch.Generator().manual_seed(0))
+    order = []
+
+    async def run():
+        tool_result = asyncio.Event()
+
+        async def episode_a():
+            first = await engine.generate(prompt_ids[0], SamplingParams(max_new_tokens=2, ignore_eos=True))
+            order.append("a1")
+            await tool_result.wait()  # the "tool": answers once B is done
+            second = await engine.generate(list(prompt_ids[0]) + list(first.token_ids), SamplingParams(max_new_tokens=2, ignore_eos=True))
+            order.append("a2")
+            return second
+
+        async def episode_b():
+            await asyncio.sleep(0)
+            out = await engine.generate(prompt_ids[1], SamplingParams(max_new_tokens=12, ignore_eos=True))
+            order.append("b")
+            tool_result.set()
+            return out
+
+        return await asyncio.wait_for(asyncio.gather(episode_a(), episode_b()), timeout=60)
+
+    a, b = asyncio.run(run())
+    assert order == ["a1", "b", "a2"] and len(b.token_ids) == 12 and len(a.token_ids) == 2
+
+
+def test_async_abort_resumes_inside_generate_with_per_version_logprobs(two_models, prompt_ids):
+    import asyncio
+
+    import copy
+
+    model_a, model_b, tokenizer = two_models
+    old = copy.deepcopy(model_a)  # the engine loads the new weights into model_a in place
+    engine = AsyncEngine(model_a, tokenizer, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(max_new_tokens=9, ignore_eos=True)
+
+    async def run():
+        pending = asyncio.ensure_future(engine.generate_many(prompt_ids[:3], params))
+        while engine.stats["steps"] < 3:
+            await asyncio.sleep(0)
+        engine.update_weights(model_b.state_dict(), version=1, mode="abort")
+        return await pending
+
+    samples = asyncio.run(run())
+    assert engine.stats["aborted_sequences"] == 3 and engine.stats["aborted_tokens"] == 9
+    for prompt, s in zip(prompt_ids[:3], samples):
+        assert s.versions == (0,) * 3 + (1,) * 6 and s.finish_reason == "length"
+        ids = torch.tensor([list(prompt) + list(s.token_ids)])
+        for version, model in ((0, old), (1, model_b)):
+            with torch.no_grad():
+                ref = shifted_token_logprobs(model(input_ids=ids).logits, ids)[0, len(prompt):]
+            picked = [i for i, v in enumerate(s.versions) if v == version]
+            assert torch.allclose(ref[picked], torch.tensor(s.logprobs)[picked], atol=1e-4)
+
+
+def test_a_failing_decode_step_fails_every_waiting_generate(tiny, prompt_ids):
+    import asyncio
+
+    model, tokenizer = tiny
+    engine = AsyncEngine(model, tokenizer)
+
+    def broken_step():
+        raise MemoryError("simulated out of memory")
+
+    engine.core.step = broken_step
+
+    async def run():
+        return await asyncio.gather(*(engine.generate(p, SamplingParams(max_new_tokens=3)) for p in prompt_ids[:2]), return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert all(isinstance(r, MemoryError) for r in results)
+    with pytest.raises(MemoryError):
+        asyncio.run(engine.generate(prompt_ids[0]))

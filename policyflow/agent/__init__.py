@@ -1,0 +1,1 @@
+"""Episodes: environments (`env.py`), the episode runner (`episode.py`), action parsing and context policies."""

@@ -1,0 +1,161 @@
+"""The environment interface: one `Env` per episode, built G at a time by an `EnvGroupBuilder`.
+
+Every rollout is an episode, and a single-turn task is the one-step case (`SingleTurnEnv`), so
+there is one rollout path (DESIGN.md §6; tinker-cookbook's `Env`/`EnvGroupBuilder` is the model).
+
+Envs speak **text**; the episode runner (`agent/episode.py`) owns the tokens:
+
+* `initial_observation()` returns the task prompt as text. The runner renders it once (with
+  the chat template when `model.chat_template` is on, passing `tools` to it) into the prompt
+  segment.
+* the runner samples a completion and hands its decoded text to `step(action)`. The text is
+  what the model wrote, cut after a stop string (`stop` below); the generated token ids are
+  kept by the runner and never re-derived from text.
+* `step` returns a `StepResult`. When the episode goes on, `observation` is the text to show
+  next (a tool result, an error message...). The runner tokenizes it exactly once, wrapped in
+  the chat template's tool-role markers for chat models (`tokens.render_observation`), cuts it
+  to `agent.max_obs_tokens` and appends the ids with loss mask 0. History is never re-tokenized.
+
+An env is single-use and async: `step` may await tools (a tool pool, a sandbox, a search index);
+while it does, the episode holds no decode slot in the engine. Rewards are named parts summed by
+the env into `StepResult.reward` (the episode's reward is the sum over its steps, plus whatever
+the builder's `score_group` adds); `reward_parts` are logged separately (`reward/<name>`).
+
+Problems are plain `tasks.base.Problem` values that travel with the work (`workers.GroupSpec`),
+so they can come from a task's training set or be produced at run time (self-play): an env
+never looks a problem up by index.
+
+Context policies (`agent.context`; `agent/context.py`) choose what each engine call sees: a
+pure function `ContextPolicy(segments) -> indices` of the episode's segments so far (prompt,
+gen, obs..., each with its `text`) returning the indices, in order, that form the next call's
+exact context. `full` returns all of them; MEM1 keeps the prompt, the latest generated turn
+(holding `<state>`) and the latest observation. A call whose context is not the previous
+call's context plus what came after it starts a new training row (`tokens.episode_rows`).
+
+How a task provides multi-turn envs: define `group_builder(problem) -> EnvGroupBuilder` on the
+task. Tasks that do not (arithmetic, countdown, jsonl) get `SingleTurnGroupBuilder`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from policyflow.tasks.base import Problem, Task
+from policyflow.types import Segment, Trajectory
+
+ContextPolicy = Callable[[Sequence[Segment]], tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the environment answers to one action.
+
+    observation: text shown to the model next (None when `done`, or to let the model go on
+        with no new input); the runner tokenizes it once and appends it with loss mask 0.
+    done: the episode is over (an answer was given, or the env gives up).
+    reward: this step's reward; the episode's reward is the sum over its steps.
+    reward_parts: named parts for logging (`correct`, `format`, `search_penalty`, ...); summed
+        over steps per name. `correct` (0/1) is the task's verdict used for accuracy.
+    tool_calls / tool_errors: tools this step called, and how many of them failed (malformed
+        call, raised, timed out: the error is in `observation`, the run goes on).
+    info: free-form strings kept with the episode for samples.jsonl (e.g. the parsed tool call).
+    """
+
+    observation: str | None = None
+    done: bool = False
+    reward: float = 0.0
+    reward_parts: dict[str, float] = field(default_factory=dict)
+    tool_calls: int = 0
+    tool_errors: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Env(ABC):
+    """One episode. Single-use: `initial_observation` once, then `step` until `done`.
+
+    stop: strings that end one model turn (e.g. `</search>`, `</answer>`), added to the run's
+        `sampling.stop`; the stop string is kept in the action text.
+    tools: JSON schemas of the tools, for chat templates with `tools=` support (None: no tools
+        are rendered; tag-format envs describe their tools in the prompt text).
+    """
+
+    stop: tuple[str, ...] = ()
+    tools: list[dict[str, Any]] | None = None
+
+    @abstractmethod
+    async def initial_observation(self) -> str:
+        """The task prompt (a user message for chat models)."""
+
+    @abstractmethod
+    async def step(self, action: str) -> StepResult:
+        """React to the model's action (its decoded text for this turn)."""
+
+    async def close(self) -> None:
+        """Release what the episode holds (called once, however the episode ended)."""
+
+
+@dataclass(frozen=True)
+class GroupScore:
+    """Rewards a builder assigns once all G episodes are over (e.g. a batch reward function)."""
+
+    rewards: list[float]
+    parts: list[dict[str, float]]
+    errors: int = 0  # reward computations that failed (those episodes got 0)
+
+
+class EnvGroupBuilder(ABC):
+    """Makes the G envs of one problem (a GRPO group, a self-play round)."""
+
+    problem: Problem
+
+    @abstractmethod
+    async def make_envs(self, n: int) -> list[Env]:
+        """`n` fresh, independent envs for `self.problem`."""
+
+    async def score_group(self, trajectories: Sequence[Trajectory]) -> GroupScore | None:
+        """Rewards added to each finished episode of the group (None: the steps' rewards are all).
+
+        Called once all G episodes are over: the place for rewards that compare group members
+        (pairwise judges, self-play) or that a batch reward function computes at once.
+        """
+        return None
+
+
+class SingleTurnEnv(Env):
+    """A single-turn task as a one-step env: the prompt, one completion, done.
+
+    The completion is scored by the group builder in one batch (reward functions see the whole
+    group at once, and a reward error is counted once per failed sample), as before episodes.
+    """
+
+    def __init__(self, task: Task, problem: Problem) -> None:
+        self.task, self.problem = task, problem
+        self.stop = tuple(task.stop)
+
+    async def initial_observation(self) -> str:
+        return self.task.render_prompt(self.problem)
+
+    async def step(self, action: str) -> StepResult:
+        return StepResult(done=True)
+
+
+class SingleTurnGroupBuilder(EnvGroupBuilder):
+    def __init__(self, task: Task, problem: Problem) -> None:
+        self.task, self.problem = task, problem
+
+    async def make_envs(self, n: int) -> list[Env]:
+        return [SingleTurnEnv(self.task, self.problem) for _ in range(n)]
+
+    async def score_group(self, trajectories: Sequence[Trajectory]) -> GroupScore:
+        score = self.task.score([self.problem] * len(trajectories), [t.completion_text for t in trajectories])
+        parts = [{"correct": float(score.correct[j])} | {name: values[j] for name, values in score.parts.items()} for j in range(len(trajectories))]
+        return GroupScore(list(score.rewards), parts, score.errors)
+
+
+def group_builder(task: Task, problem: Problem) -> EnvGroupBuilder:
+    """The builder of `problem`'s envs: the task's own (`task.group_builder`) or the single-turn one."""
+    own = getattr(task, "group_builder", None)
+    return own(problem) if own is not None else SingleTurnGroupBuilder(task, problem)

@@ -1,0 +1,123 @@
+"""The episode runner: the loop between one `Env` and the `AsyncEngine` (DESIGN.md §6).
+
+    runner = EpisodeRunner(engine, tokenizer, params, cfg.agent)
+    group, reward_errors = await runner.run_group(builder, G, task_id="train-7")
+
+For each turn: the context policy picks the segments the next call sees, the engine samples a
+completion of exactly those tokens (`await engine.generate`, sharing the batch with every other
+episode in flight), the env reacts to its text, and the observation is tokenized once and
+appended as an `obs` segment (loss mask 0). Every call is recorded as a `Call` (its context's
+segment indices and the segment it produced), which is what training reads
+(`tokens.episode_rows`).
+
+Limits (`agent.*`): after `max_turns` calls, or when a call would have no room left under
+`max_total_tokens` (context + completion; never more than the model's position limit), the
+episode ends `truncated` with the reward its steps earned; observations are cut to `max_obs_tokens`. An episode whose env reports `done`
+ends `complete` (or `truncated` when its last completion was cut at max_new_tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+from policyflow.agent.context import full_context
+from policyflow.agent.env import ContextPolicy, Env, EnvGroupBuilder, StepResult
+from policyflow.config import AgentConfig
+from policyflow.engine import AsyncEngine, SamplingParams
+from policyflow.tokens import render_observation, render_prompt
+from policyflow.types import Call, Group, Segment, Trajectory
+
+
+class EpisodeRunner:
+    """Runs episodes on one engine with one tokenizer, sampling setting and set of limits."""
+
+    def __init__(
+        self, engine: AsyncEngine, tokenizer, params: SamplingParams, agent: AgentConfig, *,
+        chat_template: bool = False, context: ContextPolicy = full_context,
+    ) -> None:
+        self.engine, self.tokenizer, self.params, self.agent = engine, tokenizer, params, agent
+        self.chat_template, self.context = chat_template, context
+        window = engine.max_positions or float("inf")  # the model's own limit, when it has one
+        self.max_total_tokens = min(agent.max_total_tokens or window, window)
+
+    def with_params(self, **changes) -> EpisodeRunner:
+        """The same runner with some sampling settings changed (e.g. temperature=0 for greedy evaluation)."""
+        return EpisodeRunner(self.engine, self.tokenizer, dataclasses.replace(self.params, **changes), self.agent, chat_template=self.chat_template, context=self.context)
+
+    async def run_group(self, builder: EnvGroupBuilder, n: int, *, task_id: str) -> tuple[Group, int]:
+        """The `n` episodes of `builder`'s problem, run at once; returns the group and its reward-error count."""
+        start = time.perf_counter()
+        envs = await builder.make_envs(n)
+        trajectories = list(await asyncio.gather(*(self.run(env, id=f"{task_id}/{j}", task_id=task_id) for j, env in enumerate(envs))))
+        errors = 0
+        score = await builder.score_group(trajectories)
+        if score is not None:
+            errors = score.errors
+            for t, reward, parts in zip(trajectories, score.rewards, score.parts):
+                t.reward += reward
+                t.reward_parts = _add_parts(t.reward_parts, parts)
+        elapsed = time.perf_counter() - start
+        for t in trajectories:
+            t.timings.queue_s = max(0.0, elapsed - t.timings.generation_s - t.timings.tools_s)
+        problem = builder.problem
+        return Group(id=task_id, task_id=task_id, prompt=problem.prompt, answer=problem.answer, trajectories=trajectories), errors
+
+    async def run(self, env: Env, *, id: str, task_id: str) -> Trajectory:
+        """One episode of `env`, closed afterwards however it ended."""
+        try:
+            return await self._run(env, id, task_id)
+        finally:
+            await env.close()
+
+    async def _run(self, env: Env, id: str, task_id: str) -> Trajectory:
+        prompt_text = await env.initial_observation()
+        prompt_ids = render_prompt(self.tokenizer, prompt_text, self.chat_template, tools=env.tools)
+        segments = [Segment("prompt", tuple(prompt_ids), text=prompt_text)]
+        calls: list[Call] = []
+        params = dataclasses.replace(self.params, stop=tuple(dict.fromkeys(self.params.stop + tuple(env.stop))))
+        traj = Trajectory(id=id, task_id=task_id, group_id=task_id, segments=segments, calls=calls, num_turns=0, start_version=self.engine.version)
+        status = "truncated"  # unless the env says done
+        for turn in range(self.agent.max_turns):
+            context = tuple(self.context(segments))
+            prompt = [t for i in context for t in segments[i].token_ids]
+            room = min(params.max_new_tokens, self.max_total_tokens - len(prompt))
+            if room < 1:
+                break
+            start = time.perf_counter()
+            sample = await self.engine.generate(prompt, dataclasses.replace(params, max_new_tokens=room))
+            traj.timings.generation_s += time.perf_counter() - start
+            segments.append(Segment("gen", sample.token_ids, sample.logprobs, sample.versions, turn=turn, text=sample.text))
+            calls.append(Call(context=context, produced=len(segments) - 1))
+            traj.finish_reason = sample.finish_reason
+            start = time.perf_counter()
+            result = await env.step(sample.text)
+            traj.timings.tools_s += time.perf_counter() - start
+            self._record(traj, result)
+            if result.done:
+                status = "truncated" if sample.finish_reason == "length" else "complete"
+                break
+            if result.observation:
+                ended = sample.token_ids[-1:] == (self.tokenizer.eos_token_id,)
+                ids, text = render_observation(self.tokenizer, result.observation, self.chat_template, self.agent.max_obs_tokens, turn_ended=ended)
+                segments.append(Segment("obs", tuple(ids), turn=turn, text=text))
+        traj.status = status
+        traj.num_turns = len(calls)
+        traj.completion_text = "".join(s.text for s in segments[1:])
+        versions = [v for s in segments if s.versions for v in s.versions]
+        traj.start_version = min(versions, default=traj.start_version)
+        traj.end_version = max(versions, default=traj.start_version)
+        return traj
+
+    @staticmethod
+    def _record(traj: Trajectory, result: StepResult) -> None:
+        traj.reward += result.reward
+        traj.reward_parts = _add_parts(traj.reward_parts, result.reward_parts)
+        traj.num_tool_calls += result.tool_calls
+        traj.num_tool_errors += result.tool_errors
+        traj.step_info.append(dict(result.info))
+
+
+def _add_parts(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in a | b}

@@ -1,0 +1,180 @@
+"""Reading one action from a model turn, in the tag format or the Hermes/Qwen tool-call format.
+
+Tag format (tiny models, tools described in the prompt)::
+
+    <state>what I know so far</state><search>Zorvia</search>
+    <answer>Quelm</answer>
+
+Hermes/Qwen chat format (real chat models, tools rendered by the chat template's `tools=`)::
+
+    <tool_call>
+    {"name": "search", "arguments": {"query": "Zorvia"}}
+    </tool_call>
+
+A turn holds at most one action; the env's stop strings (`stop_strings`) end generation right
+after it. A `<state>…</state>` block (MEM1's internal state) may come before the action; the
+last one is returned with it. Anything that is not exactly one well-formed action becomes
+`Malformed(reason)`, which the env answers with an error observation (and counts).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from policyflow.tools.base import Tool
+
+ANSWER_TAG = "answer"
+STATE_TAG = "state"
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+TOOL_FORMATS = ("tags", "hermes")
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FinalAnswer:
+    text: str
+
+
+@dataclass(frozen=True)
+class Malformed:
+    reason: str
+
+
+Action = ToolCall | FinalAnswer | Malformed
+
+
+@dataclass(frozen=True)
+class ParsedTurn:
+    """The action of one model turn and the `<state>` text written before it (None if none)."""
+
+    action: Action
+    state: str | None = None
+
+
+def _open_tags(text: str, names: Collection[str]) -> list[tuple[int, str]]:
+    """(position, name) of every opening `<name>` in `text`, in order."""
+    pattern = re.compile("<(" + "|".join(re.escape(n) for n in sorted(names)) + ")>")
+    return [(m.start(), m.group(1)) for m in pattern.finditer(text)]
+
+
+def _block(text: str, name: str, start: int) -> tuple[str, int] | None:
+    """The content of the `<name>…</name>` block opening at `start`, and the index after it; None if unclosed."""
+    begin = start + len(name) + 2
+    end = text.find(f"</{name}>", begin)
+    return None if end < 0 else (text[begin:end], end + len(name) + 3)
+
+
+def _last_state(text: str) -> tuple[str | None, str | None]:
+    """(the last `<state>` content, an error) for the text before the action."""
+    state = None
+    for start, _ in _open_tags(text, [STATE_TAG]):
+        block = _block(text, STATE_TAG, start)
+        if block is None:
+            return None, f"<{STATE_TAG}> is not closed"
+        state = block[0].strip()
+    return state, None
+
+
+def parse_tags(text: str, tools: Mapping[str, str]) -> ParsedTurn:
+    """Read a tag-format turn. `tools` maps each tool's tag to the argument its content fills
+    (`{"search": "query"}` turns `<search>q</search>` into `ToolCall("search", {"query": "q"})`)."""
+    opens = _open_tags(text, [*tools, ANSWER_TAG])
+    if not opens:
+        expected = " or ".join(f"<{n}>…</{n}>" for n in [*tools, ANSWER_TAG])
+        return ParsedTurn(Malformed(f"no action: expected {expected}"))
+    if len(opens) > 1:
+        return ParsedTurn(Malformed(f"more than one action ({', '.join(f'<{n}>' for _, n in opens)}); write exactly one"))
+    start, name = opens[0]
+    state, error = _last_state(text[:start])
+    if error:
+        return ParsedTurn(Malformed(error))
+    block = _block(text, name, start)
+    if block is None:
+        return ParsedTurn(Malformed(f"<{name}> is not closed"), state)
+    content = block[0].strip()
+    if name == ANSWER_TAG:
+        return ParsedTurn(FinalAnswer(content), state)
+    if not content:
+        return ParsedTurn(Malformed(f"empty <{name}>"), state)
+    return ParsedTurn(ToolCall(name, {tools[name]: content}), state)
+
+
+def parse_hermes(text: str, tools: Collection[str]) -> ParsedTurn:
+    """Read a Hermes/Qwen turn: one `<tool_call>{"name", "arguments"}</tool_call>` is a tool call;
+    a turn without one is the final answer (the content of `<answer>` if present, else the text)."""
+    starts = [m.start() for m in re.finditer(re.escape(TOOL_CALL_OPEN), text)]
+    state, error = _last_state(text[: starts[0]] if starts else text)
+    if error:
+        return ParsedTurn(Malformed(error))
+    if not starts:
+        answer = _open_tags(text, [ANSWER_TAG])
+        if answer:
+            block = _block(text, ANSWER_TAG, answer[-1][0])
+            if block is None:
+                return ParsedTurn(Malformed(f"<{ANSWER_TAG}> is not closed"), state)
+            return ParsedTurn(FinalAnswer(block[0].strip()), state)
+        return ParsedTurn(FinalAnswer(re.sub(r"<state>.*?</state>", "", text, flags=re.DOTALL).strip()), state)
+    if len(starts) > 1:
+        return ParsedTurn(Malformed(f"{len(starts)} tool calls in one turn; make one call per turn"), state)
+    end = text.find(TOOL_CALL_CLOSE, starts[0])
+    if end < 0:
+        return ParsedTurn(Malformed(f"{TOOL_CALL_OPEN} is not closed"), state)
+    body = text[starts[0] + len(TOOL_CALL_OPEN) : end]
+    try:
+        call = json.loads(body)
+    except json.JSONDecodeError as err:
+        return ParsedTurn(Malformed(f"tool call is not valid JSON ({err.msg} at char {err.pos})"), state)
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(call.get("arguments", {}), dict):
+        return ParsedTurn(Malformed('a tool call must be {"name": <string>, "arguments": <object>}'), state)
+    if call["name"] not in tools:
+        return ParsedTurn(Malformed(f"unknown tool {call['name']!r}; available: {sorted(tools)}"), state)
+    return ParsedTurn(ToolCall(call["name"], dict(call.get("arguments", {}))), state)
+
+
+def tag_arguments(tools: Sequence[Tool]) -> dict[str, str]:
+    """For the tag format: each tool's tag -> its one required argument, which must be a string."""
+    mapping = {}
+    for tool in tools:
+        required = list(tool.parameters.get("required", ()))
+        props = tool.parameters["properties"]
+        if len(required) != 1 or props[required[0]].get("type") != "string":
+            raise ValueError(f"tool {tool.name!r} cannot be called with tags: it needs exactly one required string argument, has required={required}")
+        if tool.name in (ANSWER_TAG, STATE_TAG):
+            raise ValueError(f"a tool cannot be named {tool.name!r}: <{tool.name}> is reserved in the tag format")
+        mapping[tool.name] = required[0]
+    return mapping
+
+
+def stop_strings(tool_format: str, tools: Sequence[Tool]) -> tuple[str, ...]:
+    """The strings that end a turn right after its action: `</tool>` / `</answer>` tags, or `</tool_call>`."""
+    if tool_format == "tags":
+        return tuple(f"</{name}>" for name in [*tag_arguments(tools), ANSWER_TAG])
+    if tool_format == "hermes":
+        return (TOOL_CALL_CLOSE,)
+    raise ValueError(f"unknown tool format {tool_format!r}; choose one of {list(TOOL_FORMATS)}")
+
+
+def parse_turn(tool_format: str, text: str, tools: Sequence[Tool]) -> ParsedTurn:
+    """Parse `text` in `tool_format` ('tags' or 'hermes') against `tools`."""
+    if tool_format not in TOOL_FORMATS:
+        raise ValueError(f"unknown tool format {tool_format!r}; choose one of {list(TOOL_FORMATS)}")
+    if tool_format == "tags":
+        return parse_tags(text, tag_arguments(tools))
+    return parse_hermes(text, [t.name for t in tools])
+
+
+def render_with_tools(tokenizer, messages: list[dict[str, str]], tools: Sequence[Tool]) -> list[int]:
+    """Prompt ids from the tokenizer's chat template with the tools' schemas passed as `tools=`."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; use tool_format='tags' for models without one")
+    ids = tokenizer.apply_chat_template(messages, tools=[t.schema() for t in tools], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

@@ -1,0 +1,73 @@
+"""The search agent's environment: questions answered by calling a local BM25 search tool.
+
+Each turn the model writes one action (`agent/parse.py`): a search, which the env runs through
+the shared `ToolPool` and answers with the passages as the next observation, or an answer,
+which ends the episode with MMSearch-R1's reward (`rewards.search_penalty_reward`): 1 for a
+correct answer, β less if the episode searched, plus γ when every turn was well formed. A
+malformed turn, or a search that fails, is answered with an error observation and counted;
+the episode goes on (until `agent.max_turns`).
+
+In the tag format observations are wrapped as `<info>…</info>`; in the Hermes format the
+episode runner wraps them in the chat template's tool-role markers instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from policyflow.agent.env import Env, EnvGroupBuilder, StepResult
+from policyflow.agent.parse import FinalAnswer, Malformed, ToolCall, parse_turn, stop_strings
+from policyflow.rewards import search_penalty_reward
+from policyflow.tasks.base import Problem
+from policyflow.tasks.search_qa import SearchQATask, SearchSettings, wrap_observation
+from policyflow.tools.base import Tool, ToolPool
+
+
+class SearchEnv(Env):
+    """One search episode for `problem`; `task` provides the prompt and the answer check."""
+
+    def __init__(self, task: SearchQATask, problem: Problem, pool: ToolPool, settings: SearchSettings) -> None:
+        self.task, self.problem, self.pool, self.settings = task, problem, pool, settings
+        self.searches = 0  # search calls made, failed ones included
+        self.malformed = 0  # turns that were not one well-formed action
+        self.stop = stop_strings(settings.tool_format, list(pool.tools.values()))
+        self.tools = pool.schemas() if settings.tool_format == "hermes" else None
+
+    async def initial_observation(self) -> str:
+        return self.task.render_prompt(self.problem)
+
+    async def step(self, action: str) -> StepResult:
+        tools: list[Tool] = list(self.pool.tools.values())
+        parsed = parse_turn(self.settings.tool_format, action, tools)
+        info: dict[str, Any] = {"state": parsed.state} if parsed.state is not None else {}
+        turn = parsed.action
+        if isinstance(turn, Malformed):
+            self.malformed += 1
+            info["malformed"] = turn.reason
+            return StepResult(observation=wrap_observation(f"error: {turn.reason}", self.settings.tool_format), tool_errors=1, info=info)
+        if isinstance(turn, ToolCall):
+            self.searches += 1
+            result = await self.pool.call(turn.name, turn.arguments)
+            info |= {"tool": turn.name, "arguments": turn.arguments, "tool_error": result.error}
+            observation = wrap_observation(result.text, self.settings.tool_format)
+            return StepResult(observation=observation, tool_calls=1, tool_errors=int(not result.ok), info=info)
+        assert isinstance(turn, FinalAnswer)
+        correct = self.task.is_correct(self.problem, turn.text)
+        parts = search_penalty_reward(
+            torch.tensor(float(correct), dtype=torch.float64), torch.tensor(self.searches), torch.tensor(self.malformed == 0),
+            penalty=self.settings.penalty, format_weight=self.settings.format_weight,
+        )
+        reward_parts = {name: float(value) for name, value in parts.items()}
+        return StepResult(done=True, reward=sum(reward_parts.values()), reward_parts=reward_parts, info=info | {"answer": turn.text})
+
+
+class SearchGroupBuilder(EnvGroupBuilder):
+    """The G search episodes of one problem, sharing the task's tool pool."""
+
+    def __init__(self, task: SearchQATask, problem: Problem, pool: ToolPool, settings: SearchSettings):
+        self.task, self.problem, self.pool, self.settings = task, problem, pool, settings
+
+    async def make_envs(self, n: int) -> list[Env]:
+        return [SearchEnv(self.task, self.problem, self.pool, self.settings) for _ in range(n)]

@@ -1,0 +1,217 @@
+"""Questions about made-up places that only a search can answer (the CPU search-agent demo).
+
+Each of `num_entities` places gets a random name, a random capital (another made-up name) and
+a random population in [10, max_value]. The corpus has one short passage per place::
+
+    {"id": "e17", "title": "Zorvak", "text": "capital Quelm, pop 48"}
+
+and is written, offline and deterministically from the seed, as JSONL (`write_corpus`).
+Questions are short, for a char-level model with 256 positions:
+
+* one lookup: `capital of Zorvak?` -> `Quelm`, `pop of Zorvak?` -> `48`;
+* two lookups (`two_hop_fraction` of them): `pop of Zorvak + Brelim?` -> `125`, the sum of
+  two populations, so the first value must be kept (in the context, or in MEM1's `<state>`)
+  while the second is looked up.
+
+Held-out questions ask only about held-out places (a disjoint set), so a model that answers
+them has learnt to search, not memorised facts. Answers are checked exactly (names ignoring
+case and surrounding space, numbers as integers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from policyflow.agent.parse import TOOL_FORMATS
+from policyflow.tasks.base import Problem, Score, Task, TaskError, check_batch, sample_distinct, seeded_rng
+from policyflow.tools.base import ToolPool
+from policyflow.tools.search import Passage, SearchIndex, format_passages, search_tool
+
+_ONSETS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+_CODAS = ("", "", "k", "l", "m", "n", "r", "s")
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How search episodes run and are rewarded (`agent/search_env.py`)."""
+
+    tool_format: str = "tags"  # 'tags' (<search>, <answer>) or 'hermes' (<tool_call> JSON)
+    penalty: float = 0.1  # β: a correct answer reached with search earns 1 − β
+    format_weight: float = 0.1  # γ: added when every turn of the episode was well formed
+
+
+def wrap_observation(text: str, tool_format: str) -> str:
+    """The observation as the model sees it: `<info>text</info>` for tags; as-is for chat formats
+    (the episode runner wraps those in the chat template's tool-role markers)."""
+    return f"<info>{text}</info>" if tool_format == "tags" else text
+
+
+@dataclass(frozen=True)
+class Entity:
+    id: str
+    name: str
+    capital: str
+    pop: int
+
+    def passage(self) -> dict[str, str]:
+        return {"id": self.id, "title": self.name, "text": f"capital {self.capital}, pop {self.pop}"}
+
+
+def _name(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)).capitalize()
+
+
+def make_entities(seed: int, count: int, max_value: int) -> list[Entity]:
+    """`count` places with distinct names (no capital shares a place's or another capital's name)."""
+    rng = seeded_rng(seed, "search_qa", "entities")
+    used: set[str] = set()
+    names: list[str] = []
+    for _ in range(1000 * count):
+        if len(names) == 2 * count:
+            break
+        name = _name(rng, rng.choice((2, 3)))
+        if name not in used:
+            used.add(name)
+            names.append(name)
+    if len(names) < 2 * count:
+        raise TaskError(f"could not draw {2 * count} distinct names; lower task.num_entities")
+    return [Entity(f"e{i}", names[2 * i], names[2 * i + 1], rng.randint(10, max_value)) for i in range(count)]
+
+
+class SearchQATask(Task):
+    """One- and two-lookup questions over a synthetic corpus; see the module docstring."""
+
+    name = "search_qa"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        num_entities: int = 200,
+        num_eval_entities: int = 40,
+        num_eval: int = 100,
+        two_hop_fraction: float = 0.5,
+        max_value: int = 99,
+        corpus_dir: str | Path = "runs/cache/search_qa",
+        tool_format: str = "tags",
+        top_k: int = 1,
+        search_penalty: float = 0.1,
+        format_weight: float = 0.1,
+        max_obs_chars: int = 200,
+        search_latency_s: float = 0.0,
+        tool_timeout_s: float = 10.0,
+        tool_concurrency: int = 16,
+    ):
+        if not 2 <= num_eval_entities < num_entities:
+            raise TaskError(f"search_qa needs 2 <= num_eval_entities < num_entities, got {num_eval_entities} and {num_entities}")
+        if not 0.0 <= two_hop_fraction <= 1.0:
+            raise TaskError(f"search_qa needs 0 <= two_hop_fraction <= 1, got {two_hop_fraction}")
+        if max_value < 10:
+            raise TaskError(f"search_qa needs max_value >= 10, got {max_value}")
+        self.seed, self.two_hop_fraction, self.max_value = seed, two_hop_fraction, max_value
+        self.entities = make_entities(seed, num_entities, max_value)
+        self.eval_entities = self.entities[:num_eval_entities]
+        self.train_entities = self.entities[num_eval_entities:]
+        self.corpus_dir = Path(corpus_dir)
+        self.search_args = dict(k=top_k, max_obs_tokens=max_obs_chars, latency_s=search_latency_s)
+        self.pool_args = dict(max_concurrency=tool_concurrency, timeout_s=tool_timeout_s)
+        if tool_format not in TOOL_FORMATS:
+            raise TaskError(f"search_qa: unknown tool_format {tool_format!r}; choose one of {list(TOOL_FORMATS)}")
+        self.stop = ("</search>", "</answer>") if tool_format == "tags" else ("</tool_call>",)
+        self.settings = SearchSettings(tool_format=tool_format, penalty=search_penalty, format_weight=format_weight)
+        self._pool: ToolPool | None = None  # built on first use, in the process that runs episodes
+        draw = lambda rng: self._question(rng, self.eval_entities, "")  # noqa: E731
+        questions = sample_distinct(draw, lambda p: p.prompt, num_eval, seeded_rng(seed, "search_qa", "eval"), "questions")
+        self._eval = tuple(dataclasses.replace(p, id=f"search_qa:eval:{j}") for j, p in enumerate(questions))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None}  # a pool belongs to one process
+
+    def _question(self, rng: random.Random, pool: Sequence[Entity], problem_id: str) -> Problem:
+        if rng.random() < self.two_hop_fraction:
+            a, b = rng.sample(list(pool), 2)
+            return Problem(problem_id, f"pop of {a.name} + {b.name}?", str(a.pop + b.pop), {"hops": 2, "entities": (a.id, b.id)})
+        e = rng.choice(pool)
+        if rng.random() < 0.5:
+            return Problem(problem_id, f"capital of {e.name}?", e.capital, {"hops": 1, "entities": (e.id,)})
+        return Problem(problem_id, f"pop of {e.name}?", str(e.pop), {"hops": 1, "entities": (e.id,)})
+
+    def train_problem(self, index: int) -> Problem:
+        """Deterministic in (seed, index); asks only about training places."""
+        if index < 0:
+            raise IndexError(f"train_problem index must be >= 0, got {index}")
+        return self._question(seeded_rng(self.seed, "search_qa", "train", index), self.train_entities, f"search_qa:train:{index}")
+
+    def eval_problems(self) -> Sequence[Problem]:
+        return self._eval
+
+    def corpus_path(self) -> Path:
+        """The JSONL corpus, written on first use (atomically, so processes may race)."""
+        path = self.corpus_dir / f"search_qa_s{self.seed}_n{len(self.entities)}_v{self.max_value}.jsonl"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text("".join(json.dumps(e.passage()) + "\n" for e in self.entities))
+            os.replace(tmp, path)
+        return path
+
+    def render_prompt(self, problem: Problem) -> str:
+        return f"Q: {problem.prompt}\n"
+
+    def extract_answer(self, completion: str) -> str | None:
+        """The content of the last `<answer>…</answer>`, stripped, or None."""
+        found = _ANSWER.findall(completion)
+        return found[-1].strip() if found else None
+
+    def is_correct(self, problem: Problem, answer: str | None) -> bool:
+        """Numbers compare as integers, names ignoring case and surrounding space."""
+        if answer is None:
+            return False
+        if problem.answer.isdigit():
+            return answer.strip().isdigit() and int(answer) == int(problem.answer)
+        return answer.strip().lower() == problem.answer.lower()
+
+    def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> Score:
+        """1.0 for a correct `<answer>` in the completion (the multi-turn env adds the search penalty)."""
+        check_batch(problems, completions)
+        correct = [self.is_correct(p, self.extract_answer(c)) for p, c in zip(problems, completions)]
+        return Score(rewards=[float(ok) for ok in correct], correct=correct)
+
+    def entity(self, entity_id: str) -> Entity:
+        return self.entities[int(entity_id[1:])]
+
+    def tool_pool(self) -> ToolPool:
+        """The process's search tool pool over this task's corpus (index built or loaded once)."""
+        if self._pool is None:
+            index = SearchIndex(self.corpus_path(), self.corpus_dir / "bm25")
+            self._pool = ToolPool([search_tool(index, **self.search_args)], **self.pool_args)
+        return self._pool
+
+    def group_builder(self, problem: Problem):
+        """Multi-turn search episodes (`agent/search_env.py`) for `problem`."""
+        # imported here: agent.env imports tasks.base, so a module-level import would be circular
+        from policyflow.agent.search_env import SearchGroupBuilder
+
+        return SearchGroupBuilder(self, problem, self.tool_pool(), self.settings)
+
+    def sft_turns(self, problem: Problem) -> list[tuple[str, str]]:
+        """An ideal tag-format episode as (kind, text) turns, kind 'gen' or 'obs', for the SFT
+        warm-start: search each place, keep the first population in `<state>`, answer."""
+        def lookup(e: Entity) -> list[tuple[str, str]]:
+            found = format_passages([Passage(**e.passage())])
+            return [("obs", wrap_observation(found[: self.search_args["max_obs_tokens"]], "tags"))]
+
+        first = self.entity(problem.columns["entities"][0])
+        turns = [("gen", f"<search>{first.name}</search>"), *lookup(first)]
+        if problem.columns["hops"] == 2:
+            second = self.entity(problem.columns["entities"][1])
+            turns += [("gen", f"<state>{first.pop}</state><search>{second.name}</search>"), *lookup(second)]
+        return turns + [("gen", f"<answer>{problem.answer}</answer>")]

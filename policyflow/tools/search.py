@@ -1,0 +1,171 @@
+"""Local search: BM25 (the `bm25s` library) over a JSONL corpus, with the index cached on disk.
+
+The corpus is a JSONL file of `{"id", "title", "text"}` rows. The index is built once per
+corpus content: it is saved under `<cache_dir>/<sha256 of the corpus file>[:16]/` and loaded
+from there on later runs (and by every other process reading the same corpus). No server and
+no downloads: tokenization is bm25s's regex splitter with its bundled English stopword list,
+without stemming.
+
+`search_tool` wraps an index as a `Tool` whose result is the top-k passages as text, cut to a
+token budget (counted with a tokenizer, or in characters without one), with optional injected
+latency to imitate a remote search engine in benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import bm25s
+
+from policyflow.tools.base import Tool
+
+_STOPWORDS = "en"
+_INDEX_FORMAT = "bm25s-en-nostem-v1"  # part of the cache key: change it when tokenization changes
+NO_RESULTS = "no results"
+
+
+class CorpusError(ValueError):
+    """A corpus file that cannot be indexed; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Passage:
+    id: str
+    title: str
+    text: str
+
+
+def read_corpus(path: Path) -> list[Passage]:
+    """The passages of a JSONL corpus, in file order; every row needs string `id` and `text`."""
+    passages = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CorpusError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(row.get("text"), str):
+                raise CorpusError(f"{path}:{line_no}: a corpus row needs string fields 'id' and 'text' (and optionally 'title')")
+            passages.append(Passage(id=row["id"], title=str(row.get("title", "")), text=row["text"]))
+    if not passages:
+        raise CorpusError(f"{path}: the corpus has no rows")
+    return passages
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256(_INDEX_FORMAT.encode())
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _terms(texts: list[str]) -> list[list[str]]:
+    return bm25s.tokenize(texts, stopwords=_STOPWORDS, return_ids=False, show_progress=False)
+
+
+class SearchIndex:
+    """A BM25 index over one corpus file. `built` says whether this load built it (else: cache hit)."""
+
+    def __init__(self, corpus_path: str | Path, cache_dir: str | Path | None = None):
+        self.corpus_path = Path(corpus_path)
+        self.passages = read_corpus(self.corpus_path)
+        cache_root = Path(cache_dir) if cache_dir is not None else self.corpus_path.parent / ".bm25_cache"
+        self.index_dir = cache_root / _file_digest(self.corpus_path)
+        self.built = not (self.index_dir / "params.index.json").exists()
+        if self.built:
+            self._build(cache_root)
+        self._bm25 = bm25s.BM25.load(str(self.index_dir), show_progress=False)
+
+    def _build(self, cache_root: Path) -> None:
+        """Index the corpus into a temporary folder, then move it into place in one rename, so
+        processes building the same index at once never see a half-written one."""
+        cache_root.mkdir(parents=True, exist_ok=True)
+        retriever = bm25s.BM25()
+        retriever.index(_terms([f"{p.title} {p.text}" for p in self.passages]), show_progress=False)
+        tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=".building-"))
+        try:
+            retriever.save(str(tmp), show_progress=False)
+            os.replace(tmp, self.index_dir)
+        except OSError:
+            if not (self.index_dir / "params.index.json").exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def search(self, query: str, k: int) -> list[tuple[Passage, float]]:
+        """Up to `k` passages sharing a term with `query`, best first, with their BM25 scores."""
+        terms = _terms([query])
+        if not terms[0]:
+            return []
+        k = min(k, len(self.passages))
+        docs, scores = self._bm25.retrieve(terms, k=k, show_progress=False, n_threads=1)
+        return [(self.passages[int(d)], float(s)) for d, s in zip(docs[0], scores[0]) if s > 0]
+
+
+def truncate_to_budget(text: str, budget: int, count: Callable[[str], int]) -> str:
+    """The longest prefix of `text` with `count(prefix) <= budget` (binary search over its length)."""
+    if count(text) <= budget:
+        return text
+    low, high = 0, len(text)  # count(text[:low]) <= budget < count(text[:high])
+    while high - low > 1:
+        mid = (low + high) // 2
+        if count(text[:mid]) <= budget:
+            low = mid
+        else:
+            high = mid
+    return text[:low]
+
+
+def token_counter(tokenizer=None) -> Callable[[str], int]:
+    """Counts tokens with `tokenizer` (no special tokens), or characters when it is None."""
+    if tokenizer is None:
+        return len
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def format_passages(passages: list[Passage]) -> str:
+    """One passage per line, `title: text` (just the text when there is no title)."""
+    if not passages:
+        return NO_RESULTS
+    return "\n".join(f"{p.title}: {p.text}" if p.title else p.text for p in passages)
+
+
+SEARCH_SCHEMA = {
+    "type": "object",
+    "properties": {"query": {"type": "string", "description": "Words to look up."}},
+    "required": ["query"],
+    "additionalProperties": False,
+}
+
+
+def search_tool(
+    index: SearchIndex, *, k: int = 3, max_obs_tokens: int = 256, tokenizer=None, latency_s: float = 0.0, name: str = "search"
+) -> Tool:
+    """A `Tool` returning the top-`k` passages for a query, cut to `max_obs_tokens`.
+
+    `latency_s` > 0 sleeps that long per call (without blocking the event loop) to imitate a
+    remote search engine.
+    """
+    if k < 1 or max_obs_tokens < 1 or latency_s < 0:
+        raise ValueError(f"search_tool needs k >= 1, max_obs_tokens >= 1 and latency_s >= 0; got k={k}, max_obs_tokens={max_obs_tokens}, latency_s={latency_s}")
+    count = token_counter(tokenizer)
+
+    async def search(query: str) -> str:
+        if latency_s:
+            await asyncio.sleep(latency_s)
+        hits = await asyncio.to_thread(index.search, query, k)  # keeps the event loop (and the engine) free
+        found = [p for p, _ in hits]
+        return truncate_to_budget(format_passages(found), max_obs_tokens, count)
+
+    return Tool(name=name, description="Search the local corpus; returns the best matching passages.", parameters=SEARCH_SCHEMA, fn=search)

@@ -1,0 +1,130 @@
+"""Action parsing: tag and Hermes/Qwen formats, malformed turns, the `<state>` block, tools= rendering."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from policyflow.agent.parse import (
+    FinalAnswer,
+    Malformed,
+    ParsedTurn,
+    ToolCall,
+    parse_hermes,
+    parse_tags,
+    parse_turn,
+    render_with_tools,
+    stop_strings,
+    tag_arguments,
+)
+from policyflow.model import build_char_tokenizer
+from policyflow.tools import Tool
+
+TAGS = {"search": "query"}
+
+
+async def _noop(query: str) -> str:
+    return query
+
+
+SEARCH = Tool("search", "Look things up.", {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}, _noop)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<search>Zorvia</search>", ParsedTurn(ToolCall("search", {"query": "Zorvia"}))),
+        ("I should look. <search> capital of Zorvia </search>", ParsedTurn(ToolCall("search", {"query": "capital of Zorvia"}))),
+        ("<answer>Quelm</answer>", ParsedTurn(FinalAnswer("Quelm"))),
+        ("<state>pop 48</state><search>Brelk</search>", ParsedTurn(ToolCall("search", {"query": "Brelk"}), "pop 48")),
+        ("<state>a</state> <state>b 1</state><answer>49</answer>", ParsedTurn(FinalAnswer("49"), "b 1")),
+        ("<answer></answer>", ParsedTurn(FinalAnswer(""))),
+    ],
+)
+def test_tags_well_formed(text, expected):
+    assert parse_tags(text, TAGS) == expected
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("Quelm", "no action: expected <search>…</search> or <answer>…</answer>"),
+        ("<lookup>Zorvia</lookup>", "no action: expected <search>…</search> or <answer>…</answer>"),
+        ("<search>Zorvia", "<search> is not closed"),
+        ("<search>  </search>", "empty <search>"),
+        ("<search>a</search><answer>b</answer>", "more than one action (<search>, <answer>); write exactly one"),
+        ("<search>a</search><search>b</search>", "more than one action (<search>, <search>); write exactly one"),
+        ("<state>half <search>a</search>", "<state> is not closed"),
+    ],
+)
+def test_tags_malformed(text, reason):
+    assert parse_tags(text, TAGS).action == Malformed(reason)
+
+
+def test_tags_keep_state_when_action_is_unclosed():
+    assert parse_tags("<state>x</state><answer>4", TAGS) == ParsedTurn(Malformed("<answer> is not closed"), "x")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('<tool_call>\n{"name": "search", "arguments": {"query": "Zorvia"}}\n</tool_call>', ParsedTurn(ToolCall("search", {"query": "Zorvia"}))),
+        ('Let me check.<tool_call>{"name": "search"}</tool_call>', ParsedTurn(ToolCall("search", {}))),
+        ('<state>s1</state><tool_call>{"name": "search", "arguments": {"query": "q"}}</tool_call>', ParsedTurn(ToolCall("search", {"query": "q"}), "s1")),
+        ("The capital is Quelm.", ParsedTurn(FinalAnswer("The capital is Quelm."))),
+        ("<state>s</state>It is <answer>Quelm</answer>.", ParsedTurn(FinalAnswer("Quelm"), "s")),
+        ("<state>s</state> Quelm", ParsedTurn(FinalAnswer("Quelm"), "s")),
+    ],
+)
+def test_hermes_well_formed(text, expected):
+    assert parse_hermes(text, ["search"]) == expected
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ('<tool_call>{"name": "search", "arguments": {"query": "Z"}</tool_call>', "tool call is not valid JSON (Expecting ',' delimiter at char 46)"),
+        ('<tool_call>{"name": "browse", "arguments": {}}</tool_call>', "unknown tool 'browse'; available: ['search']"),
+        ('<tool_call>{"name": "search", "arguments": {"query": "Z"}}', "<tool_call> is not closed"),
+        ('<tool_call>["search"]</tool_call>', 'a tool call must be {"name": <string>, "arguments": <object>}'),
+        ('<tool_call>{"name": "search", "arguments": "q"}</tool_call>', 'a tool call must be {"name": <string>, "arguments": <object>}'),
+        ('<tool_call>{"name": "search"}</tool_call><tool_call>{"name": "search"}</tool_call>', "2 tool calls in one turn; make one call per turn"),
+        ("It is <answer>Quelm", "<answer> is not closed"),
+    ],
+)
+def test_hermes_malformed(text, reason):
+    assert parse_hermes(text, ["search"]).action == Malformed(reason)
+
+
+def test_parse_turn_stop_strings_and_tag_arguments():
+    assert parse_turn("tags", "<search>x</search>", [SEARCH]).action == ToolCall("search", {"query": "x"})
+    assert parse_turn("hermes", '<tool_call>{"name": "search", "arguments": {"query": "x"}}</tool_call>', [SEARCH]).action == ToolCall("search", {"query": "x"})
+    assert stop_strings("tags", [SEARCH]) == ("</search>", "</answer>")
+    assert stop_strings("hermes", [SEARCH]) == ("</tool_call>",)
+    assert tag_arguments([SEARCH]) == {"search": "query"}
+    two_args = Tool("calc", "", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}, _noop)
+    with pytest.raises(ValueError, match="exactly one required string argument"):
+        tag_arguments([two_args])
+    with pytest.raises(ValueError, match="unknown tool format 'xml'"):
+        parse_turn("xml", "", [SEARCH])
+
+
+# A Qwen-style template written for this test: the tools' JSON inside <tools> in a system turn.
+QWEN_STYLE = (
+    "{%- if tools %}<|im_start|>system\n<tools>\n{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools><|im_end|>\n{% endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_render_with_tools_passes_schemas_to_the_chat_template():
+    tok = build_char_tokenizer()
+    with pytest.raises(ValueError, match="no chat template"):
+        render_with_tools(tok, [{"role": "user", "content": "hi"}], [SEARCH])
+    tok.chat_template = QWEN_STYLE
+    ids = render_with_tools(tok, [{"role": "user", "content": "Capital of Zorvia?"}], [SEARCH])
+    text = tok.decode(ids)
+    tools_block = text.split("<tools>")[1].split("</tools>")[0]
+    assert json.loads(tools_block) == SEARCH.schema()
+    assert text.endswith("<|im_start|>user\nCapital of Zorvia?<|im_end|>\n<|im_start|>assistant\n")

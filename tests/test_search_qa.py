@@ -1,0 +1,217 @@
+"""Synthetic search QA: determinism, disjoint held-out places, answer checks, and scripted search episodes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+
+import pytest
+
+from policyflow.agent.env import group_builder
+from policyflow.agent.search_env import SearchEnv
+from policyflow.tasks import TaskError, make_task
+from policyflow.tasks.search_qa import SearchQATask, make_entities
+
+
+@pytest.fixture
+def task(tmp_path) -> SearchQATask:
+    return SearchQATask(seed=3, num_entities=60, num_eval_entities=12, num_eval=30, corpus_dir=tmp_path / "corpus")
+
+
+def test_entities_and_questions_are_deterministic(task, tmp_path):
+    again = SearchQATask(seed=3, num_entities=60, num_eval_entities=12, num_eval=30, corpus_dir=tmp_path / "other")
+    assert again.entities == task.entities and again.eval_problems() == task.eval_problems()
+    assert [task.train_problem(i) for i in range(20)] == [again.train_problem(i) for i in range(20)]
+    assert make_entities(4, 60, 99) != task.entities
+    names = [e.name for e in task.entities] + [e.capital for e in task.entities]
+    assert len(set(names)) == len(names)
+    assert all(10 <= e.pop <= 99 for e in task.entities)
+
+
+def test_held_out_questions_use_only_held_out_places(task):
+    held_out = {e.id for e in task.eval_entities}
+    eval_ids = {i for p in task.eval_problems() for i in p.columns["entities"]}
+    assert len({p.prompt for p in task.eval_problems()}) == 30  # distinct questions
+    train_ids = {i for k in range(300) for i in task.train_problem(k).columns["entities"]}
+    assert eval_ids <= held_out and not train_ids & held_out
+    hops = [task.train_problem(k).columns["hops"] for k in range(300)]
+    assert 0.4 < hops.count(2) / len(hops) < 0.6  # two_hop_fraction 0.5
+
+
+def test_answers_are_the_facts(task):
+    for k in range(50):
+        p = task.train_problem(k)
+        es = [task.entity(i) for i in p.columns["entities"]]
+        if p.columns["hops"] == 2:
+            assert p.prompt == f"pop of {es[0].name} + {es[1].name}?" and p.answer == str(es[0].pop + es[1].pop)
+        elif p.prompt.startswith("capital"):
+            assert p.prompt == f"capital of {es[0].name}?" and p.answer == es[0].capital
+        else:
+            assert p.prompt == f"pop of {es[0].name}?" and p.answer == str(es[0].pop)
+
+
+def test_answer_check_and_score(task):
+    name_q = next(p for p in (task.train_problem(k) for k in range(50)) if p.prompt.startswith("capital"))
+    num_q = next(p for p in (task.train_problem(k) for k in range(50)) if p.columns["hops"] == 2)
+    assert task.is_correct(name_q, f" {name_q.answer.upper()} ") and not task.is_correct(name_q, "Nope") and not task.is_correct(name_q, None)
+    assert task.is_correct(num_q, "0" + num_q.answer) and not task.is_correct(num_q, num_q.answer + "1") and not task.is_correct(num_q, "x")
+    score = task.score([name_q, num_q, num_q], [f"<answer>{name_q.answer}</answer>", "<answer>1</answer>", num_q.answer])
+    assert score.correct == [True, False, False] and score.rewards == [1.0, 0.0, 0.0]
+
+
+def test_corpus_file(task):
+    path = task.corpus_path()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows[5] == {"id": "e5", "title": task.entities[5].name, "text": f"capital {task.entities[5].capital}, pop {task.entities[5].pop}"}
+    assert len(rows) == 60 and task.corpus_path() == path
+
+
+def test_bad_arguments():
+    with pytest.raises(TaskError, match="num_eval_entities < num_entities"):
+        SearchQATask(num_entities=10, num_eval_entities=10)
+    with pytest.raises(TaskError, match="unknown tool_format 'xml'"):
+        SearchQATask(tool_format="xml")
+    assert isinstance(make_task("search_qa", seed=1, num_entities=20, num_eval_entities=4, num_eval=5), SearchQATask)
+    with pytest.raises(TaskError, match="distinct held-out questions"):
+        SearchQATask(num_entities=20, num_eval_entities=2, num_eval=50)  # 2 places give only 6 questions
+
+
+async def _play(env: SearchEnv, actions: list[str]) -> tuple[str, list]:
+    prompt = await env.initial_observation()
+    return prompt, [await env.step(a) for a in actions]
+
+
+def test_demonstration_replays_through_the_env(task):
+    """Playing a demonstration's actions in a real env gives exactly its observations, reward 1 − β + γ,
+    and the whole two-lookup episode fits the tiny model's 256 positions."""
+    for k in range(12):
+        problem = task.train_problem(k)
+        demo = task.sft_turns(problem)
+        [env] = asyncio.run(group_builder(task, problem).make_envs(1))
+        prompt, results = asyncio.run(_play(env, [text for kind, text in demo if kind == "gen"]))
+        assert [r.observation for r in results[:-1]] == [text for kind, text in demo if kind == "obs"]
+        assert [r.tool_calls for r in results] == [1] * problem.columns["hops"] + [0]
+        last = results[-1]
+        assert last.done and last.reward_parts == {"correct": 1.0, "search_penalty": -0.1, "format": 0.1}
+        assert last.reward == pytest.approx(1.0)
+        assert len(prompt) + sum(len(text) for _, text in demo) <= 256
+    assert env.stop == ("</search>", "</answer>") and env.tools is None
+
+
+def test_env_rewards_and_errors(task):
+    problem = next(p for p in (task.train_problem(k) for k in range(50)) if p.columns["hops"] == 1)
+    [guess, sloppy, wrong] = asyncio.run(group_builder(task, problem).make_envs(3))
+    _, [r] = asyncio.run(_play(guess, [f"<answer>{problem.answer}</answer>"]))
+    assert r.reward_parts == {"correct": 1.0, "search_penalty": 0.0, "format": 0.1} and r.reward == pytest.approx(1.1)
+    _, results = asyncio.run(_play(sloppy, ["hmm", "<search>a</search><search>b</search>", f"<answer>{problem.answer}</answer>"]))
+    assert results[0].observation == "<info>error: no action: expected <search>…</search> or <answer>…</answer></info>"
+    assert [r.tool_errors for r in results] == [1, 1, 0] and not results[0].done
+    assert results[-1].reward_parts == {"correct": 1.0, "search_penalty": 0.0, "format": 0.0}
+    _, results = asyncio.run(_play(wrong, ["<search>zzzz</search>", "<state>none</state><answer>no idea</answer>"]))
+    assert results[0].observation == "<info>no results</info>" and results[0].tool_errors == 0
+    assert results[1].info["state"] == "none" and results[1].reward_parts == {"correct": 0.0, "search_penalty": 0.0, "format": 0.1}
+
+
+def test_hermes_env(tmp_path):
+    task = SearchQATask(seed=1, num_entities=20, num_eval_entities=4, num_eval=5, tool_format="hermes", corpus_dir=tmp_path)
+    problem = task.train_problem(0)
+    name = task.entity(problem.columns["entities"][0]).name
+    [env] = asyncio.run(task.group_builder(problem).make_envs(1))
+    assert env.stop == task.stop == ("</tool_call>",) and env.tools == [t.schema() for t in task.tool_pool().tools.values()]
+    assert pickle.loads(pickle.dumps(task))._pool is None and task._pool is not None
+    call = json.dumps({"name": "search", "arguments": {"query": name}})
+    _, [found, bad] = asyncio.run(_play(env, [f"<tool_call>{call}</tool_call>", '<tool_call>{"name": "web"}</tool_call>']))
+    assert found.observation.startswith(f"{name}: capital ") and bad.tool_errors == 1 and "unknown tool 'web'" in bad.observation
+
+
+def test_built_from_config(tmp_path):
+    from policyflow.config import load_config
+    from policyflow.session import build_task
+
+    cfg = load_config(None, [
+        "task.name=search_qa", "task.search.num_entities=30", "task.search.num_eval_entities=5", "task.num_eval=7",
+        "task.search.search_penalty=0.3", "task.search.top_k=2", "agent.max_obs_tokens=64", f"run.output_dir={tmp_path}",
+    ])
+    task = build_task(cfg)
+    assert isinstance(task, SearchQATask) and len(task.entities) == 30 and len(task.eval_problems()) == 7
+    assert task.settings.penalty == 0.3 and task.search_args == {"k": 2, "max_obs_tokens": 64, "latency_s": 0.0}
+    assert task.corpus_path() == tmp_path / "cache" / "search_qa" / "search_qa_s0_n30_v99.jsonl"
+
+
+class ScriptedEngine:
+    """Stands in for AsyncEngine: answers each call with the next scripted turn (char tokens)."""
+
+    version = 0
+    max_positions = None
+
+    def __init__(self, tokenizer, turns: list[str]):
+        self.tokenizer, self.turns, self.prompts = tokenizer, list(turns), []
+
+    async def generate(self, prompt_ids, params):
+        from policyflow.types import Sample
+
+        self.prompts.append(self.tokenizer.decode(prompt_ids))
+        text = self.turns.pop(0)
+        ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return Sample(tuple(prompt_ids), ids, (-0.5,) * len(ids), (0,) * len(ids), "stop", text)
+
+
+@pytest.mark.parametrize("context", ["full", "mem1"])
+def test_two_lookup_episode_through_the_runner(task, context):
+    """A scripted two-lookup episode on the real episode runner: under mem1 the last call sees the
+    prompt, the turn holding `<state>` (the first population) and the latest observation only."""
+    from policyflow.agent.context import context_policy
+    from policyflow.agent.episode import EpisodeRunner
+    from policyflow.config import AgentConfig
+    from policyflow.engine import SamplingParams
+    from policyflow.model import build_char_tokenizer
+
+    problem = next(p for p in (task.train_problem(k) for k in range(50)) if p.columns["hops"] == 2)
+    first, second = (task.entity(i) for i in problem.columns["entities"])
+    demo = task.sft_turns(problem)
+    tok = build_char_tokenizer()
+    engine = ScriptedEngine(tok, [text for kind, text in demo if kind == "gen"])
+    runner = EpisodeRunner(engine, tok, SamplingParams(max_new_tokens=64), AgentConfig(max_turns=6), context=context_policy(context))
+    group, errors = asyncio.run(runner.run_group(task.group_builder(problem), 1, task_id="t"))
+    [traj] = group.trajectories
+    assert errors == 0 and traj.status == "complete" and traj.num_turns == 3 and traj.num_tool_calls == 2
+    assert traj.reward == pytest.approx(1.0) and traj.reward_parts == pytest.approx({"correct": 1.0, "search_penalty": -0.1, "format": 0.1})
+    assert [s.kind for s in traj.segments] == ["prompt", "gen", "obs", "gen", "obs", "gen"]
+    last = engine.prompts[-1]
+    if context == "full":
+        assert [c.context for c in traj.calls] == [(0,), (0, 1, 2), (0, 1, 2, 3, 4)]
+        assert last == "".join(text for _, text in [("", task.render_prompt(problem)), *demo[:-1]])
+    else:
+        assert [c.context for c in traj.calls] == [(0,), (0, 1, 2), (0, 3, 4)]
+        assert last == task.render_prompt(problem) + demo[2][1] + demo[3][1]
+        assert f"<state>{first.pop}</state>" in last and f"pop {second.pop}" in last and first.name not in last.split("<state>")[1]
+
+
+@pytest.mark.parametrize("context", ["full", "mem1"])
+def test_demonstration_rows(task, context):
+    """SFT rows of a two-lookup demonstration: one row of everything under full; under mem1 the
+    third turn, whose context drops the first turn, starts a second row; observations are never
+    trained, every gen token is trained once; EOS closes the answer."""
+    from policyflow.agent.context import context_policy
+    from policyflow.model import build_char_tokenizer
+    from policyflow.sft import demonstration_rows
+
+    tok = build_char_tokenizer()
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    problem = next(p for p in (task.train_problem(k) for k in range(50)) if p.columns["hops"] == 2)
+    prompt = task.render_prompt(problem)
+    (_, g1), (_, o1), (_, g2), (_, o2), (_, g3) = turns = task.sft_turns(problem)
+    rows = demonstration_rows(tok, enc(prompt), turns, False, context_policy(context))
+    eos = [tok.eos_token_id]
+    if context == "full":
+        assert rows == [(enc(prompt + g1 + o1 + g2 + o2 + g3) + eos, [0] * len(prompt) + [1] * len(g1) + [0] * len(o1) + [1] * len(g2) + [0] * len(o2) + [1] * (len(g3) + 1))]
+    else:
+        assert rows == [
+            (enc(prompt + g1 + o1 + g2), [0] * len(prompt) + [1] * len(g1) + [0] * len(o1) + [1] * len(g2)),
+            (enc(prompt + g2 + o2 + g3) + eos, [0] * len(prompt + g2 + o2) + [1] * (len(g3) + 1)),
+        ]
+    single = demonstration_rows(tok, enc("1+2="), [("gen", "3")], False)
+    assert single == [(enc("1+2=3") + eos, [0, 0, 0, 0, 1, 1])]
+    with pytest.raises(ValueError, match="'gen' or 'obs'"):
+        demonstration_rows(tok, enc("?"), [("tool", "x")], False)

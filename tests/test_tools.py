@@ -1,0 +1,136 @@
+"""Tool pool: argument checks, error containment (raise, hang, bad result), concurrency limit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from policyflow.tools import Tool, ToolPool, argument_errors
+
+ECHO_SCHEMA = {
+    "type": "object",
+    "properties": {"text": {"type": "string"}, "times": {"type": "integer"}, "mode": {"type": "string", "enum": ["up", "low"]}},
+    "required": ["text"],
+    "additionalProperties": False,
+}
+
+
+async def _echo(text: str, times: int = 1, mode: str = "low") -> str:
+    out = text * times
+    return out.upper() if mode == "up" else out
+
+
+async def _boom(text: str) -> str:
+    raise RuntimeError("index corrupted")
+
+
+async def _hang(text: str) -> str:
+    await asyncio.sleep(3600)
+    return text
+
+
+async def _number(text: str) -> str:
+    return 42  # type: ignore[return-value]
+
+
+def _tool(name, fn, schema=ECHO_SCHEMA):
+    return Tool(name=name, description=f"{name} tool", parameters=schema, fn=fn)
+
+
+def test_argument_validation():
+    tool = _tool("echo", _echo)
+    assert argument_errors(tool, {"text": "a", "times": 2, "mode": "up"}) == []
+    assert argument_errors(tool, {}) == ["missing required argument 'text'"]
+    assert argument_errors(tool, {"text": "a", "times": True}) == ["argument 'times' must be integer, got bool"]
+    assert argument_errors(tool, {"text": 3}) == ["argument 'text' must be string, got int"]
+    assert argument_errors(tool, {"text": "a", "mode": "mid"}) == ["argument 'mode' must be one of ['up', 'low'], got 'mid'"]
+    assert argument_errors(tool, {"text": "a", "colour": 1}) == ["unknown argument 'colour'; allowed ['mode', 'text', 'times']"]
+    assert argument_errors(tool, ["a"]) == ["arguments must be an object, got list"]
+    open_schema = {"type": "object", "properties": {"x": {"type": ["number", "null"]}}}
+    loose = _tool("loose", _echo, open_schema)
+    assert argument_errors(loose, {"x": 1.5, "extra": 1}) == [] and argument_errors(loose, {"x": None}) == []
+
+
+def test_tool_definition_errors():
+    with pytest.raises(TypeError, match="async"):
+        Tool("sync", "", ECHO_SCHEMA, lambda text: text)
+    with pytest.raises(ValueError, match="required argument 'q'"):
+        Tool("t", "", {"type": "object", "properties": {}, "required": ["q"]}, _echo)
+    with pytest.raises(ValueError, match="type 'str'"):
+        Tool("t", "", {"type": "object", "properties": {"q": {"type": "str"}}}, _echo)
+    with pytest.raises(ValueError, match="unique"):
+        ToolPool([_tool("a", _echo), _tool("a", _boom)])
+
+
+def test_schema_is_function_format():
+    assert _tool("echo", _echo).schema() == {
+        "type": "function",
+        "function": {"name": "echo", "description": "echo tool", "parameters": ECHO_SCHEMA},
+    }
+
+
+def test_failures_become_counted_observations():
+    pool = ToolPool([_tool("echo", _echo), _tool("boom", _boom), _tool("hang", _hang), _tool("number", _number)], timeout_s=0.05)
+
+    async def run():
+        return [
+            await pool.call("echo", {"text": "ab", "times": 2, "mode": "up"}),
+            await pool.call("boom", {"text": "x"}),
+            await pool.call("hang", {"text": "x"}),
+            await pool.call("echo", {"times": 2}),
+            await pool.call("search", {"text": "x"}),
+            await pool.call("number", {"text": "x"}),
+        ]
+
+    ok, raised, hung, bad_args, unknown, bad_result = asyncio.run(run())
+    assert ok.ok and ok.text == "ABAB"
+    assert raised.error == "raised" and raised.text == "error: boom failed: RuntimeError: index corrupted"
+    assert hung.error == "timeout" and hung.text == "error: hang timed out after 0.05 s" and hung.seconds >= 0.05
+    assert bad_args.error == "bad_arguments" and "missing required argument 'text'" in bad_args.text
+    assert unknown.error == "unknown_tool" and "available: ['boom', 'echo', 'hang', 'number']" in unknown.text
+    assert bad_result.error == "bad_result" and bad_result.text == "error: number returned int, expected text"
+    stats = pool.stats
+    assert (stats.calls, stats.errors, stats.timeouts) == (6, 5, 1)
+    assert stats.errors_by_kind == {"raised": 1, "timeout": 1, "bad_arguments": 1, "unknown_tool": 1, "bad_result": 1}
+    assert stats.seconds >= 0.05
+    assert stats.metrics()["agent/tool_errors"] == 5.0 and stats.metrics()["agent/tool_timeouts"] == 1.0
+
+
+def test_concurrency_limit_is_respected():
+    limit, calls = 3, 12
+    state = {"now": 0, "peak": 0}
+
+    async def slow(text: str) -> str:
+        state["now"] += 1
+        state["peak"] = max(state["peak"], state["now"])
+        await asyncio.sleep(0.01)
+        state["now"] -= 1
+        return text
+
+    pool = ToolPool([_tool("slow", slow)], max_concurrency=limit, timeout_s=5.0)
+
+    async def run():
+        return await asyncio.gather(*(pool.call("slow", {"text": str(i)}) for i in range(calls)))
+
+    results = asyncio.run(run())
+    assert [r.text for r in results] == [str(i) for i in range(calls)]
+    assert state["peak"] == limit == pool.stats.max_in_flight  # the limit is reached and never exceeded
+    assert pool.stats.errors == 0
+    # the same pool under a second event loop (a semaphore is bound to the loop that first waited on it)
+    state["peak"] = 0
+    assert [r.text for r in asyncio.run(run())] == [str(i) for i in range(calls)] and state["peak"] == limit
+
+
+def test_cancelling_the_caller_cancels_the_tool():
+    pool = ToolPool([_tool("hang", _hang)], timeout_s=60)
+
+    async def run():
+        task = asyncio.create_task(pool.call("hang", {"text": "x"}))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert pool.stats.errors == 0 and pool._in_flight == 0
