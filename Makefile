@@ -18,7 +18,7 @@ $(VENV)/.installed-$(CONSTRAINTS): pyproject.toml $(CONSTRAINTS)
 install: $(VENV)/.installed-$(CONSTRAINTS)
 
 demo: install
-	$(PY) -m policyflow train --config configs/demo.yaml $(ARGS)
+	$(PY) -m policyflow train --config configs/demo.yaml run.overwrite=true $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)

@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--out", default="async_real", help="result file name under benchmarks/results/")
     args = parser.parse_args()
     demo = ROOT / "configs" / "demo.yaml"
-    common = ["run.progress=false", "run.output_dir=runs/async-real"]
+    common = ["run.progress=false", "run.output_dir=runs/async-real", "run.overwrite=true"]  # a rerun replaces the last one
     sft_folder = shared_warm_start(demo, common)
 
     results, curves = {}, {}

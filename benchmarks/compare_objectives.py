@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every RL run, e.g. train.epochs=2 train.minibatches=4")
     args = parser.parse_args()
     demo = ROOT / "configs" / "demo.yaml"
-    common = ["run.progress=false", "run.output_dir=runs/compare"]
+    common = ["run.progress=false", "run.output_dir=runs/compare", "run.overwrite=true"]  # a rerun replaces the last one
 
     sft_folder = shared_warm_start(demo, common)
 

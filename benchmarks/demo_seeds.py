@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for seed in args.seeds:
-        cfg = load_config(ROOT / "configs" / "demo.yaml", [f"run.seed={seed}", f"task.seed={seed}", f"run.name=demo-seed-{seed}", "run.progress=false", *args.overrides])
+        cfg = load_config(ROOT / "configs" / "demo.yaml", [f"run.seed={seed}", f"task.seed={seed}", f"run.name=demo-seed-{seed}", "run.progress=false", "run.overwrite=true", *args.overrides])
         start = time.perf_counter()
         summary = coordinator.train(cfg, log=lambda *_: None)
         before, after = summary["eval_before"], summary["eval_after"]

@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", type=Path, default=None, help="YAML preset (configs/*.yaml)")
         p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+        p.add_argument("--debug", action="store_true", help="show the full traceback of an error (normally one line)")
         if name == "train":
             p.add_argument("--resume", type=Path, default=None, help="run folder to continue from its latest checkpoint")
         if name == "eval":
@@ -37,19 +38,36 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--merge", action="store_true", required=True, help="merge the adapter into its base model (the only export)")
     export.add_argument("checkpoint", type=Path, help="a LoRA checkpoint folder (runs/<name>/checkpoints/step-N)")
     export.add_argument("out", type=Path, help="the folder to write")
+    export.add_argument("--debug", action="store_true", help="show the full traceback of an error (normally one line)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 a config or usage error, 1 any other failure, 130 interrupted (Ctrl-C)."""
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except ConfigError as err:
-        print(f"policyflow: config error: {err}", file=sys.stderr)
-    except (FileNotFoundError, ValueError) as err:
-        # Model/task loading errors (ModelLoadError, TaskError) are ValueErrors with a user-facing message.
-        print(f"policyflow: {type(err).__name__}: {err}", file=sys.stderr)
-    return 2
+    except KeyboardInterrupt as err:  # the coordinator's RunInterrupted says where the run stopped
+        print(f"policyflow: {str(err) or 'interrupted at once; checkpoints already written are intact'}", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        print(_one_line(err), file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+
+
+def _one_line(err: Exception) -> str:
+    """`policyflow: <kind>: <first line of the message>`; unexpected kinds point at --debug."""
+    first = next((line for line in str(err).splitlines() if line.strip()), "") or repr(err)
+    if isinstance(err, ConfigError):
+        return f"policyflow: config error: {first}"
+    explained = any(kind.__name__ in _EXPLAINED for kind in type(err).__mro__) or isinstance(err, FileNotFoundError)
+    return f"policyflow: {type(err).__name__}: {first}" + ("" if explained else " (run with --debug for the traceback)")
+
+
+# Errors whose message already says what to do; others get a hint to rerun with --debug.
+_EXPLAINED = {"ModelLoadError", "TaskError", "CheckpointError", "RunLockedError"}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -59,8 +77,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"merged model written to {export_merged(args.checkpoint, args.out)}")
         return 0
     if args.command == "train" and args.resume is not None and args.config is None:
-        saved = args.resume / "config.yaml"
-        args.config = saved if saved.is_file() else None
+        from policyflow.rundir import saved_config_path
+
+        args.config = saved_config_path(args.resume)  # refused when missing: never the defaults
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
         print("\n".join(describe_fields()) if args.fields else json.dumps(cfg.model_dump(mode="json"), indent=2))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    # allow_inf_nan=False: every float field refuses inf and nan (`train.lr=.inf` is a config error).
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class RunConfig(Section):
@@ -38,15 +39,28 @@ class RunConfig(Section):
     log_every: int = Field(1, ge=1, description="Append a metrics line every N RL steps.")
     samples_every: int = Field(10, ge=1, description="Append prompts, completions and rewards to samples.jsonl every N RL steps.")
     progress: bool = Field(True, description="Show a live progress bar on stderr.")
+    overwrite: bool = Field(False, description="Let a fresh run start in a folder that already holds a run, deleting that run's metrics, samples, checkpoints, snapshots and summary first (otherwise refused: resume it with --resume, or choose another run.name).")
 
 
 class TinyModelConfig(Section):
-    hidden_size: int = Field(128, ge=8, description="Hidden width of the tiny Qwen2-style model.")
-    num_layers: int = Field(4, ge=1, description="Decoder layers.")
-    intermediate_size: int = Field(512, ge=8, description="MLP width.")
-    num_heads: int = Field(4, ge=1, description="Attention heads.")
-    num_kv_heads: int = Field(2, ge=1, description="Key/value heads (grouped-query attention).")
-    max_positions: int = Field(256, ge=16, description="Longest sequence (prompt + completion).")
+    hidden_size: int = Field(128, ge=8, le=16384, description="Hidden width of the tiny Qwen2-style model.")
+    num_layers: int = Field(4, ge=1, le=256, description="Decoder layers.")
+    intermediate_size: int = Field(512, ge=8, le=65536, description="MLP width.")
+    num_heads: int = Field(4, ge=1, le=256, description="Attention heads; must divide hidden_size, with an even head size (hidden_size / num_heads) for rotary embeddings.")
+    num_kv_heads: int = Field(2, ge=1, le=256, description="Key/value heads (grouped-query attention); must divide num_heads.")
+    max_positions: int = Field(256, ge=16, le=1_048_576, description="Longest sequence (prompt + completion).")
+
+    @model_validator(mode="after")
+    def _check(self) -> TinyModelConfig:
+        h, n, kv = self.hidden_size, self.num_heads, self.num_kv_heads
+        if h % n:
+            divisors = [d for d in range(1, min(h, 256) + 1) if h % d == 0 and (h // d) % 2 == 0]
+            raise ValueError(f"model.tiny.num_heads={n} does not divide model.tiny.hidden_size={h}; use one of {divisors}")
+        if (h // n) % 2:
+            raise ValueError(f"model.tiny.hidden_size={h} / num_heads={n} gives head size {h // n}, which rotary embeddings cannot use (it must be even); change num_heads or hidden_size")
+        if n % kv:
+            raise ValueError(f"model.tiny.num_kv_heads={kv} does not divide model.tiny.num_heads={n}; use one of {[d for d in range(1, n + 1) if n % d == 0]}")
+        return self
 
 
 class LoRAConfig(Section):
@@ -107,6 +121,7 @@ class TaskConfig(Section):
     on_bad_row: Literal["skip", "error"] = Field("error", description="jsonl: what a malformed row does (reported with its line number either way).")
     reward_timeout_s: float = Field(10.0, gt=0, description="Seconds a reward function may take per batch before its samples are counted as errors.")
     search: SearchQAConfig = Field(default_factory=SearchQAConfig, description="search_qa: corpus, tool and reward settings.")
+    on_long_prompt: Literal["error", "truncate", "skip"] = Field("error", description="A prompt longer than the model's context minus sampling.max_new_tokens (checked when the task loads): error = refuse naming the row; truncate = keep its last tokens (left truncation); skip = drop the row (jsonl; generated tasks always refuse).")
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
@@ -118,34 +133,34 @@ class TaskConfig(Section):
 
 
 class SamplingConfig(Section):
-    temperature: float = Field(1.0, ge=0, description="Sampling temperature for RL rollouts; 0 = greedy.")
+    temperature: float = Field(1.0, ge=0, le=10, description="Sampling temperature for RL rollouts; 0 = greedy (at most 10: hotter is uniform noise).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass for RL rollouts (the trainer recomputes the same truncated, renormalised log-probs).")
     top_k: int = Field(0, ge=0, description="Sample only from the k most probable tokens, before top_p (0 = off); the trainer recomputes the same log-probs.")
-    max_new_tokens: int = Field(8, ge=1, description="Longest completion; longer ones are truncated (finish reason 'length').")
+    max_new_tokens: int = Field(8, ge=1, le=1_048_576, description="Longest completion; longer ones are truncated (finish reason 'length').")
     stop: tuple[str, ...] = Field((), description="Extra stop strings (the task may add its own).")
 
 
 class SFTConfig(Section):
     max_steps: int = Field(600, ge=0, description="Most supervised warm-start steps.")
-    batch_size: int = Field(64, ge=1, description="Problems per SFT step.")
-    lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate for SFT.")
+    batch_size: int = Field(64, ge=1, le=1_000_000, description="Problems per SFT step.")
+    lr: float = Field(3e-3, gt=0, le=1, description="Peak AdamW learning rate for SFT.")
     warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warmup steps; then cosine decay to 10% of lr at max_steps.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay for SFT.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay for SFT.")
     target_accuracy: float = Field(0.3, ge=0, le=1, description="Stop SFT once greedy held-out accuracy reaches this.")
     eval_every: int = Field(25, ge=1, description="Check held-out accuracy every N SFT steps.")
     eval_prompts: int = Field(100, ge=1, description="Held-out problems used for the SFT stopping check.")
 
 
 class TrainConfig(Section):
-    steps: int = Field(60, ge=0, description="RL steps (optimizer steps on fresh rollouts).")
+    steps: int = Field(60, ge=0, le=1_000_000_000, description="RL steps (optimizer steps on fresh rollouts).")
     time_budget_s: float | None = Field(None, gt=0, description="Stop RL once this many wall-clock seconds have passed (checked after each step); empty = no limit.")
-    prompts_per_step: int = Field(32, ge=1, description="Prompts (groups) per RL step: B.")
-    group_size: int = Field(8, ge=1, description="Samples per prompt: G.")
+    prompts_per_step: int = Field(32, ge=1, le=1_000_000, description="Prompts (groups) per RL step: B.")
+    group_size: int = Field(8, ge=1, le=65536, description="Samples per prompt: G.")
     epochs: int = Field(1, ge=1, description="Optimisation passes over each batch (PPO's mu).")
     minibatches: int = Field(1, ge=1, description="Optimizer steps per epoch (the batch split evenly).")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate for RL.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
+    lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate for RL.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field((0.9, 0.99), description="AdamW betas, each in [0, 1).")
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
     skip_zero_variance: bool = Field(True, description="Leave out groups whose rewards are all equal (within advantages.ZERO_VARIANCE_TOL: no learning signal); they are counted.")
     mask_truncated: bool = Field(False, description="DAPO: completions cut at max_new_tokens are left out of the loss and of their group's baseline (mean, std).")
@@ -232,8 +247,9 @@ class PipelineConfig(Section):
 
 class EvalConfig(Section):
     num_prompts: int = Field(200, ge=1, description="Held-out problems evaluated before and after training.")
-    temperature: float = Field(1.0, gt=0, description="Temperature of the sampled-accuracy evaluation.")
+    temperature: float = Field(1.0, gt=0, le=10, description="Temperature of the sampled-accuracy evaluation.")
     every: int = Field(20, ge=0, description="Evaluate during RL every N steps (0 = only before and after).")
+    samples_per_prompt: int = Field(1, ge=1, le=1024, description="Samples per held-out problem at eval.temperature: n. With n > 1, eval/pass@k (unbiased, Chen et al. 2107.03374) is reported for k = 2, 4, ... and n; eval/accuracy_sampled is the mean over all samples (pass@1).")
 
 
 class CheckpointConfig(Section):
@@ -288,6 +304,13 @@ class Config(Section):
                 f"version{'s' if p.eta_hard != 1 else ''} old are trained with the sampling policy as π_old, so the trust region is centred on stale "
                 "weights, not the current ones; loss.name=decoupled_ppo corrects for this"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _fits_tiny_context(self) -> Config:
+        positions = self.model.tiny.max_positions
+        if self.model.path is None and self.sampling.max_new_tokens >= positions:
+            raise ValueError(f"sampling.max_new_tokens={self.sampling.max_new_tokens} leaves no room for a prompt in the tiny model's model.tiny.max_positions={positions}; lower it or raise max_positions")
         return self
 
     @property

@@ -27,14 +27,15 @@ import yaml
 
 from policyflow.agent.context import context_policy
 from policyflow.buffer import RolloutBuffer
-from policyflow.checkpoint import LoopState, latest_checkpoint
+from policyflow.checkpoint import LoopState
 from policyflow.config import Config
 from policyflow.evaluate import EvalResult
-from policyflow.logging import JsonlWriter, Progress, plot_run
+from policyflow.logging import JsonlWriter, Progress, RunTotals, plot_run
 from policyflow.pool import RolloutPool, task_index
 from policyflow.rollout import episode_record
 from policyflow.runtime import make_runtime
-from policyflow.session import open_session
+from policyflow.rundir import RunFolder, RunInterrupted, StopOnCtrlC, open_run_folder
+from policyflow.session import open_session, pick_device
 from policyflow.sft import warm_start
 from policyflow.threads import configure_threads, thread_share
 from policyflow.types import Group
@@ -49,7 +50,20 @@ def train(cfg: Config, *, resume: Path | None = None, log=print) -> dict:
 
 async def run_rl(cfg: Config, *, resume: Path | None = None, log=print, worker_cls: type = RolloutWorker) -> dict:
     """`train` as a coroutine; `worker_cls` replaces the rollout worker (fault-injection tests)."""
-    run_dir, checkpoint = _prepare_run_dir(cfg, resume)
+    pick_device(cfg)  # run.device=cuda without a GPU fails here, before anything is written
+    folder = open_run_folder(cfg, resume)  # locked until the run ends
+    try:
+        for note in folder.notes:
+            log(note)
+        (folder.path / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        with StopOnCtrlC(folder.path) as stop:
+            return await _run_rl(cfg, folder, log, worker_cls, stop)
+    finally:
+        folder.close()  # snapshot files removed, lock released
+
+
+async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: StopOnCtrlC) -> dict:
+    run_dir, checkpoint = folder.path, folder.checkpoint
     p, B = cfg.pipeline, cfg.train.prompts_per_step
     threads = thread_share(cfg.run.threads, processes=1 + p.rollout_workers if p.runtime == "process" else 1)
     torch.set_num_threads(threads if p.runtime == "inline" else 1)  # the driver itself computes little in the process runtime
@@ -73,6 +87,8 @@ async def run_rl(cfg: Config, *, resume: Path | None = None, log=print, worker_c
         else:
             loop, worker_rng = await trainer.call("restore", str(checkpoint))
             log(f"resumed from {checkpoint} at step {loop.step}; {len(loop.in_flight_task_ids)} group(s) in flight then are dropped")
+            metrics_log.write({"resumed_at_step": loop.step, "checkpoint": str(checkpoint), "overrides": folder.resume_overrides})
+        totals = RunTotals(loop.counters)  # cumulative counters continue from the checkpoint's
         await trainer.call("publish")  # version loop.version, which every engine starts from
         buffer = RolloutBuffer(
             B, p.eta, p.eta_hard, filters=("dynamic_sampling",) if cfg.train.dynamic_sampling else (),
@@ -85,10 +101,21 @@ async def run_rl(cfg: Config, *, resume: Path | None = None, log=print, worker_c
         wall_start = time.perf_counter() - loop.wall_seconds
         loop_start, idle_s, tokens_before = time.perf_counter(), 0.0, 0.0
         budget = cfg.train.time_budget_s or float("inf")
-        while loop.step < cfg.train.steps and time.perf_counter() - wall_start < budget:
+        checkpointed_at = loop.step if checkpoint else None
+        pending: dict | None = None  # the last step's metrics line, written together with the final evaluation
+
+        def finished() -> bool:
+            return loop.step >= cfg.train.steps or time.perf_counter() - wall_start >= budget
+
+        last = finished()
+        stop.graceful = True  # from here Ctrl-C finishes the current step and records it
+        while not last and not stop.requested:
             step_start = time.perf_counter()
             # 1. The oldest B finished groups; the time spent waiting is trainer idle time.
-            groups = await pool.guard(buffer.wait_for_batch(B, loop.version))
+            #    Ctrl-C here stops before the step begins; during steps 2-5 it lets the step finish.
+            groups = await stop.unless_requested(pool.guard(buffer.wait_for_batch(B, loop.version)))
+            if groups is None:
+                break
             idle_s += time.perf_counter() - step_start
             groups.sort(key=lambda g: task_index(g.task_id))  # issue order: a batch does not depend on finishing order
             # 2. One policy version: advantages, μ epochs × minibatches, the new weights published.
@@ -100,7 +127,8 @@ async def run_rl(cfg: Config, *, resume: Path | None = None, log=print, worker_c
                 metrics |= EvalResult(**await trainer.call("evaluate")).as_metrics()
             loop.wall_seconds = time.perf_counter() - wall_start
             if cfg.checkpoint.every and loop.step % cfg.checkpoint.every == 0 and loop.step < cfg.train.steps:
-                await _checkpoint(trainer, pool, buffer, loop, run_dir)
+                await _checkpoint(trainer, pool, buffer, loop, run_dir, totals)
+                checkpointed_at = loop.step
             # 4. Engines take the new weights (eagerly, or when they lag more than max_lag), then
             #    the admission window moves one batch.
             await pool.update_weights(loop.version)
@@ -114,18 +142,29 @@ async def run_rl(cfg: Config, *, resume: Path | None = None, log=print, worker_c
                 "perf/rollout_tokens_per_s": (pool_metrics["rollout/generated_tokens"] - tokens_before) / max(now - step_start, 1e-9),
             }
             tokens_before = pool_metrics["rollout/generated_tokens"]
-            if loop.step % cfg.run.log_every == 0 or loop.step == cfg.train.steps:
-                metrics_log.write({"step": loop.step, "wall_seconds": loop.wall_seconds, **metrics})
+            line = {"step": loop.step, "wall_seconds": loop.wall_seconds, **totals.of(metrics)}
+            last = finished()
+            if last:
+                pending = line
+            elif loop.step % cfg.run.log_every == 0:
+                metrics_log.write(line)
             if loop.step % cfg.run.samples_every == 0:
                 _write_samples(samples_log, loop.step, groups)
             progress.update(metrics)
         progress.close()
+        if stop.requested:  # Ctrl-C: the last completed step is recorded (metrics line and checkpoint), then stop
+            if pending is not None:
+                metrics_log.write(pending)
+            if checkpointed_at != loop.step:
+                await _checkpoint(trainer, pool, buffer, loop, run_dir, totals)
+            raise RunInterrupted(f"interrupted at step {loop.step}; resume with `policyflow train --resume {run_dir}`")
         await pool.stop()
 
         eval_after = await trainer.call("evaluate")
         loop.wall_seconds = time.perf_counter() - wall_start
-        metrics_log.write({"step": loop.step, "wall_seconds": loop.wall_seconds, **EvalResult(**eval_after).as_metrics()})
-        final = await _checkpoint(trainer, pool, buffer, loop, run_dir)
+        if pending is not None:  # one line per step: the last step's metrics and the final evaluation
+            metrics_log.write(pending | EvalResult(**eval_after).as_metrics())  # wall_seconds: when the step ended
+        final = await _checkpoint(trainer, pool, buffer, loop, run_dir, totals)
     finally:
         if pool is not None:
             await pool.stop()
@@ -142,7 +181,8 @@ async def run_rl(cfg: Config, *, resume: Path | None = None, log=print, worker_c
         "plot": str(plot) if plot else None,
         "pipeline": {"mode": p.mode, "runtime": p.runtime, "eta": p.eta, "eta_hard": p.eta_hard, "swap": p.swap_mode, "max_lag": p.max_lag, "rollout_workers": p.rollout_workers},
         "groups": {name: len(getattr(ledger, name)) for name in ("trained", "buffered", "running", "requeued", "filtered", "stale", "failed")},
-        "async": {k: v for k, v in (buffer.metrics() | pool.metrics()).items() if k.startswith("async/")},
+        "async": {k: v for k, v in totals.of(buffer.metrics() | pool.metrics()).items() if k.startswith("async/")},
+        "resume_overrides": folder.resume_overrides,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log(_accuracy_line("after RL ", eval_after))
@@ -150,23 +190,11 @@ async def run_rl(cfg: Config, *, resume: Path | None = None, log=print, worker_c
     return summary
 
 
-def _prepare_run_dir(cfg: Config, resume: Path | None) -> tuple[Path, Path | None]:
-    run_dir = Path(resume) if resume else cfg.run_dir
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume {str(run_dir)!r}: no checkpoint under {run_dir / 'checkpoints'}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if checkpoint is None:  # a fresh run starts fresh logs (a resumed one appends)
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            (run_dir / name).unlink(missing_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    return run_dir, checkpoint
-
-
-async def _checkpoint(trainer, pool: RolloutPool, buffer: RolloutBuffer, loop: LoopState, run_dir: Path) -> str:
+async def _checkpoint(trainer, pool: RolloutPool, buffer: RolloutBuffer, loop: LoopState, run_dir: Path, totals: RunTotals) -> str:
     """Weights, optimizer, RNG (trainer and engines) and the loop state; in-flight groups are recorded as dropped."""
     ledger = buffer.ledger()
     loop.next_problem = pool.next_index
+    loop.counters = totals.counters(buffer.metrics() | pool.metrics())
     loop.in_flight_task_ids = sorted(ledger.running | ledger.buffered | ledger.requeued)
     return await trainer.call("save_checkpoint", str(run_dir), loop, await pool.rng_states())
 

@@ -1,4 +1,4 @@
-"""Run outputs: metrics and samples as JSON lines, a live progress bar, and a PNG plot."""
+"""Run outputs: metrics and samples as JSON lines, run totals across resumes, a live progress bar, and a PNG plot."""
 
 from __future__ import annotations
 
@@ -21,6 +21,33 @@ class JsonlWriter:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record, default=_jsonable) + "\n")
+
+
+# Metrics counted from the start of the run (pool and buffer counters); a resume adds the checkpoint's totals.
+CUMULATIVE = (
+    "rollout/generated_tokens", "rollout/reward_errors", "async/weight_updates", "async/aborted_sequences",
+    "async/aborted_tokens", "async/worker_restarts", "async/dropped_stale_groups", "async/dropped_stale_trajectories",
+    "async/dropped_stale_tokens", "async/dropped_failed_groups", "async/filtered_tokens", "async/refills",
+    "async/requeues", "async/reissues", "async/issued_groups", "async/accepted_groups", "async/trained_groups",
+)
+
+
+def is_cumulative(key: str) -> bool:
+    return key in CUMULATIVE or key.startswith("async/filtered/")
+
+
+class RunTotals:
+    """Cumulative counters across resumes: this process's counts plus those saved in the checkpoint."""
+
+    def __init__(self, offsets: dict[str, float]) -> None:
+        self.offsets = dict(offsets)
+
+    def of(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {k: v + self.offsets.get(k, 0.0) if is_cumulative(k) else v for k, v in metrics.items()}
+
+    def counters(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The run totals of the cumulative metrics, as stored in LoopState.counters."""
+        return {k: v for k, v in self.of(metrics).items() if is_cumulative(k)}
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

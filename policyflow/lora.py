@@ -23,6 +23,9 @@ Files: a checkpoint holds the adapter in peft's own format (`adapter_config.json
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +33,7 @@ import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
+from policyflow.checkpoint import is_checkpoint, verify_checkpoint
 from policyflow.config import LoRAConfig
 from policyflow.model import load_pretrained, save_pretrained
 
@@ -52,7 +56,8 @@ def attach_lora(model: torch.nn.Module, cfg: LoRAConfig, base_path: str | Path) 
     targets = "all-linear" if cfg.target_modules == ("all-linear",) else list(cfg.target_modules)
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none")
     try:
-        wrapped = get_peft_model(model, config)
+        with _quiet():
+            wrapped = get_peft_model(model, config)
     except ValueError as err:
         raise ValueError(f"model.lora.target_modules={list(cfg.target_modules)!r} does not fit this model: {str(err).splitlines()[0]}") from None
     _check_linear(wrapped, cfg)
@@ -62,7 +67,8 @@ def attach_lora(model: torch.nn.Module, cfg: LoRAConfig, base_path: str | Path) 
 
 def load_adapter(base: torch.nn.Module, folder: str | Path, *, trainable: bool) -> PeftModel:
     """The adapter saved in `folder` (peft format) on `base`."""
-    model = PeftModel.from_pretrained(base, str(folder), is_trainable=trainable)
+    with _quiet():
+        model = PeftModel.from_pretrained(base, str(folder), is_trainable=trainable)
     for p in model.parameters():  # the adapter in the base's dtype (fp32 master weights for training)
         if p.requires_grad:
             p.data = p.data.to(next(base.parameters()).dtype)
@@ -80,7 +86,8 @@ def adapter_base_path(folder: str | Path) -> Path:
 def load_merged(folder: str | Path, dtype: torch.dtype = torch.float32):
     """A plain model (base + adapter merged) and the base's tokenizer, from an adapter checkpoint folder."""
     base, tokenizer = load_pretrained(adapter_base_path(folder), dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()  # a throwaway copy: merging in place is fine
+    with _quiet():
+        merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()  # a throwaway copy: merging in place is fine
     return merged.to(dtype), tokenizer
 
 
@@ -88,6 +95,8 @@ def export_merged(folder: str | Path, out: str | Path) -> Path:
     """Write base + adapter of a LoRA checkpoint as one plain Hugging Face folder (`policyflow export --merge`)."""
     if not is_adapter_folder(folder):
         raise ValueError(f"{folder} is not a LoRA checkpoint (no {ADAPTER_CONFIG}); other checkpoints are Hugging Face folders already")
+    if is_checkpoint(Path(folder)):
+        verify_checkpoint(Path(folder))
     model, tokenizer = load_merged(folder)
     return save_pretrained(model, tokenizer, out)
 
@@ -140,6 +149,14 @@ def merged_state_dict(model: PeftModel, dtype: torch.dtype = torch.float32) -> d
     the adapter's own tensors are left out. The trained tensors are not modified.
     """
     return lora_weights(model, dtype).merged()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No FutureWarning lines from transformers' deprecations that peft trips over on every wrap."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 def _check_linear(model: PeftModel, cfg: LoRAConfig) -> None:

@@ -314,7 +314,9 @@ def decoupled_ppo_loss(logprobs_BT: Tensor, old_logprobs_BT: Tensor, advantages:
         L    = Σ_i Σ_t l_it / Σ_i |o_i|   (rejected tokens stay in the denominator)
 
     With prox == behav this is DAPO's aggregation with the same clip range. Extra metrics:
-    `behav_weight_mean` (of the finite w over mask tokens, before the cap) and `behav_reject_frac`.
+    `behav_weight_mean` and `behav_weight_max` (of the finite w over mask tokens, before the cap;
+    the mean is ≈ 1 even for stale data, since E_behav[w] = 1, so the max shows staleness) and
+    `behav_reject_frac`.
     """
     if prox_logprobs is None:
         raise ValueError("decoupled_ppo needs prox_logprobs (log-probs of the proximal policy), passed by the trainer")
@@ -328,7 +330,9 @@ def decoupled_ppo_loss(logprobs_BT: Tensor, old_logprobs_BT: Tensor, advantages:
     loss_BT = torch.where(rejected_BT, 0.0, behav_weight_BT) * pg_BT  # zero w first: inf·0 would be NaN
     loss_BT, kl_metrics = _with_kl(loss_BT, logprobs_BT, mask_BT, ref_logprobs, kl_coef, kl_kind)
     metrics = _ratio_metrics(ratio_BT, clipped_BT, mask_BT) | kl_metrics
-    metrics["behav_weight_mean"] = masked_mean(behav_weight_BT, mask_BT & behav_weight_BT.isfinite())
+    finite_BT = mask_BT & behav_weight_BT.isfinite()
+    metrics["behav_weight_mean"] = masked_mean(behav_weight_BT, finite_BT)
+    metrics["behav_weight_max"] = _masked_extreme(behav_weight_BT, finite_BT, largest=True)
     metrics["behav_reject_frac"] = masked_mean(rejected_BT.to(logprobs_BT.dtype), mask_BT)
     return LossOutput(masked_mean(loss_BT, mask_BT), metrics)
 

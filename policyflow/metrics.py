@@ -1,13 +1,12 @@
-"""Evaluation and bookkeeping statistics: pass@k, percentiles, summaries. Layer 0: stdlib and torch.
+"""Evaluation statistics: unbiased pass@k (used by `evaluate` for eval/pass@k). Layer 0: stdlib and torch.
 
-These run on the host, off the training hot path (evaluation, staleness accounting), and return
-Python floats (or a float64 tensor for the batched pass@k).
+These run on the host, off the training hot path, and return Python floats (or a float64
+tensor for the batched pass@k; the scalar form is the readable reference for it).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -53,42 +52,3 @@ def pass_at_k_batch(n_P: Tensor | Sequence[int], c_P: Tensor | Sequence[int], k:
     log_fail_P = (torch.lgamma(safe_wrong_P + 1) - torch.lgamma(safe_wrong_P - k + 1)
                   - torch.lgamma(n_P + 1) + torch.lgamma(n_P - k + 1))
     return torch.where(solvable_P, 1.0 - torch.exp(log_fail_P), 1.0)
-
-
-def _as_floats(values: Iterable[float] | Tensor) -> list[float]:
-    if isinstance(values, Tensor):
-        return [float(v) for v in values.detach().flatten().tolist()]
-    return [float(v) for v in values]
-
-
-def _sorted_percentile(ordered: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default method)."""
-    position = (len(ordered) - 1) * q / 100.0
-    below = math.floor(position)
-    above = min(below + 1, len(ordered) - 1)
-    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
-
-
-def percentile(values: Iterable[float] | Tensor, q: float) -> float:
-    """The q-th percentile (0 ≤ q ≤ 100) with linear interpolation, like numpy.percentile."""
-    if not 0.0 <= q <= 100.0:
-        raise ValueError(f"percentile q must be in [0, 100], got {q}")
-    ordered = sorted(_as_floats(values))
-    if not ordered:
-        raise ValueError("percentile of an empty collection")
-    return _sorted_percentile(ordered, q)
-
-
-def summarize(values: Iterable[float] | Tensor) -> dict[str, float]:
-    """count, mean, min, max, p50, p99 of the values; all 0.0 (count 0) when there are none."""
-    ordered = sorted(_as_floats(values))
-    if not ordered:
-        return {"count": 0.0, "mean": 0.0, "min": 0.0, "max": 0.0, "p50": 0.0, "p99": 0.0}
-    return {
-        "count": float(len(ordered)),
-        "mean": math.fsum(ordered) / len(ordered),
-        "min": ordered[0],
-        "max": ordered[-1],
-        "p50": _sorted_percentile(ordered, 50.0),
-        "p99": _sorted_percentile(ordered, 99.0),
-    }

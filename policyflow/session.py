@@ -7,19 +7,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
-from policyflow.config import Config
 from policyflow.agent.context import context_policy
 from policyflow.agent.episode import EpisodeRunner
+from policyflow.checkpoint import is_checkpoint, verify_checkpoint
+from policyflow.config import Config, ConfigError
 from policyflow.engine import AsyncEngine, SamplingParams
 from policyflow.evaluate import EvalResult, accuracy, evaluate
 from policyflow.lora import is_adapter_folder, load_merged
-from policyflow.model import build_tiny, load_pretrained
+from policyflow.model import ModelLoadError, build_char_tokenizer, build_tiny, load_pretrained
 from policyflow.tasks import make_task
 from policyflow.tasks.base import Problem, Task
+from policyflow.tasks.length import PromptFit
+from policyflow.tokens import render_prompt
 
 
 def pick_device(cfg: Config) -> torch.device:
+    """run.device as a torch device; a ConfigError when it asks for a GPU torch cannot see."""
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"run.device=cuda but torch sees no CUDA GPU (torch {torch.__version__}, {build}); use run.device=auto or run.device=cpu")
     use_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
     return torch.device("cuda" if use_cuda else "cpu")
 
@@ -32,18 +41,23 @@ def load_policy(cfg: Config, model_path: Path | str | None = None, *, master_wei
     checkpoint folder (peft's adapter files) loads as its base with the adapter merged in.
     """
     path = model_path or cfg.model.path
-    dtype = torch.float32 if master_weights else getattr(torch, cfg.model.dtype)
-    if path and is_adapter_folder(path):
-        model, tokenizer = load_merged(path, dtype=dtype)
-    elif path:
-        model, tokenizer = load_pretrained(path, dtype=dtype)
+    dtype, device = (torch.float32 if master_weights else getattr(torch, cfg.model.dtype)), pick_device(cfg)
+    if path and is_checkpoint(Path(path)):
+        verify_checkpoint(Path(path))
+    if path:
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr: errors and notes stay one line each
+        model, tokenizer = load_merged(path, dtype=dtype) if is_adapter_folder(path) else load_pretrained(path, dtype=dtype)
     else:
         model, tokenizer = build_tiny(seed=cfg.run.seed, **cfg.model.tiny.model_dump())
         model = model.to(dtype)
-    return model.to(pick_device(cfg)), tokenizer
+    return model.to(device), tokenizer
 
 
-def build_task(cfg: Config) -> Task:
+def build_task(cfg: Config, tokenizer=None, context: int | None = None) -> Task:
+    """The task named by the config, its prompts fitted to the model's context (task.on_long_prompt).
+
+    `tokenizer` and `context` (the model's max positions) default to those of model.path or the tiny model.
+    """
     t = cfg.task
     if t.name == "arithmetic":
         kwargs = dict(seed=t.seed, min_digits=t.min_digits, max_digits=t.max_digits, num_eval=t.num_eval)
@@ -59,7 +73,48 @@ def build_task(cfg: Config) -> Task:
             eval_path=t.eval_path, eval_fraction=t.eval_fraction, seed=t.seed, on_bad_row=t.on_bad_row,
             reward_timeout_s=t.reward_timeout_s,
         )
-    return make_task(t.name, **kwargs)
+    task = make_task(t.name, **kwargs)
+    if tokenizer is None:
+        tokenizer, context = _tokenizer_and_context(cfg)
+    if context:
+        task.limit_prompts(prompt_fit(cfg, tokenizer, context))
+    return task
+
+
+def prompt_fit(cfg: Config, tokenizer, context: int) -> PromptFit:
+    """How the task's prompts are measured against `context` and cut (tasks/length.py)."""
+    if context <= cfg.sampling.max_new_tokens:
+        raise ConfigError(f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens; lower it")
+
+    def count(text: str) -> int:
+        return len(render_prompt(tokenizer, text, cfg.model.chat_template))
+
+    def cut(text: str, n: int) -> str:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return text[offsets[n][0]:] if n < len(offsets) else ""
+
+    longest = max((len(piece) for piece in tokenizer.get_vocab()), default=1)
+    return PromptFit(count, cut, context, cfg.sampling.max_new_tokens, max(1, longest), cfg.task.on_long_prompt)
+
+
+def model_context(model_config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        if isinstance(getattr(model_config, name, None), int):
+            return getattr(model_config, name)
+    return None
+
+
+def _tokenizer_and_context(cfg: Config):
+    """The tokenizer and context length of model.path (config only, no weights), or of the tiny model."""
+    if not cfg.model.path:
+        return build_char_tokenizer(), cfg.model.tiny.max_positions
+    if not (Path(cfg.model.path) / "config.json").is_file():
+        raise ModelLoadError(f"model path {cfg.model.path!r} is not a local model folder (one holding config.json); point model.path at a Hugging Face model folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
+        return tokenizer, model_context(AutoConfig.from_pretrained(cfg.model.path, local_files_only=True))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load the tokenizer or config in {cfg.model.path!r}: {err}") from err
 
 
 def sampling_params(cfg: Config, task: Task) -> SamplingParams:
@@ -94,7 +149,10 @@ class Session:
         return episode_runner(self.cfg, self.engine, self.tokenizer, self.params)
 
     def evaluate(self) -> EvalResult:
-        return evaluate(self.runner, self.task, self.eval_problems, temperature=self.cfg.eval.temperature, seed=self.cfg.run.seed)
+        return evaluate(
+            self.runner, self.task, self.eval_problems, temperature=self.cfg.eval.temperature,
+            seed=self.cfg.run.seed, samples_per_prompt=self.cfg.eval.samples_per_prompt,
+        )
 
     def greedy_accuracy(self) -> float:
         """Greedy accuracy on the first `sft.eval_prompts` held-out problems (the SFT stopping rule)."""
@@ -109,6 +167,6 @@ def open_session(cfg: Config, model_path: Path | str | None = None, *, master_we
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     model, tokenizer = load_policy(cfg, model_path, master_weights=master_weights)
-    task = build_task(cfg)
+    task = build_task(cfg, tokenizer, model_context(model.config))
     problems = list(task.eval_problems())[: cfg.eval.num_prompts]
     return Session(cfg, model, tokenizer, task, AsyncEngine(model, tokenizer), problems, pick_device(cfg))

@@ -35,14 +35,14 @@ from pathlib import Path
 import torch
 
 from policyflow.agent.env import group_builder
-from policyflow.checkpoint import LoopState, load_state, rng_state, save_checkpoint, set_rng_state
+from policyflow.checkpoint import LoopState, load_state, rng_state, save_checkpoint, set_rng_state, verify_checkpoint
 from policyflow.config import Config
 from policyflow.engine import AsyncEngine
 from policyflow.logging import JsonlWriter, Progress
 from policyflow.lora import adapter_base_path, attach_lora, is_adapter_folder, is_lora, load_adapter, lora_weights
 from policyflow.model import load_pretrained, num_parameters, save_pretrained
 from policyflow.rollout import build_batch, rollout_metrics, shape_overlong
-from policyflow.session import build_task, episode_runner, load_policy, open_session, pick_device, sampling_params
+from policyflow.session import build_task, episode_runner, load_policy, model_context, open_session, pick_device, sampling_params
 from policyflow.sft import warm_start
 from policyflow.tasks.base import Problem
 from policyflow.trainer import Trainer
@@ -80,7 +80,7 @@ class RolloutWorker:
     def __init__(self, cfg: Config, store, *, seed: int, rng: torch.Tensor | None = None) -> None:
         model, self.tokenizer = load_policy(cfg)
         self.cfg = cfg
-        self.task = build_task(cfg)
+        self.task = build_task(cfg, self.tokenizer, model_context(model.config))
         self.store = store
         version, state = store.latest()
         generator = torch.Generator(pick_device(cfg)).manual_seed(seed)
@@ -214,6 +214,8 @@ class TrainerWorker:
         adapter = checkpoint is not None and is_adapter_folder(checkpoint)
         if checkpoint is not None and adapter != (cfg.model.lora.rank > 0):
             raise ValueError(f"checkpoint {checkpoint} {'holds' if adapter else 'holds no'} LoRA adapter but model.lora.rank={cfg.model.lora.rank}; resume with the run's own config")
+        if adapter:
+            verify_checkpoint(Path(checkpoint))  # the adapter files are read here, not by open_session
         start = adapter_base_path(checkpoint) if adapter else checkpoint  # a LoRA checkpoint: its base, then the adapter
         self.session = open_session(cfg, model_path=start, master_weights=True)  # fp32 master weights
         self.compute_dtype = getattr(torch, cfg.model.dtype)  # bf16/fp16 models compute under autocast

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,46 @@ def test_stale_data_warning_is_one_stderr_line_outside_pytest() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("warning: pipeline.mode=one_step_off (η 1) with loss.name=gspo")
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lr=.inf", "train.lr=inf is invalid: input should be a finite number"),
+        ("sampling.temperature=.inf", "sampling.temperature=inf is invalid: input should be a finite number"),
+        ("train.grad_clip=.nan", "train.grad_clip=nan is invalid: input should be a finite number"),
+        ("loss.clip_high=.inf", "loss.clip_high=inf is invalid: input should be a finite number"),
+        ("train.lr=5", "train.lr=5 is invalid: input should be less than or equal to 1"),
+        ("sampling.temperature=50", "sampling.temperature=50 is invalid: input should be less than or equal to 10"),
+        ("train.group_size=1000000", "train.group_size=1000000 is invalid: input should be less than or equal to 65536"),
+        ("train.betas=[0.9, 1.0]", "train.betas=1.0 is invalid: input should be less than 1"),
+        ("model.tiny.num_heads=3", "model.tiny.num_heads=3 does not divide model.tiny.hidden_size=128; use one of [1, 2, 4, 8, 16, 32, 64]"),
+        ("model.tiny.num_kv_heads=3", "model.tiny.num_kv_heads=3 does not divide model.tiny.num_heads=4; use one of [1, 2, 4]"),
+        ("model.tiny.num_heads=128", "model.tiny.hidden_size=128 / num_heads=128 gives head size 1, which rotary embeddings cannot use"),
+        ("sampling.max_new_tokens=256", "sampling.max_new_tokens=256 leaves no room for a prompt in the tiny model's model.tiny.max_positions=256"),
+    ],
+)
+def test_non_finite_absurd_and_unworkable_values_are_refused(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(expected), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_every_float_field_refuses_inf_and_nan() -> None:
+    """The rule is general (Section's allow_inf_nan=False), not a list of patched fields."""
+    from policyflow.config import Section
+
+    names = [line.split(" ")[0] for line in describe_fields()]
+    floats = [n for n in names if _annotation(n) is float or float in typing.get_args(_annotation(n))]
+    assert {"train.lr", "sampling.top_p", "task.reward_timeout_s", "eval.temperature"} <= set(floats)
+    for name in floats:
+        with pytest.raises(ConfigError, match="finite number"):
+            load_config(None, [f"{name}=.nan"])
+    assert Section.model_config["allow_inf_nan"] is False
+
+
+def _annotation(dotted: str):
+    model = Config
+    *sections, leaf = dotted.split(".")
+    for part in sections:
+        model = model.model_fields[part].annotation
+    return model.model_fields[leaf].annotation

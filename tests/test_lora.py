@@ -171,7 +171,7 @@ def test_every_mode_and_runtime_trains_the_adapter_on_policy(small_config, mode:
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in adapter.items())  # the adapter learned something
 
 
-def test_checkpoint_is_peft_format_and_exports_merged(small_config, tmp_path: Path) -> None:
+def test_checkpoint_is_peft_format_and_exports_merged(small_config, tmp_path: Path, capsys) -> None:
     cfg = small_config(*LORA, "eval.every=0")
     summary = coordinator.train(cfg, **QUIET)
     checkpoint = Path(summary["final_checkpoint"])
@@ -189,7 +189,9 @@ def test_checkpoint_is_peft_format_and_exports_merged(small_config, tmp_path: Pa
         assert (base(_ids()).logits - want).abs().max() > 1e-3
     # `policyflow eval --model <checkpoint>` evaluates the merged model, the one the trainer evaluated.
     assert coordinator.run_eval(cfg, checkpoint) == summary["eval_after"]
-    assert cli.main(["export", "--merge", str(cfg.run_dir / "base"), str(tmp_path / "x")]) == 2  # not an adapter: one-line error
+    capsys.readouterr()
+    assert cli.main(["export", "--merge", str(cfg.run_dir / "base"), str(tmp_path / "x")]) == 1  # not an adapter
+    assert capsys.readouterr().err.count("\n") == 1  # one line
 
 
 def test_resume_restores_adapter_and_optimizer_exactly(small_config) -> None:

@@ -169,6 +169,7 @@ def test_decoupled_ppo_worked_example():
     m = out.metrics
     assert m["behav_reject_frac"].item() == pytest.approx(0.25)
     assert m["behav_weight_mean"].item() == pytest.approx((1.5 + 3 + 1 + 0.5) / 4)
+    assert m["behav_weight_max"].item() == pytest.approx(3.0)
     assert m["clip_frac"].item() == pytest.approx(0.5)
     assert m["ratio_mean"].item() == pytest.approx((1 + 1 + 1.5 + 0.7) / 4)
     # only token (0, 0) has a gradient: −w·u·A / 4 = −1.5 / 4

@@ -1,4 +1,4 @@
-"""Reward shaping (overlong, gates, penalties) and metrics (pass@k, percentiles, summaries)."""
+"""Reward shaping (overlong, gates, penalties) and pass@k."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from policyflow.metrics import pass_at_k, pass_at_k_batch, percentile, summarize
+from policyflow.metrics import pass_at_k, pass_at_k_batch
 from policyflow.rewards import count_penalty, format_gate, overlong_penalty, search_penalty_reward
 
 F64 = torch.float64
@@ -81,25 +81,6 @@ def test_pass_at_k_batch_matches_scalar():
         pass_at_k_batch([2, 5], [1, 1], 3)
 
 
-def test_percentile_and_summarize():
-    values = list(range(1, 101))  # 1..100
-    assert percentile(values, 50) == pytest.approx(50.5)
-    assert percentile(values, 99) == pytest.approx(99.01)  # position 0.99·99 = 98.01 → 99 + 0.01
-    assert percentile([3.0], 90) == 3.0
-    x = torch.tensor([5.0, 1.0, 4.0, 2.0, 9.0], dtype=F64)
-    for q in (0, 10, 37.5, 50, 99, 100):
-        assert percentile(x, q) == pytest.approx(torch.quantile(x, q / 100).item())
-    s = summarize(values)
-    assert s == pytest.approx({"count": 100.0, "mean": 50.5, "min": 1.0, "max": 100.0, "p50": 50.5, "p99": 99.01})
-    assert summarize(torch.tensor([2, 2, 8])) == pytest.approx(
-        {"count": 3.0, "mean": 4.0, "min": 2.0, "max": 8.0, "p50": 2.0, "p99": 7.88}
-    )
-    assert summarize([]) == {"count": 0.0, "mean": 0.0, "min": 0.0, "max": 0.0, "p50": 0.0, "p99": 0.0}
-    with pytest.raises(ValueError, match="empty"):
-        percentile([], 50)
-    with pytest.raises(ValueError, match=r"\[0, 100\]"):
-        percentile(values, 101)
-    assert math.isclose(summarize([0.1] * 10)["mean"], 0.1)
 
 
 def test_search_penalty_reward_closed_form():

@@ -1,18 +1,19 @@
-"""Held-out evaluation: greedy and sampled accuracy, and tokens spent per answer.
+"""Held-out evaluation: greedy and sampled accuracy, pass@k, and tokens spent per answer.
 
-Each held-out problem is one episode on the same engine and episode runner as training
-rollouts (so multi-turn tasks are evaluated as they are trained); accuracy is the mean of the
-episodes' `correct` reward part.
+Each held-out problem is one episode (n for pass@k) on the same engine and episode runner as
+training rollouts, so multi-turn tasks are evaluated as they are trained; a sample is correct
+when its episode's `correct` reward part is 1.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from policyflow.agent.episode import EpisodeRunner
+from policyflow.metrics import pass_at_k_batch
 from policyflow.rollout import rollout_groups
 from policyflow.tasks.base import Problem, Task
 
@@ -20,27 +21,51 @@ from policyflow.tasks.base import Problem, Task
 @dataclass(frozen=True)
 class EvalResult:
     accuracy_greedy: float
-    accuracy_sampled: float
+    accuracy_sampled: float  # mean over every sample: the unbiased pass@1
     mean_tokens_greedy: float
     mean_tokens_sampled: float
     num_prompts: int
+    samples_per_prompt: int = 1
+    pass_at: dict[str, float] = field(default_factory=dict)  # "pass@k" -> value, for k = 2, 4, ... and n (n > 1)
 
     def as_metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        return {f"{prefix}{k}": float(v) for k, v in asdict(self).items()}
+        scalars = {f"{prefix}{k}": float(v) for k, v in asdict(self).items() if k != "pass_at"}
+        return scalars | {f"{prefix}{k}": float(v) for k, v in self.pass_at.items()}
 
 
 def accuracy(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], generator: torch.Generator | None = None) -> tuple[float, float]:
     """Fraction of problems answered correctly (one episode each, with the runner's sampling), and mean generated tokens."""
-    groups, _ = rollout_groups(runner, task, problems, 1, generator)
-    episodes = [g.trajectories[0] for g in groups]
+    correct_P, tokens = _sample_and_score(runner, task, problems, 1, generator)
     n = max(1, len(problems))
-    return sum(t.reward_parts.get("correct", 0.0) for t in episodes) / n, sum(t.num_gen_tokens for t in episodes) / n
+    return sum(correct_P) / n, tokens / n
 
 
-def evaluate(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], *, temperature: float, seed: int = 0) -> EvalResult:
-    """Greedy accuracy and accuracy of one sample at `temperature` (with a fixed sampling seed); other sampling settings are the runner's."""
-    greedy = runner.with_params(temperature=0.0)
-    sampled = runner.with_params(temperature=temperature, top_p=1.0)
-    acc_g, len_g = accuracy(greedy, task, problems)
-    acc_s, len_s = accuracy(sampled, task, problems, torch.Generator(runner.engine.device).manual_seed(seed))
-    return EvalResult(acc_g, acc_s, len_g, len_s, len(problems))
+def _sample_and_score(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], n: int, generator: torch.Generator | None) -> tuple[list[int], int]:
+    """Correct episodes per problem out of `n` each, and the generated tokens of all episodes."""
+    groups, _ = rollout_groups(runner, task, problems, n, generator)
+    correct_P = [sum(int(t.reward_parts.get("correct", 0.0) >= 1.0) for t in g.trajectories) for g in groups]
+    return correct_P, sum(t.num_gen_tokens for g in groups for t in g.trajectories)
+
+
+def pass_at_ks(n: int) -> list[int]:
+    """The k reported for n samples per prompt: powers of two below n, and n."""
+    return sorted({2**i for i in range(1, n.bit_length()) if 2**i < n} | {n}) if n > 1 else []
+
+
+def evaluate(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], *, temperature: float, seed: int = 0, samples_per_prompt: int = 1) -> EvalResult:
+    """Greedy accuracy, and `samples_per_prompt` episodes per problem at `temperature` with a fixed seed.
+
+    Other sampling settings are the runner's. The sampled accuracy is the mean over all samples
+    (the unbiased pass@1); with n > 1 samples `pass_at` holds the unbiased pass@k (Chen et al.
+    2107.03374, `metrics.pass_at_k_batch`) for k = 2, 4, ... and n. The seeded generator lives
+    on the engine's device (a CPU generator cannot draw on CUDA).
+    """
+    acc_g, len_g = accuracy(runner.with_params(temperature=0.0), task, problems)
+    sampled = runner.with_params(temperature=temperature, top_p=1.0, top_k=0)
+    generator = torch.Generator(runner.engine.device).manual_seed(seed)
+    n, P = samples_per_prompt, max(1, len(problems))
+    correct_P, tokens = _sample_and_score(sampled, task, problems, n, generator)
+    pass_at = {}
+    if problems and n > 1:
+        pass_at = {f"pass@{k}": float(pass_at_k_batch([n] * len(problems), correct_P, k).mean()) for k in pass_at_ks(n)}
+    return EvalResult(acc_g, sum(correct_P) / (n * P), len_g, tokens / (n * P), len(problems), n, pass_at)

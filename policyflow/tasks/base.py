@@ -5,8 +5,11 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from policyflow.tasks.length import PromptFit
 
 T = TypeVar("T")
 
@@ -75,6 +78,17 @@ class Task(ABC):
     @abstractmethod
     def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> Score:
         """Rewards and correctness for completions[i] answering problems[i]."""
+
+    def limit_prompts(self, fit: PromptFit) -> None:
+        """Make every prompt fit the model's context (tasks/length.py), or raise.
+
+        Generated tasks have prompts of bounded length: their held-out set and first 64
+        training problems are checked and any that does not fit is refused (their prompts are
+        not truncated or skipped). Tasks that hold their rows (jsonl) fit every row.
+        """
+        strict = replace(fit, on_long="error")
+        for problem in [*self.eval_problems(), *(self.train_problem(i) for i in range(64))]:
+            strict.fit(problem, self.render_prompt)
 
 
 def check_batch(problems: Sequence[Problem], completions: Sequence[str]) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from policyflow.tasks.base import Problem, Score, Task, TaskError, check_batch, seeded_rng
+from policyflow.tasks.length import PromptFit
 from policyflow.tasks.reward_fn import (
     BUILTIN_REWARDS,
     answer_to_text,
@@ -205,6 +206,14 @@ class JsonlTask(Task):
         if not kept:
             raise TaskError(f"jsonl task: every training prompt in {str(self.path)!r} is also in the held-out file; use different files")
         return kept
+
+    def limit_prompts(self, fit: PromptFit) -> None:
+        """Every row, training and held-out, fitted to the context (refused, left-truncated or dropped)."""
+        train = fit.fit_all(self._train, self.render_prompt, f"{self.path} (training rows)")
+        held_out = fit.fit_all(self._eval, self.render_prompt, "held-out rows")
+        if not train or not held_out:
+            raise TaskError(f"jsonl task: every {'training' if not train else 'held-out'} prompt is longer than {fit.limit} tokens; nothing is left to {'train' if not train else 'evaluate'} on")
+        self._train, self._eval, self._order = tuple(train), tuple(held_out), (-1, [])
 
     def train_problem(self, index: int) -> Problem:
         """Row `index` of a seeded shuffle of the training rows; reshuffled every epoch."""

@@ -1,0 +1,307 @@
+"""The run folder `<output_dir>/<name>/`: who may write it, and what a fresh run or a resume finds there.
+
+- One run at a time: `run.lock` is held with `fcntl.flock` for the whole run and names the
+  holder (pid, host). The kernel drops the lock when its process dies, so a lock left by a
+  crashed run is simply taken over, with a note. (flock is per machine: two hosts sharing
+  the folder over NFS are not guarded.)
+- A fresh run never mixes with an old one: a folder that already holds a run is refused
+  unless `run.overwrite=true`, which deletes that run's files first (`RUN_FILES`; anything
+  else in the folder, such as `sft/` from `policyflow sft`, is left alone).
+- A resume continues the run recorded in the folder: `config.yaml` must be there, and only
+  settings in `RESUMABLE` may change (how long to train, logging, evaluation, checkpoints,
+  where it runs). Anything else (task, model, sampling, loss, batch shape, pipeline) would make
+  the checkpoint continue a different experiment, and is refused. Allowed changes are recorded
+  as a `{"resumed_at_step": ...}` line in metrics.jsonl. Lines written after the checkpoint's
+  step (by a run that stopped before its next checkpoint) are dropped from metrics.jsonl and
+  samples.jsonl, so no step is ever logged twice.
+- Snapshot files (`snapshots/`, the process runtime's weight hand-over) are removed when the
+  run ends, however it ends.
+- Ctrl-C (`StopOnCtrlC`) stops the RL loop at a step boundary; the coordinator then records
+  the last completed step and raises `RunInterrupted` (the CLI exits 130).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from policyflow.checkpoint import latest_checkpoint, latest_good_checkpoint
+from policyflow.config import Config, ConfigError, read_yaml, validate_config
+
+LOCK_FILE = "run.lock"
+# What a run writes (deleted by run.overwrite=true) ...
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", "plot.png", "config.yaml", "checkpoints", "snapshots")
+# ... and what makes a folder hold a run (a run that failed before its first metrics line left only config.yaml).
+RUN_MARKERS = ("metrics.jsonl", "samples.jsonl", "summary.json", "checkpoints")
+# Settings a resume may change (a trailing ".*" covers a whole section); every other change is refused.
+RESUMABLE = (
+    "train.steps", "train.time_budget_s", "run.log_every", "run.samples_every", "run.progress", "run.threads",
+    "run.device", "run.overwrite", "eval.*", "checkpoint.*",
+)
+
+
+class RunLockedError(RuntimeError):
+    """Another live run holds the run folder."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run at a step boundary; the message says where and how to resume."""
+
+
+class RunLock:
+    """An exclusive, non-blocking `flock` on `<run_dir>/run.lock`, released by `release()` or by the process dying."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a note when it takes over one left by a run that died."""
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise RunLockedError(f"run folder {self.path.parent} is in use by another run ({holder}; {self.path}); wait for it to end or choose another run.name") from None
+            try:  # a releasing holder may have unlinked the file between our open and flock: lock the file that is there
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:
+            raise RunLockedError(f"could not take {self.path}: it keeps being replaced")
+        previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self._fd = fd
+        return f"took over {self.path} left by a run that is no longer running ({previous})" if previous else None
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+
+@dataclass
+class RunFolder:
+    """The locked run folder; `checkpoint` is the one a resume starts from (None for a fresh run)."""
+
+    path: Path
+    lock: RunLock
+    checkpoint: Path | None = None
+    notes: list[str] = field(default_factory=list)
+    resume_overrides: dict[str, list] = field(default_factory=dict)  # setting -> [saved, now]
+
+    def close(self) -> None:
+        """Remove the snapshot files and release the lock (called however the run ends)."""
+        shutil.rmtree(self.path / "snapshots", ignore_errors=True)
+        self.lock.release()
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """A ConfigError when a part of the run folder's path is a file."""
+    for part in [run_dir, *run_dir.parents]:
+        if part.exists():
+            if not part.is_dir():
+                raise ConfigError(f"run.output_dir: {str(part)!r} is a file, so the run folder {str(run_dir)!r} cannot be made there; point run.output_dir at a folder")
+            return
+
+
+def existing_run_files(run_dir: Path, names: tuple[str, ...] = RUN_FILES) -> list[str]:
+    return [name for name in names if (run_dir / name).exists()]
+
+
+def clear_run(run_dir: Path) -> list[str]:
+    """Delete an old run's files (run.overwrite=true); returns what was deleted."""
+    found = existing_run_files(run_dir)
+    for name in found:
+        target = run_dir / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return found
+
+
+def open_run_folder(cfg: Config, resume: Path | None = None) -> RunFolder:
+    """Lock the run folder and check it: a fresh run needs an empty one (or run.overwrite), a resume a good checkpoint."""
+    run_dir = Path(resume) if resume else cfg.run_dir
+    check_output_dir(run_dir)
+    if resume and not run_dir.is_dir():
+        raise ConfigError(f"--resume {str(run_dir)!r}: no such run folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(run_dir, RunLock(run_dir))
+    note = folder.lock.acquire()
+    folder.notes += [note] if note else []
+    try:
+        if resume:
+            _prepare_resume(cfg, folder)
+        else:
+            _prepare_fresh(cfg, folder)
+    except BaseException:
+        folder.lock.release()
+        raise
+    return folder
+
+
+def _prepare_fresh(cfg: Config, folder: RunFolder) -> None:
+    found = existing_run_files(folder.path, RUN_MARKERS)
+    if found and not cfg.run.overwrite:
+        raise ConfigError(
+            f"run folder {str(folder.path)!r} already holds a run ({', '.join(found)}); continue it with "
+            f"`policyflow train --resume {folder.path}`, choose another run.name, or set run.overwrite=true to delete it first"
+        )
+    deleted = clear_run(folder.path)
+    if found:
+        folder.notes.append(f"run.overwrite=true: deleted the previous run's {', '.join(deleted)} in {folder.path}")
+
+
+def _prepare_resume(cfg: Config, folder: RunFolder) -> None:
+    saved = read_saved_config(folder.path)
+    folder.resume_overrides = changed_settings(saved, cfg)
+    refused = [key for key in folder.resume_overrides if not resumable(key)]
+    if refused:
+        key, (old, new) = refused[0], folder.resume_overrides[refused[0]]
+        raise ConfigError(
+            f"--resume cannot change {key} ({old!r} in the run's config.yaml, {new!r} now): the checkpoint was trained with "
+            f"the saved value; a resume may change only {', '.join(RESUMABLE)}; start a new run (another run.name) to change it"
+        )
+    folder.checkpoint, notes = latest_good_checkpoint(folder.path)
+    folder.notes += notes
+    if folder.checkpoint is None:
+        why = "none of them passed verification" if notes else "none was written"
+        raise ConfigError(f"--resume {str(folder.path)!r}: no checkpoint under {folder.path / 'checkpoints'} to resume from ({why}); start the run again with run.overwrite=true")
+    step = int(folder.checkpoint.name[5:])
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        dropped = drop_lines_after(folder.path / name, step)
+        if dropped:
+            folder.notes.append(f"{name}: dropped {dropped} line(s) written after step {step} (they are run again)")
+
+
+def saved_config_path(run_dir: Path) -> Path:
+    """`<run_dir>/config.yaml`, the settings of the run a resume continues; a ConfigError when missing."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume {str(run_dir)!r}: there is no config.yaml, so the run's settings are unknown; give the run folder itself (<output_dir>/<name>, holding config.yaml and checkpoints/)")
+    return path
+
+
+def read_saved_config(run_dir: Path) -> Config:
+    """The config a run was started with; resuming without it is refused (never the defaults)."""
+    path = saved_config_path(run_dir)
+    try:
+        return validate_config(read_yaml(path))
+    except ConfigError as err:
+        raise ConfigError(f"--resume {str(run_dir)!r}: its config.yaml is not valid: {err}") from None
+
+
+def changed_settings(before: Config, after: Config) -> dict[str, list]:
+    """`{"section.key": [before, after]}` for every leaf setting that differs."""
+    a, b = _flatten(before.model_dump(mode="json")), _flatten(after.model_dump(mode="json"))
+    return {key: [a.get(key), b.get(key)] for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)}
+
+
+def resumable(key: str) -> bool:
+    return any(key == allowed or (allowed.endswith(".*") and key.startswith(allowed[:-1])) for allowed in RESUMABLE)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _keep_line(line: str, step: int) -> bool:
+    """A complete JSON line logged at or before `step` (lines without a step, e.g. SFT, are kept)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False  # half a line, cut by a crash
+    if not isinstance(record, dict):
+        return False
+    at = record.get("step", record.get("resumed_at_step"))
+    return not isinstance(at, int) or at <= step
+
+
+def drop_lines_after(path: Path, step: int) -> int:
+    """Remove the JSON lines of `path` logged after `step`, and broken ones (atomically); returns how many."""
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if _keep_line(line, step)]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+class StopOnCtrlC:
+    """Ctrl-C during the RL loop stops it at the next step boundary; otherwise Ctrl-C stops at once.
+
+    Once `graceful` (set by the coordinator when the RL loop starts), the first press sets
+    `requested` and says so: a wait for the next batch is abandoned, a step in progress
+    finishes and is recorded. Before that (model loading, SFT warm-start, the first
+    evaluation), or on a second press, KeyboardInterrupt is raised wherever the program is,
+    even inside a long synchronous call; checkpoints already on disk are intact (written
+    atomically). Installed only in the main thread.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.graceful = False
+        self.requested = False
+        self._event = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous = None
+
+    def __enter__(self) -> StopOnCtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._loop = asyncio.get_running_loop()
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._loop is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested or not self.graceful:
+            raise RunInterrupted(self._at_once())
+        self.requested = True
+        self._loop.call_soon_threadsafe(self._event.set)
+        print("policyflow: Ctrl-C: stopping after the current step (press again to stop at once)", file=sys.stderr, flush=True)
+
+    def _at_once(self) -> str:
+        latest = latest_checkpoint(self.run_dir)
+        if latest is None:
+            return f"interrupted before any checkpoint of {self.run_dir} was written; start again with run.overwrite=true"
+        return f"interrupted at once; resume from {latest.name} with `policyflow train --resume {self.run_dir}`"
+
+    async def unless_requested(self, awaitable):
+        """The awaitable's result, or None (the awaitable cancelled) if Ctrl-C comes first."""
+        work, stopped = asyncio.ensure_future(awaitable), asyncio.ensure_future(self._event.wait())
+        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return None
