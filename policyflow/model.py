@@ -8,6 +8,7 @@ character-level tokenizer built locally with the `tokenizers` library and saved 
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
             "(the one holding config.json and the weights)"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = _load_tokenizer(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load the model in {str(folder)!r}: {err}") from err
@@ -107,6 +108,17 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model, tokenizer
+
+
+def _load_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    """The folder's tokenizer. One saved from a plain `tokenizers` object (the tiny char tokenizer)
+    is loaded as exactly that: AutoTokenizer would pick the class of the model type (Qwen2's),
+    whose own pre-tokenizer drops spaces and newlines the char vocabulary has no byte form for."""
+    config = folder / "tokenizer_config.json"
+    saved_class = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer, folder: str | Path) -> Path:

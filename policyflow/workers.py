@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from policyflow.agent.context import context_policy
 from policyflow.agent.env import group_builder
 from policyflow.checkpoint import LoopState, load_state, rng_state, save_checkpoint, set_rng_state, verify_checkpoint
 from policyflow.config import Config
@@ -250,7 +251,7 @@ class TrainerWorker:
                 log.write({"sft_step": step, "sft/loss": loss})
 
         result = warm_start(s.model, s.tokenizer, s.task, cfg.sft, chat_template=cfg.model.chat_template, greedy_accuracy=s.greedy_accuracy,
-                            on_step=on_step, compute_dtype=self.compute_dtype)
+                            on_step=on_step, compute_dtype=self.compute_dtype, context=context_policy(cfg.agent.context))
         self._sft_steps += result.steps
         bar.close()
         return asdict(result)

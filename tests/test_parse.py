@@ -49,8 +49,8 @@ def test_tags_well_formed(text, expected):
 @pytest.mark.parametrize(
     "text, reason",
     [
-        ("Quelm", "no action: expected <search>…</search> or <answer>…</answer>"),
-        ("<lookup>Zorvia</lookup>", "no action: expected <search>…</search> or <answer>…</answer>"),
+        ("Quelm", "no action: expected <search>...</search> or <answer>...</answer>"),
+        ("<lookup>Zorvia</lookup>", "no action: expected <search>...</search> or <answer>...</answer>"),
         ("<search>Zorvia", "<search> is not closed"),
         ("<search>  </search>", "empty <search>"),
         ("<search>a</search><answer>b</answer>", "more than one action (<search>, <answer>); write exactly one"),

@@ -105,7 +105,7 @@ def test_env_rewards_and_errors(task):
     _, [r] = asyncio.run(_play(guess, [f"<answer>{problem.answer}</answer>"]))
     assert r.reward_parts == {"correct": 1.0, "search_penalty": 0.0, "format": 0.1} and r.reward == pytest.approx(1.1)
     _, results = asyncio.run(_play(sloppy, ["hmm", "<search>a</search><search>b</search>", f"<answer>{problem.answer}</answer>"]))
-    assert results[0].observation == "<info>error: no action: expected <search>…</search> or <answer>…</answer></info>"
+    assert results[0].observation == "<info>error: no action: expected <search>...</search> or <answer>...</answer></info>"
     assert [r.tool_errors for r in results] == [1, 1, 0] and not results[0].done
     assert results[-1].reward_parts == {"correct": 1.0, "search_penalty": 0.0, "format": 0.0}
     _, results = asyncio.run(_play(wrong, ["<search>zzzz</search>", "<state>none</state><answer>no idea</answer>"]))

@@ -134,3 +134,18 @@ def test_cancelling_the_caller_cancels_the_tool():
 
     asyncio.run(run())
     assert pool.stats.errors == 0 and pool._in_flight == 0
+
+
+def test_an_instant_tool_does_not_yield_to_the_event_loop():
+    """A call whose tool never awaits completes without giving the loop a turn (the engine's
+    decode steps run between loop turns, so every yield would cost an episode a decode step)."""
+    pool = ToolPool([_tool("echo", _echo)], timeout_s=1.0)
+
+    async def run():
+        other_ran = []
+        asyncio.get_running_loop().call_soon(other_ran.append, True)
+        result = await pool.call("echo", {"text": "x"})
+        return result, list(other_ran)  # a copy: the loop runs the callback while it shuts down
+
+    result, other_ran = asyncio.run(run())
+    assert result.text == "x" and other_ran == []

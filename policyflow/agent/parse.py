@@ -89,7 +89,7 @@ def parse_tags(text: str, tools: Mapping[str, str]) -> ParsedTurn:
     (`{"search": "query"}` turns `<search>q</search>` into `ToolCall("search", {"query": "q"})`)."""
     opens = _open_tags(text, [*tools, ANSWER_TAG])
     if not opens:
-        expected = " or ".join(f"<{n}>…</{n}>" for n in [*tools, ANSWER_TAG])
+        expected = " or ".join(f"<{n}>...</{n}>" for n in [*tools, ANSWER_TAG])  # ASCII: models see this
         return ParsedTurn(Malformed(f"no action: expected {expected}"))
     if len(opens) > 1:
         return ParsedTurn(Malformed(f"more than one action ({', '.join(f'<{n}>' for _, n in opens)}); write exactly one"))

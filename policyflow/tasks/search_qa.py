@@ -3,13 +3,13 @@
 Each of `num_entities` places gets a random name, a random capital (another made-up name) and
 a random population in [10, max_value]. The corpus has one short passage per place::
 
-    {"id": "e17", "title": "Zorvak", "text": "capital Quelm, pop 48"}
+    {"id": "e17", "title": "Zesok", "text": "capital Gevon, pop 48"}
 
 and is written, offline and deterministically from the seed, as JSONL (`write_corpus`).
 Questions are short, for a char-level model with 256 positions:
 
-* one lookup: `capital of Zorvak?` -> `Quelm`, `pop of Zorvak?` -> `48`;
-* two lookups (`two_hop_fraction` of them): `pop of Zorvak + Brelim?` -> `125`, the sum of
+* one lookup: `capital of Zesok?` -> `Gevon`, `pop of Zesok?` -> `48`;
+* two lookups (`two_hop_fraction` of them): `pop of Zesok + Kuvi?` -> `125`, the sum of
   two populations, so the first value must be kept (in the context, or in MEM1's `<state>`)
   while the second is looked up.
 
@@ -66,8 +66,9 @@ class Entity:
         return {"id": self.id, "title": self.name, "text": f"capital {self.capital}, pop {self.pop}"}
 
 
-def _name(rng: random.Random, syllables: int) -> str:
-    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)).capitalize()
+def _name(rng: random.Random) -> str:
+    """Two open syllables and an optional final consonant (`Kosel`, `Dupa`): short to copy."""
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(2)).capitalize() + rng.choice(_CODAS)
 
 
 def make_entities(seed: int, count: int, max_value: int) -> list[Entity]:
@@ -78,7 +79,7 @@ def make_entities(seed: int, count: int, max_value: int) -> list[Entity]:
     for _ in range(1000 * count):
         if len(names) == 2 * count:
             break
-        name = _name(rng, rng.choice((2, 3)))
+        name = _name(rng)
         if name not in used:
             used.add(name)
             names.append(name)

@@ -173,7 +173,8 @@ class ToolPool:
             self.stats.max_in_flight = max(self.stats.max_in_flight, self._in_flight)
             start = time.perf_counter()
             try:
-                text = await asyncio.wait_for(tool.fn(**arguments), self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):  # unlike wait_for, no extra task: a tool
+                    text = await tool.fn(**arguments)  # that never awaits finishes without yielding
             except TimeoutError:
                 return self._fail("timeout", f"{name} timed out after {self.timeout_s:g} s", time.perf_counter() - start)
             except Exception as err:  # deliberate containment: a tool's bug becomes an observation

@@ -150,12 +150,14 @@ SEARCH_SCHEMA = {
 
 
 def search_tool(
-    index: SearchIndex, *, k: int = 3, max_obs_tokens: int = 256, tokenizer=None, latency_s: float = 0.0, name: str = "search"
+    index: SearchIndex, *, k: int = 3, max_obs_tokens: int = 256, tokenizer=None, latency_s: float = 0.0,
+    in_thread: bool = False, name: str = "search",
 ) -> Tool:
     """A `Tool` returning the top-`k` passages for a query, cut to `max_obs_tokens`.
 
     `latency_s` > 0 sleeps that long per call (without blocking the event loop) to imitate a
-    remote search engine.
+    remote search engine. `in_thread` runs retrieval in a worker thread, for indexes large
+    enough that a search would stall the event loop (and the engine's decoding) noticeably.
     """
     if k < 1 or max_obs_tokens < 1 or latency_s < 0:
         raise ValueError(f"search_tool needs k >= 1, max_obs_tokens >= 1 and latency_s >= 0; got k={k}, max_obs_tokens={max_obs_tokens}, latency_s={latency_s}")
@@ -164,7 +166,9 @@ def search_tool(
     async def search(query: str) -> str:
         if latency_s:
             await asyncio.sleep(latency_s)
-        hits = await asyncio.to_thread(index.search, query, k)  # keeps the event loop (and the engine) free
+        # in the loop by default: a small index answers in about a millisecond, and a thread hop
+        # costs the episode loop iterations, each of which may wait for an engine decode step
+        hits = await asyncio.to_thread(index.search, query, k) if in_thread else index.search(query, k)
         found = [p for p, _ in hits]
         return truncate_to_budget(format_passages(found), max_obs_tokens, count)
 
