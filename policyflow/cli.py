@@ -1,4 +1,4 @@
-"""Command line: `policyflow train | sft | eval | config` (also `python -m policyflow`).
+"""Command line: `policyflow train | sft | eval | config | export` (also `python -m policyflow`).
 
 Overrides are `section.key=value` words after the options, e.g.
 `policyflow train --config configs/demo.yaml train.steps=10 loss.name=dapo`.
@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--model", type=Path, default=None, help="model folder (default: model.path or the tiny model)")
         if name == "config":
             p.add_argument("--fields", action="store_true", help="list every field with default and description")
+    export = sub.add_parser("export", help="write a LoRA checkpoint as one merged Hugging Face folder", description="write a LoRA checkpoint as one merged Hugging Face folder")
+    export.add_argument("--merge", action="store_true", required=True, help="merge the adapter into its base model (the only export)")
+    export.add_argument("checkpoint", type=Path, help="a LoRA checkpoint folder (runs/<name>/checkpoints/step-N)")
+    export.add_argument("out", type=Path, help="the folder to write")
+    export.add_argument("--debug", action="store_true", help="show the full traceback of an error (normally one line)")
     return parser
 
 
@@ -66,6 +71,11 @@ _EXPLAINED = {"ModelLoadError", "TaskError", "CheckpointError", "RunLockedError"
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "export":
+        from policyflow.lora import export_merged
+
+        print(f"merged model written to {export_merged(args.checkpoint, args.out)}")
+        return 0
     if args.command == "train" and args.resume is not None and args.config is None:
         from policyflow.rundir import saved_config_path
 

@@ -63,11 +63,27 @@ class TinyModelConfig(Section):
         return self
 
 
+class LoRAConfig(Section):
+    """A LoRA adapter (built with peft) for RL: only the adapter is trained; engines get merged weights."""
+
+    rank: int = Field(0, ge=0, description="LoRA rank r; 0 = off (full fine-tuning). With r > 0 RL trains only the adapter, on the weights RL starts from (after any SFT warm-start, which trains the full model).")
+    alpha: float = Field(16.0, gt=0, description="LoRA scale: the weight update is (alpha / rank)·B·A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input while training; > 0 makes the trainer's log-probs differ from the engine's (on-policy ratio ≠ 1), so RL usually keeps 0.")
+    target_modules: tuple[str, ...] = Field(("all-linear",), description="Linear layers to adapt (peft target_modules, e.g. [q_proj, v_proj]); all-linear = every linear layer but the output head.")
+
+    @model_validator(mode="after")
+    def _check(self) -> LoRAConfig:
+        if not self.target_modules or ("all-linear" in self.target_modules and len(self.target_modules) > 1):
+            raise ValueError(f"model.lora.target_modules={list(self.target_modules)!r}: give [all-linear] alone or a non-empty list of module names (e.g. [q_proj, v_proj])")
+        return self
+
+
 class ModelConfig(Section):
     path: str | None = Field(None, description="Local Hugging Face model folder (with config.json); empty = build the tiny model.")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Sizes of the tiny model built when path is empty.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype.")
     chat_template: bool = Field(False, description="Render prompts with the tokenizer's chat template (instruct checkpoints).")
+    lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA adapter for RL (rank 0 = off).")
 
 
 class SearchQAConfig(Section):

@@ -80,7 +80,7 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
             if cfg.sft.max_steps > 0:
                 sft = await trainer.call("warm_start", str(run_dir / "metrics.jsonl"))
                 log(f"SFT warm-start: {sft['steps']} steps, {sft['seconds']:.0f}s, greedy held-out accuracy {sft['accuracy_greedy']:.1%}")
-            await trainer.call("set_reference", str(run_dir))  # the KL reference is the model RL starts from
+            await trainer.call("begin_rl", str(run_dir))  # the KL reference (and with LoRA the adapter's base) is the model RL starts from
             loop.eval_before = await trainer.call("evaluate")
             metrics_log.write({"step": 0, "wall_seconds": 0.0, **EvalResult(**loop.eval_before).as_metrics()})
             log(_accuracy_line("before RL", loop.eval_before))

@@ -16,6 +16,7 @@ from policyflow.checkpoint import is_checkpoint, verify_checkpoint
 from policyflow.config import Config, ConfigError
 from policyflow.engine import AsyncEngine, SamplingParams
 from policyflow.evaluate import EvalResult, accuracy, evaluate
+from policyflow.lora import is_adapter_folder, load_merged
 from policyflow.model import ModelLoadError, build_char_tokenizer, build_tiny, load_pretrained
 from policyflow.tasks import make_task
 from policyflow.tasks.base import Problem, Task
@@ -36,7 +37,8 @@ def load_policy(cfg: Config, model_path: Path | str | None = None, *, master_wei
     """The policy model (from `model_path`, else model.path, else the tiny model) and its tokenizer, on the run's device.
 
     Parameters are in model.dtype, or in float32 with `master_weights` (the trainer's copy:
-    fp32 master weights and optimizer state, compute in model.dtype under autocast).
+    fp32 master weights and optimizer state, compute in model.dtype under autocast). A LoRA
+    checkpoint folder (peft's adapter files) loads as its base with the adapter merged in.
     """
     path = model_path or cfg.model.path
     dtype, device = (torch.float32 if master_weights else getattr(torch, cfg.model.dtype)), pick_device(cfg)
@@ -44,7 +46,7 @@ def load_policy(cfg: Config, model_path: Path | str | None = None, *, master_wei
         verify_checkpoint(Path(path))
     if path:
         hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr: errors and notes stay one line each
-        model, tokenizer = load_pretrained(path, dtype=dtype)
+        model, tokenizer = load_merged(path, dtype=dtype) if is_adapter_folder(path) else load_pretrained(path, dtype=dtype)
     else:
         model, tokenizer = build_tiny(seed=cfg.run.seed, **cfg.model.tiny.model_dump())
         model = model.to(dtype)

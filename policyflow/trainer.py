@@ -14,6 +14,7 @@ import time
 import torch
 
 from policyflow.config import LossConfig, SamplingConfig, TrainConfig
+from policyflow.lora import is_lora
 from policyflow.losses import LOSS_NEEDS, POLICY_LOSSES, kl_penalty
 from policyflow.ops import masked_mean, shifted_token_logprobs
 from policyflow.types import TrainBatch
@@ -50,7 +51,11 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
 
 
 class Trainer:
-    """Owns the policy's optimizer (and the frozen reference model when a KL penalty is on)."""
+    """Owns the policy's optimizer (and the frozen reference model when a KL penalty is on).
+
+    The optimizer takes the parameters that require gradients: all of them, or with a LoRA
+    model (peft) only the adapter's.
+    """
 
     def __init__(self, model: torch.nn.Module, train: TrainConfig, loss: LossConfig, sampling: SamplingConfig, *,
                  compute_dtype: torch.dtype = torch.float32, version: int = 0):
@@ -65,16 +70,20 @@ class Trainer:
         self.policy = sampling  # the behaviour policy's temperature, top_p, top_k
         self.compute_dtype = compute_dtype  # forward passes; parameters and AdamW state stay as they are (fp32)
         self.optimizer = make_optimizer(model, train.lr, train.weight_decay, train.betas)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]  # clipped and stepped
         self.ref_model: torch.nn.Module | None = None  # set by `set_reference` when train.kl_coef > 0
+        self.ref_is_base = False  # LoRA: the reference is self.model with its adapter disabled
         self.version = version
 
     def set_reference(self, model: torch.nn.Module | None = None) -> None:
         """Freeze the KL reference: a copy of `model` (default: the policy as it is now).
 
         Call it with the model RL starts from, after any warm-start; a resumed run passes the
-        reference it stored, never the checkpoint's weights.
+        reference it stored, never the checkpoint's weights. With a LoRA policy and no `model`,
+        the reference is the policy's frozen base (peft's `disable_adapter()`): no copy is made.
         """
-        self.ref_model = copy.deepcopy(model if model is not None else self.model).eval().requires_grad_(False)
+        self.ref_is_base = model is None and is_lora(self.model)
+        self.ref_model = None if self.ref_is_base else copy.deepcopy(model if model is not None else self.model).eval().requires_grad_(False)
 
     def step(self, batch: TrainBatch) -> dict[str, float]:
         """One policy version: μ epochs over `minibatches` slices of the batch. Returns float metrics."""
@@ -106,10 +115,23 @@ class Trainer:
             extra["prox_logprobs"] = self._logprobs(self.model, batch.input_ids_BT, batch.attention_mask_BT)
             self.model.train()
         if self.cfg.kl_coef > 0:
-            if self.ref_model is None:
-                raise RuntimeError("train.kl_coef > 0 needs a reference model: call Trainer.set_reference() with the model RL starts from")
-            extra["ref_logprobs"] = self._logprobs(self.ref_model, batch.input_ids_BT, batch.attention_mask_BT)
+            with self._reference() as reference:
+                extra["ref_logprobs"] = self._logprobs(reference, batch.input_ids_BT, batch.attention_mask_BT)
         return extra
+
+    @contextlib.contextmanager
+    def _reference(self):
+        """The KL reference model for the duration of the block (a LoRA base: the adapter off, eval mode)."""
+        if self.ref_is_base:
+            training = self.model.training
+            self.model.eval()
+            with self.model.disable_adapter():
+                yield self.model
+            self.model.train(training)
+        elif self.ref_model is None:
+            raise RuntimeError("train.kl_coef > 0 needs a reference model: call Trainer.set_reference() with the model RL starts from")
+        else:
+            yield self.ref_model
 
     def _logprobs(self, model: torch.nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
         """Behaviour-policy log-probs ([B, T], float32) with the forward pass in the compute dtype."""
@@ -136,7 +158,7 @@ class Trainer:
         self._check_finite("loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)  # a frozen base's leftover grads never count
         self._check_finite("gradient norm", grad_norm)  # before the step: the weights stay as they were
         self.optimizer.step()
         metrics["loss/total"] = float(loss.detach())

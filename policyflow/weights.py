@@ -10,10 +10,15 @@ max_lag 0, ECHO-style lazy updates otherwise). Two stores with one API:
   temporary name, then `os.replace`), so a reader never sees half a snapshot.
 
 Engines that update lazily may lag; keep K > max_lag so the version they ask for still exists.
+
+LoRA (`lora.LoRAWeights`): the in-memory store keeps the merged weights; the file store writes
+the frozen base once (`base-<id>.safetensors`) and then only the adapter's factors per version,
+and a reader merges them (`lora.merge_low_rank`), so engines always receive full plain weights.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
@@ -22,7 +27,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from policyflow.lora import LoRAWeights, merge_low_rank
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -73,10 +81,12 @@ class SnapshotStore:
         self.keep = keep
         self._snapshots: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
 
-    def publish(self, version: int, state_dict: StateDict) -> None:
-        """Store a CPU copy of `state_dict` as `version` (> every earlier one); drop beyond keep."""
+    def publish(self, version: int, state_dict: StateDict | LoRAWeights) -> None:
+        """Store a CPU copy of `state_dict` (LoRA: merged) as `version` (> every earlier one); drop beyond keep."""
         if self._snapshots and version <= self.latest_version:
             raise ValueError(f"publish version {version} after {self.latest_version}: versions must increase")
+        if isinstance(state_dict, LoRAWeights):
+            state_dict = state_dict.merged()
         self._snapshots[version] = cpu_copy(state_dict)
         while len(self._snapshots) > self.keep:
             self._snapshots.popitem(last=False)
@@ -144,7 +154,19 @@ def _file_tensors(state_dict: StateDict) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_snapshot(folder: str | os.PathLike, version: int, state_dict: StateDict, keep: int | None = 2) -> Path:
+def _write_atomic(final: Path, tensors: StateDict, metadata: dict[str, str]) -> None:
+    """Write a safetensors file under a temporary name, then rename it: readers see all of it or none."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    try:
+        save_file(_file_tensors(tensors), str(tmp), metadata=metadata)
+        os.replace(tmp, final)  # atomic (no fsync: snapshots need not survive a power cut)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_snapshot(folder: str | os.PathLike, version: int, state_dict: StateDict, keep: int | None = 2,
+                  metadata: dict[str, str] | None = None) -> Path:
     """Write `version` atomically to `folder/v<version>.safetensors`; keep the newest `keep` files.
 
     Publishing v makes v the newest: files of higher versions (left by a run that crashed
@@ -152,14 +174,8 @@ def save_snapshot(folder: str | os.PathLike, version: int, state_dict: StateDict
     """
     _check_keep(keep)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     final = snapshot_path(folder, version)
-    tmp = folder / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        save_file(_file_tensors(state_dict), str(tmp), metadata={"version": str(version)})
-        os.replace(tmp, final)  # atomic: readers see the whole file or none (no fsync: snapshots need not survive a power cut)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_atomic(final, state_dict, {"version": str(version), **(metadata or {})})
     versions = snapshot_versions(folder)
     older = [v for v in versions if v <= version]
     doomed = [v for v in versions if v > version] + (older[:-keep] if keep else [])
@@ -168,24 +184,60 @@ def save_snapshot(folder: str | os.PathLike, version: int, state_dict: StateDict
     return final
 
 
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
+
+
+def save_lora_snapshot(folder: str | os.PathLike, version: int, weights: LoRAWeights, base_name: str, keep: int | None = 2) -> Path:
+    """Write only the adapter factors of `version`; `base_name` (in `folder`) holds the frozen base."""
+    tensors, scales = {}, {}
+    for name, (A, B, scale) in weights.factors.items():
+        tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"], scales[name] = A, B, scale
+    metadata = {"lora_base": base_name, "lora_scales": json.dumps(scales), "dtype": str(weights.dtype).removeprefix("torch.")}
+    return save_snapshot(folder, version, tensors, keep, metadata)
+
+
 def load_snapshot(folder: str | os.PathLike, version: int) -> dict[str, torch.Tensor]:
-    """Read `version` back as CPU tensors; SnapshotMissingError if it is not (or no longer) there."""
+    """Read `version` back as full CPU tensors (a LoRA snapshot: merged with its base); SnapshotMissingError if it is not (or no longer) there."""
     try:
-        return load_file(str(snapshot_path(folder, version)), device="cpu")
+        tensors, metadata = _read(snapshot_path(folder, version))
     except FileNotFoundError:
         raise _missing(version, snapshot_versions(folder), None) from None
+    if "lora_base" not in metadata:
+        return tensors
+    base_file = Path(folder) / metadata["lora_base"]
+    if not base_file.is_file():
+        raise SnapshotMissingError(f"snapshot version {version} is a LoRA adapter on {base_file}, which is missing; restart the run")
+    base, _ = _read(base_file)
+    factors = {name: (tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"], scale) for name, scale in json.loads(metadata["lora_scales"]).items()}
+    return merge_low_rank(base, factors, getattr(torch, metadata["dtype"]))
 
 
 class FileSnapshotStore:
-    """`SnapshotStore`'s API over a folder of safetensors files, shared by processes."""
+    """`SnapshotStore`'s API over a folder of safetensors files, shared by processes.
+
+    LoRA weights: the publishing store writes the frozen base once (a fresh `base-<id>` file
+    per publishing process, older ones removed), then per version only the factors.
+    """
 
     def __init__(self, folder: str | os.PathLike, keep: int = 2) -> None:
         _check_keep(keep)
         self.folder = Path(folder)
         self.keep = keep
+        self._base_name: str | None = None  # the LoRA base this store (the trainer's copy) wrote
 
-    def publish(self, version: int, state_dict: StateDict) -> Path:
-        return save_snapshot(self.folder, version, state_dict, keep=self.keep)
+    def publish(self, version: int, state_dict: StateDict | LoRAWeights) -> Path:
+        if not isinstance(state_dict, LoRAWeights):
+            return save_snapshot(self.folder, version, state_dict, keep=self.keep)
+        if self._base_name is None:
+            name = f"base-{uuid.uuid4().hex}.safetensors"
+            _write_atomic(self.folder / name, state_dict.base, {"kind": "lora base"})
+            for old in self.folder.glob("base-*.safetensors"):
+                if old.name != name:
+                    old.unlink(missing_ok=True)
+            self._base_name = name
+        return save_lora_snapshot(self.folder, version, state_dict, self._base_name, keep=self.keep)
 
     @property
     def versions(self) -> list[int]:

@@ -36,10 +36,11 @@ import torch
 
 from policyflow.agent.context import context_policy
 from policyflow.agent.env import group_builder
-from policyflow.checkpoint import LoopState, load_state, rng_state, save_checkpoint, set_rng_state
+from policyflow.checkpoint import LoopState, load_state, rng_state, save_checkpoint, set_rng_state, verify_checkpoint
 from policyflow.config import Config
 from policyflow.engine import AsyncEngine
 from policyflow.logging import JsonlWriter, Progress
+from policyflow.lora import adapter_base_path, attach_lora, is_adapter_folder, is_lora, load_adapter, lora_weights
 from policyflow.model import load_pretrained, num_parameters, save_pretrained
 from policyflow.rollout import build_batch, rollout_metrics, shape_overlong
 from policyflow.session import build_task, episode_runner, load_policy, model_context, open_session, pick_device, sampling_params
@@ -50,6 +51,7 @@ from policyflow.types import Group
 
 
 REFERENCE_DIR = "reference"  # <run_dir>/reference/: the KL reference (HF format), written once per run
+BASE_DIR = "base"  # <run_dir>/base/: with LoRA, the frozen base under the adapter (HF format), written once per run
 
 
 @dataclass(frozen=True)
@@ -210,13 +212,32 @@ class TrainerWorker:
     def __init__(self, cfg: Config, store, checkpoint: str | None = None) -> None:
         self.cfg = cfg
         self.store = store
-        self.session = open_session(cfg, model_path=checkpoint, master_weights=True)  # fp32 master weights
+        adapter = checkpoint is not None and is_adapter_folder(checkpoint)
+        if checkpoint is not None and adapter != (cfg.model.lora.rank > 0):
+            raise ValueError(f"checkpoint {checkpoint} {'holds' if adapter else 'holds no'} LoRA adapter but model.lora.rank={cfg.model.lora.rank}; resume with the run's own config")
+        if adapter:
+            verify_checkpoint(Path(checkpoint))  # the adapter files are read here, not by open_session
+        start = adapter_base_path(checkpoint) if adapter else checkpoint  # a LoRA checkpoint: its base, then the adapter
+        self.session = open_session(cfg, model_path=start, master_weights=True)  # fp32 master weights
         self.compute_dtype = getattr(torch, cfg.model.dtype)  # bf16/fp16 models compute under autocast
-        self.trainer = Trainer(self.session.model, cfg.train, cfg.loss, cfg.sampling, compute_dtype=self.compute_dtype)
+        self._sft_steps = 0  # warm-start steps taken here (none: the weights are still model.path's)
+        self._use_model(load_adapter(self.session.model, checkpoint, trainable=True) if adapter else self.session.model)
+
+    def _use_model(self, model: torch.nn.Module) -> None:
+        """Train `model` from now on (the policy, or with LoRA the policy wrapped in its adapter)."""
+        s = self.session
+        s.model.zero_grad(set_to_none=True)  # the warm-start's gradients: a frozen base would keep them forever
+        if model is not s.model:  # the evaluation engine must run the adapter: a fresh one over the wrapped modules
+            s.engine.close()
+            s.model, s.engine = model, AsyncEngine(model.get_base_model(), s.tokenizer)
+        self.trainer = Trainer(model, self.cfg.train, self.cfg.loss, self.cfg.sampling, compute_dtype=self.compute_dtype)
 
     def describe(self) -> str:
         s = self.session
-        return f"model: {num_parameters(s.model):,} parameters on {s.device}; task: {s.task.name}"
+        trained = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
+        rank = self.cfg.model.lora.rank
+        lora = f" (LoRA rank {rank}: {trained:,} trained)" if is_lora(s.model) else f" (LoRA rank {rank} added when RL starts)" if rank else ""
+        return f"model: {num_parameters(s.model):,} parameters{lora} on {s.device}; task: {s.task.name}"
 
     def warm_start(self, metrics_path: str | None = None) -> dict[str, float]:
         """Supervised warm-start (sft.*), with a progress bar and sft/loss lines in metrics.jsonl."""
@@ -231,25 +252,40 @@ class TrainerWorker:
 
         result = warm_start(s.model, s.tokenizer, s.task, cfg.sft, chat_template=cfg.model.chat_template, greedy_accuracy=s.greedy_accuracy,
                             on_step=on_step, compute_dtype=self.compute_dtype, context=context_policy(cfg.agent.context))
+        self._sft_steps += result.steps
         bar.close()
         return asdict(result)
 
     def evaluate(self) -> dict[str, float]:
         return asdict(self.session.evaluate())
 
-    def set_reference(self, run_dir: str) -> None:
-        """With train.kl_coef > 0: the current weights (after the warm-start) become the KL
-        reference, stored once in <run_dir>/reference/ so that a resumed run uses the same one."""
-        if self.cfg.train.kl_coef <= 0:
-            return
-        s = self.session
-        folder = Path(run_dir) / REFERENCE_DIR
+    def begin_rl(self, run_dir: str) -> None:
+        """The current weights (after any warm-start) are where RL starts.
+
+        With LoRA (model.lora.rank > 0) they become the frozen base of a fresh adapter: model.path
+        itself when no warm-start ran, else a copy stored once in <run_dir>/base/ (the adapter
+        checkpoints name this folder). With train.kl_coef > 0
+        they are the KL reference: with LoRA the base with the adapter disabled; otherwise a copy,
+        stored once in <run_dir>/reference/ so that a resumed run uses the same one.
+        """
+        lora = self.cfg.model.lora
+        if lora.rank > 0:
+            unchanged = self.cfg.model.path and self._sft_steps == 0
+            base = Path(self.cfg.model.path) if unchanged else self._save_once(Path(run_dir) / BASE_DIR)
+            self._use_model(attach_lora(self.session.model, lora, base))
+        elif self.cfg.train.kl_coef > 0:
+            self._save_once(Path(run_dir) / REFERENCE_DIR)
+        if self.cfg.train.kl_coef > 0:
+            self.trainer.set_reference()
+
+    def _save_once(self, folder: Path) -> Path:
+        """The current model in Hugging Face format in `folder` (written to folder.tmp, then renamed)."""
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(s.model, s.tokenizer, tmp)
+        save_pretrained(self.session.model, self.session.tokenizer, tmp)
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
-        self.trainer.set_reference()
+        return folder
 
     def _load_reference(self, run_dir: Path) -> None:
         folder = run_dir / REFERENCE_DIR
@@ -262,8 +298,17 @@ class TrainerWorker:
         self.trainer.set_reference(reference.to(self.session.device))
 
     def publish(self) -> int:
-        """Publish the current weights as the trainer's version (done after every step)."""
-        state = {k: v.to(self.compute_dtype) if v.is_floating_point() else v for k, v in self.session.model.state_dict().items()}
+        """Publish the current weights as the trainer's version (done after every step).
+
+        With LoRA the engines get the merged weights W + (α/r)·B·A under the plain model's
+        names: merged here for the inline runtime, from the base and the adapter's factors in
+        each engine process for the process runtime (README "LoRA": the bytes per update).
+        """
+        model = self.session.model
+        if is_lora(model):  # the store merges: the inline one here, the file one in each engine process
+            state = lora_weights(model, self.compute_dtype)
+        else:
+            state = {k: v.to(self.compute_dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
         self.store.publish(self.trainer.version, state)  # in the engines' dtype (model.dtype)
         return self.trainer.version
 
@@ -285,7 +330,9 @@ class TrainerWorker:
     def restore(self, checkpoint: str) -> tuple[LoopState, list]:
         """Optimizer, version and RNG state of `checkpoint` (its weights were loaded at construction)."""
         state = load_state(Path(checkpoint))
-        if self.cfg.train.kl_coef > 0:
+        if self.cfg.train.kl_coef > 0 and is_lora(self.session.model):
+            self.trainer.set_reference()  # the base the adapter was loaded on, adapter disabled
+        elif self.cfg.train.kl_coef > 0:
             self._load_reference(Path(checkpoint).parent.parent)  # <run>/checkpoints/step-N
         self.trainer.optimizer.load_state_dict(state["optimizer"])
         self.trainer.version = state["loop"].version

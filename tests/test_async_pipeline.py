@@ -214,8 +214,9 @@ def test_workers_that_keep_dying_end_the_run_after_max_restarts(small_config) ->
         asyncio.run(asyncio.wait_for(coordinator.run_rl(cfg, worker_cls=AlwaysDead, **QUIET), timeout=120))
 
 
-def test_sigkilled_worker_is_replaced_and_nothing_is_lost_or_trained_twice(small_config) -> None:
-    cfg = small_config("pipeline.mode=async", "pipeline.runtime=process", "pipeline.rollout_workers=2", "eval.every=0", "train.steps=5", "sft.max_steps=0")
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_sigkilled_worker_is_replaced_and_nothing_is_lost_or_trained_twice(small_config, lora_rank: int) -> None:
+    cfg = small_config("pipeline.mode=async", "pipeline.runtime=process", "pipeline.rollout_workers=2", "eval.every=0", "train.steps=5", "sft.max_steps=0", f"model.lora.rank={lora_rank}")
     from tests.workers_for_tests import DiesOnce
 
     summary = asyncio.run(coordinator.run_rl(cfg, worker_cls=DiesOnce, **QUIET))
