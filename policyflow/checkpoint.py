@@ -17,6 +17,7 @@ import hashlib
 import json
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,9 +75,8 @@ def save_checkpoint(
 ) -> Path:
     """Write `checkpoints/step-N/` atomically (temporary folder, manifest last, rename); keep the newest `keep_last`."""
     folder = run_dir / "checkpoints" / f"step-{loop.step}"
-    tmp = folder.with_name(folder.name + ".tmp")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(tmp: Path) -> None:
         save_pretrained(model, tokenizer, tmp)
         blob = {
             "loop": asdict(loop),
@@ -85,19 +85,43 @@ def save_checkpoint(
             **(extra or {}),
         }
         torch.save(blob, tmp / STATE_FILE)
-        write_manifest(tmp)
-        _replace_folder(tmp, folder)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, Exception):
-            kept = latest_checkpoint(run_dir)
-            raise CheckpointError(
-                f"could not write checkpoint {folder}: {_reason(err)}; nothing was left behind, and "
-                f"{f'the previous checkpoint {kept} is intact' if kept else 'there is no earlier checkpoint'}"
-            ) from err
-        raise
+
+    try:
+        write_folder(folder, write)
+    except Exception as err:
+        kept = latest_checkpoint(run_dir)
+        raise CheckpointError(
+            f"could not write checkpoint {folder}: {_reason(err)}; nothing was left behind, and "
+            f"{f'the previous checkpoint {kept} is intact' if kept else 'there is no earlier checkpoint'}"
+        ) from err
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
+    """Write `folder` atomically: `write(tmp)` into `folder.tmp`, the manifest last, then rename.
+
+    On any failure the temporary folder is removed (no debris) and the error propagates; an
+    existing `folder` stays as it was until the rename.
+    """
+    tmp = folder.with_name(folder.name + ".tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        write_manifest(tmp)
+        _replace_folder(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_model_folder(folder: Path, model: torch.nn.Module, tokenizer, what: str) -> Path:
+    """`model` and `tokenizer` in Hugging Face format, written like a checkpoint (manifest, atomic); a failure is one CheckpointError line."""
+    try:
+        write_folder(folder, lambda tmp: save_pretrained(model, tokenizer, tmp))
+    except Exception as err:
+        raise CheckpointError(f"could not write {what} {folder}: {_reason(err)}; nothing was left behind") from err
     return folder
 
 

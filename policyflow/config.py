@@ -163,7 +163,7 @@ class TrainConfig(Section):
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field((0.9, 0.99), description="AdamW betas, each in [0, 1).")
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
     skip_zero_variance: bool = Field(True, description="Leave out groups whose rewards are all equal (within advantages.ZERO_VARIANCE_TOL: no learning signal); they are counted.")
-    mask_truncated: bool = Field(False, description="DAPO: completions cut at max_new_tokens are left out of the loss and of their group's baseline (mean, std).")
+    mask_truncated: bool = Field(False, description="DAPO: truncated episodes (a completion cut at max_new_tokens, or an episode stopped by agent.max_turns or agent.max_total_tokens) are left out of the loss and of their group's baseline (mean, std).")
     dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling: replace groups that are all correct or all wrong (the task's `correct` verdict, not the shaped reward) by sampling more prompts until the batch is full.")
     max_resample_rounds: int = Field(3, ge=0, description="dynamic_sampling: at most this many times B rejected groups are replaced per batch (then rejected groups leave holes and the batch trains on fewer groups).")
     overlong_cache_len: int | None = Field(None, ge=0, description="DAPO soft overlong punishment: the last N tokens before max_new_tokens ramp the reward down to -1; empty = off.")
@@ -311,6 +311,8 @@ class Config(Section):
         positions = self.model.tiny.max_positions
         if self.model.path is None and self.sampling.max_new_tokens >= positions:
             raise ValueError(f"sampling.max_new_tokens={self.sampling.max_new_tokens} leaves no room for a prompt in the tiny model's model.tiny.max_positions={positions}; lower it or raise max_positions")
+        if self.task.name == "search_qa" and self.task.search.tool_format == "hermes" and self.sft.max_steps > 0:
+            raise ValueError("task.search.tool_format=hermes with sft.max_steps > 0: the SFT demonstrations are written in the tag format only, so RL would parse every turn as malformed; set sft.max_steps=0 (a chat checkpoint) or task.search.tool_format=tags")
         return self
 
     @property

@@ -143,7 +143,7 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
             }
             tokens_before = pool_metrics["rollout/generated_tokens"]
             line = {"step": loop.step, "wall_seconds": loop.wall_seconds, **totals.of(metrics)}
-            last = finished()
+            last = finished() or stop.requested  # a Ctrl-C stop records this step whatever run.log_every says
             if last:
                 pending = line
             elif loop.step % cfg.run.log_every == 0:

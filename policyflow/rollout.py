@@ -53,9 +53,13 @@ def episode_record(t: Trajectory) -> dict:
 
 
 def shape_overlong(groups: Sequence[Group], max_len: int, cache_len: int) -> None:
-    """Add DAPO's soft overlong penalty to each trajectory's reward (kept as reward part `overlong`)."""
+    """Add DAPO's soft overlong penalty to each trajectory's reward (kept as reward part `overlong`).
+
+    `max_len` is one engine call's budget (sampling.max_new_tokens), so an episode is measured
+    by its longest completion, not by the sum over its turns (the same for single-turn tasks).
+    """
     trajectories = [t for g in groups for t in g.trajectories]
-    lengths_B = torch.tensor([t.num_gen_tokens for t in trajectories])
+    lengths_B = torch.tensor([max((len(s.token_ids) for s in t.segments if s.kind == "gen"), default=0) for t in trajectories])
     for t, penalty in zip(trajectories, overlong_penalty(lengths_B, max_len, cache_len).tolist()):
         t.reward += penalty
         t.reward_parts["overlong"] = penalty

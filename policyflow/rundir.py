@@ -40,7 +40,7 @@ from policyflow.config import Config, ConfigError, read_yaml, validate_config
 
 LOCK_FILE = "run.lock"
 # What a run writes (deleted by run.overwrite=true) ...
-RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", "plot.png", "config.yaml", "checkpoints", "snapshots")
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", "plot.png", "config.yaml", "checkpoints", "snapshots", "reference", "base")
 # ... and what makes a folder hold a run (a run that failed before its first metrics line left only config.yaml).
 RUN_MARKERS = ("metrics.jsonl", "samples.jsonl", "summary.json", "checkpoints")
 # Settings a resume may change (a trailing ".*" covers a whole section); every other change is refused.

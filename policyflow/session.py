@@ -94,7 +94,7 @@ def prompt_fit(cfg: Config, tokenizer, context: int) -> PromptFit:
         return text[offsets[n][0]:] if n < len(offsets) else ""
 
     longest = max((len(piece) for piece in tokenizer.get_vocab()), default=1)
-    return PromptFit(count, cut, context, cfg.sampling.max_new_tokens, max(1, longest), cfg.task.on_long_prompt)
+    return PromptFit(count, cut, context, cfg.sampling.max_new_tokens, max(1, longest), cfg.task.on_long_prompt, cfg.agent.max_total_tokens)
 
 
 def model_context(model_config) -> int | None:

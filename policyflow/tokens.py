@@ -111,14 +111,11 @@ def collate(
     advantages_B: torch.Tensor,
     group_index_B: torch.Tensor,
     pad_id: int,
-    *,
-    trainable_B: Sequence[bool] | None = None,
 ) -> TrainBatch:
     """Right-pad the rows of every episode into a TrainBatch (one row per `episode_rows` entry).
 
-    `advantages_B`, `group_index_B` and `trainable_B` are per episode; every row of episode b
-    gets its advantage and group, and `episode_index_B` says which episode a row came from.
-    Rows of an episode with `trainable_B[b]` False get an all-zero loss mask.
+    `advantages_B` and `group_index_B` are per episode; every row of episode b gets its
+    advantage and group, and `episode_index_B` says which episode a row came from.
     """
     rows, episode_of = [], []
     for b, t in enumerate(trajectories):
@@ -126,8 +123,6 @@ def collate(
             rows.append(row)
             episode_of.append(b)
     episode_index_B = torch.tensor(episode_of, dtype=torch.long)
-    if trainable_B is not None:
-        trainable_B = [trainable_B[b] for b in episode_of]
     B, T = len(rows), max(len(r[0]) for r in rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     attention = torch.zeros((B, T), dtype=torch.long)
@@ -138,8 +133,7 @@ def collate(
         n = len(ids)
         input_ids[b, :n] = torch.tensor(ids)
         attention[b, :n] = 1
-        if trainable_B is None or trainable_B[b]:
-            loss_mask[b, :n] = torch.tensor(mask, dtype=torch.float32)
+        loss_mask[b, :n] = torch.tensor(mask, dtype=torch.float32)
         behav[b, :n] = torch.tensor(lps)
         versions[b, :n] = torch.tensor(vers)
     return TrainBatch(

@@ -170,5 +170,5 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(
                 f"non-finite {what} ({float(value.detach())}) in the {self.loss_name} step from version {self.version}; "
-                "this update was not applied (the weights are unchanged by it); lower train.lr or check the rewards"
+                "this update was not applied (earlier updates of the same step, with train.epochs or train.minibatches > 1, were); the last checkpoint is intact; lower train.lr or check the rewards"
             )

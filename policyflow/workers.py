@@ -26,7 +26,6 @@ batch of groups, publishing each new version to the snapshot store, and checkpoi
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -36,12 +35,12 @@ import torch
 
 from policyflow.agent.context import context_policy
 from policyflow.agent.env import group_builder
-from policyflow.checkpoint import LoopState, load_state, rng_state, save_checkpoint, set_rng_state, verify_checkpoint
+from policyflow.checkpoint import LoopState, load_state, rng_state, save_checkpoint, save_model_folder, set_rng_state, verify_checkpoint
 from policyflow.config import Config
 from policyflow.engine import AsyncEngine
 from policyflow.logging import JsonlWriter, Progress
 from policyflow.lora import adapter_base_path, attach_lora, is_adapter_folder, is_lora, load_adapter, lora_weights
-from policyflow.model import load_pretrained, num_parameters, save_pretrained
+from policyflow.model import load_pretrained, num_parameters
 from policyflow.rollout import build_batch, rollout_metrics, shape_overlong
 from policyflow.session import build_task, episode_runner, load_policy, model_context, open_session, pick_device, sampling_params
 from policyflow.sft import warm_start
@@ -271,21 +270,16 @@ class TrainerWorker:
         lora = self.cfg.model.lora
         if lora.rank > 0:
             unchanged = self.cfg.model.path and self._sft_steps == 0
-            base = Path(self.cfg.model.path) if unchanged else self._save_once(Path(run_dir) / BASE_DIR)
+            base = Path(self.cfg.model.path) if unchanged else self._save_once(Path(run_dir) / BASE_DIR, "the LoRA base")
             self._use_model(attach_lora(self.session.model, lora, base))
         elif self.cfg.train.kl_coef > 0:
-            self._save_once(Path(run_dir) / REFERENCE_DIR)
+            self._save_once(Path(run_dir) / REFERENCE_DIR, "the KL reference")
         if self.cfg.train.kl_coef > 0:
             self.trainer.set_reference()
 
-    def _save_once(self, folder: Path) -> Path:
-        """The current model in Hugging Face format in `folder` (written to folder.tmp, then renamed)."""
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(self.session.model, self.session.tokenizer, tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-        return folder
+    def _save_once(self, folder: Path, what: str) -> Path:
+        """The current model in Hugging Face format in `folder`, written and later verified like a checkpoint."""
+        return save_model_folder(folder, self.session.model, self.session.tokenizer, what)
 
     def _load_reference(self, run_dir: Path) -> None:
         folder = run_dir / REFERENCE_DIR
@@ -294,6 +288,7 @@ class TrainerWorker:
                 f"train.kl_coef={self.cfg.train.kl_coef} but {folder} (the KL reference this run started from) is missing; "
                 "resume with train.kl_coef=0 or start a new run"
             )
+        verify_checkpoint(folder)
         reference, _ = load_pretrained(folder, dtype=next(self.session.model.parameters()).dtype)
         self.trainer.set_reference(reference.to(self.session.device))
 

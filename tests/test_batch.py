@@ -8,7 +8,7 @@ import torch
 from policyflow.advantages import ZERO_VARIANCE_TOL, group_advantages, has_signal
 from policyflow.buffer import FILTERS, RolloutBuffer
 from policyflow.config import load_config
-from policyflow.rollout import build_batch
+from policyflow.rollout import build_batch, shape_overlong
 from policyflow.types import Call, Group, Segment, Trajectory
 
 
@@ -91,3 +91,15 @@ def test_one_zero_variance_rule_everywhere() -> None:
     assert (group_advantages(nearly_B, ids_B) == 0).all()
     # just above the tolerance: (3d/4) / (std + eps) with d = 2·TOL, std = d/2 = eps → 0.75
     assert group_advantages(torch.tensor(apart, dtype=torch.float64), ids_B)[1] == pytest.approx(0.75, abs=1e-6)
+
+
+def test_overlong_penalty_measures_an_episode_by_its_longest_call() -> None:
+    """max_new_tokens is one call's budget: three 3-token turns (9 in all) are not 'overlong' at L = 4."""
+    gen = lambda n: Segment("gen", (1,) * n, (0.0,) * n, (0,) * n)  # noqa: E731
+    segments = [Segment("prompt", (5, 6)), gen(3), Segment("obs", (7,)), gen(3), Segment("obs", (7,)), gen(3)]
+    calls = [Call((0,), 1), Call((0, 1, 2), 3), Call((0, 1, 2, 3, 4), 5)]
+    episode = Trajectory("t/0", "t", "t", segments, calls, reward=1.0)
+    single = Trajectory("u/0", "u", "u", [Segment("prompt", (5,)), gen(4)], [Call((0,), 1)], reward=1.0)
+    shape_overlong([Group("t", "t", "", "", [episode, single])], max_len=4, cache_len=2)
+    assert episode.reward_parts["overlong"] == pytest.approx(-0.5)  # longest call 3: ((4 − 2) − 3) / 2
+    assert single.reward_parts["overlong"] == pytest.approx(-1.0) and single.reward == pytest.approx(0.0)

@@ -144,3 +144,9 @@ def _annotation(dotted: str):
     for part in sections:
         model = model.model_fields[part].annotation
     return model.model_fields[leaf].annotation
+
+
+def test_hermes_tool_calls_refuse_the_tag_format_warm_start() -> None:
+    with pytest.raises(ConfigError, match="tool_format=hermes with sft.max_steps > 0"):
+        load_config(None, ["task.name=search_qa", "task.search.tool_format=hermes"])
+    assert load_config(None, ["task.name=search_qa", "task.search.tool_format=hermes", "sft.max_steps=0"]).task.search.tool_format == "hermes"

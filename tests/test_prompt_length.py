@@ -91,3 +91,11 @@ def test_cli_reports_a_long_prompt_in_one_line(tmp_path: Path, capsys) -> None:
     assert err == ("policyflow: PromptTooLongError: rows.jsonl:3: the prompt is 5,000 characters, so at least 1,000 tokens, but the model's "
                    "context of 256 tokens minus sampling.max_new_tokens=8 leaves 248; shorten it, or set task.on_long_prompt=truncate "
                    "(keep its last tokens) or skip (drop such rows)")
+
+
+def test_agent_max_total_tokens_caps_the_prompt_too(small_config) -> None:
+    """A call sees at most agent.max_total_tokens: a prompt must leave it one token to write (else every episode ran 0 turns)."""
+    with pytest.raises(PromptTooLongError) as err:
+        build_task(small_config("agent.max_total_tokens=4"))
+    assert "(and agent.max_total_tokens=4) leaves 3;" in str(err.value)
+    assert build_task(small_config("agent.max_total_tokens=64")).eval_problems()

@@ -41,15 +41,18 @@ class PromptFit:
     max_new_tokens: int
     max_token_chars: int
     on_long: str = "error"
+    call_cap: int | None = None  # agent.max_total_tokens: one call's context + completion
 
     @property
     def limit(self) -> int:
-        return self.context - self.max_new_tokens
+        room = self.context - self.max_new_tokens
+        return room if self.call_cap is None else min(room, self.call_cap - 1)
 
     def _too_long(self, problem: Problem, size: str) -> PromptTooLongError:
         return PromptTooLongError(
             f"{problem.id}: the prompt is {size}, but the model's context of {self.context} tokens minus "
-            f"sampling.max_new_tokens={self.max_new_tokens} leaves {self.limit}; shorten it, or set "
+            f"sampling.max_new_tokens={self.max_new_tokens}{f' (and agent.max_total_tokens={self.call_cap})' if self.call_cap else ''} "
+            f"leaves {self.limit}; shorten it, or set "
             f"task.on_long_prompt=truncate (keep its last tokens) or skip (drop such rows)"
         )
 
