@@ -83,7 +83,8 @@ class Progress:
 
 
 def plot_run(metrics_path: Path, out_path: Path) -> Path | None:
-    """Reward and held-out accuracy against step and wall time, saved as a PNG."""
+    """Reward and held-out accuracy against step and wall time, saved as a PNG; agents (tool calls
+    logged) get a third panel with tool calls and turns per episode against step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +93,8 @@ def plot_run(metrics_path: Path, out_path: Path) -> Path | None:
     rows = [r for r in read_jsonl(metrics_path) if "step" in r]
     if not rows:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    agent = any(r.get("agent/tool_calls_mean", 0.0) > 0 for r in rows)
+    fig, axes = plt.subplots(1, 3 if agent else 2, figsize=(16 if agent else 11, 4))
     for ax, x_key, x_label in ((axes[0], "step", "RL step"), (axes[1], "wall_seconds", "wall time (s)")):
         for key, label in (("rollout/reward_mean", "train reward"), ("eval/accuracy_sampled", "held-out acc (sampled)"), ("eval/accuracy_greedy", "held-out acc (greedy)")):
             pts = [(r[x_key], r[key]) for r in rows if key in r and x_key in r and not math.isnan(r[key])]
@@ -103,6 +105,14 @@ def plot_run(metrics_path: Path, out_path: Path) -> Path | None:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("reward / accuracy")
+    if agent:
+        for key, label in (("agent/tool_calls_mean", "tool calls per episode"), ("agent/turns_mean", "turns per episode")):
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                axes[2].plot(*zip(*pts), label=label)
+        axes[2].set_xlabel("RL step")
+        axes[2].grid(alpha=0.3)
+        axes[2].legend(loc="upper right")
     axes[0].legend(loc="lower right")
     fig.suptitle(metrics_path.parent.name)
     fig.tight_layout()

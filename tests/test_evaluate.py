@@ -26,7 +26,7 @@ def _scripted_rollouts(greedy: list[str], sampled: list[str]):
 
     def rollout_groups(runner, task, problems, n, generator=None):
         texts = iter(greedy if runner.params.temperature == 0 else sampled)
-        groups = [SimpleNamespace(trajectories=[SimpleNamespace(reward_parts={"correct": float(next(texts) == "a")}, num_gen_tokens=1) for _ in range(n)]) for _ in problems]
+        groups = [SimpleNamespace(trajectories=[SimpleNamespace(reward_parts={"correct": float(next(texts) == "a")}, num_gen_tokens=1, num_turns=1 + j % 2, num_tool_calls=j % 2) for j in range(n)]) for _ in problems]
         return groups, 0
 
     return rollout_groups
@@ -43,6 +43,7 @@ def test_pass_at_k_from_several_samples_per_prompt(monkeypatch) -> None:
     # pass@2 of problem 1: 1 − C(3,2)/C(4,2) = 1/2; pass@4: any of the 4 right.
     assert result.pass_at == pytest.approx({"pass@2": (0 + 0.5 + 1) / 3, "pass@4": 2 / 3})
     assert result.mean_tokens_sampled == pytest.approx(1.0)
+    assert result.mean_turns_sampled == pytest.approx(1.5) and result.mean_tool_calls_sampled == pytest.approx(0.5)  # summary.json keeps both
     metrics = result.as_metrics()
     assert metrics["eval/pass@2"] == pytest.approx(0.5) and metrics["eval/samples_per_prompt"] == 4.0
     assert EvalResult(**{k: v for k, v in vars(result).items()}) == result  # round-trips through checkpoints/summary dicts

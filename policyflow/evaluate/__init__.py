@@ -28,6 +28,8 @@ class EvalResult:
     num_prompts: int
     samples_per_prompt: int = 1
     pass_at: dict[str, float] = field(default_factory=dict)  # "pass@k" -> value, for k = 2, 4, ... and n (n > 1)
+    mean_turns_sampled: float = 1.0  # engine calls per sampled episode (agents)
+    mean_tool_calls_sampled: float = 0.0  # tool calls (e.g. searches) per sampled episode
 
     def as_metrics(self, prefix: str = "eval/") -> dict[str, float]:
         scalars = {f"{prefix}{k}": float(v) for k, v in asdict(self).items() if k != "pass_at"}
@@ -36,16 +38,24 @@ class EvalResult:
 
 def accuracy(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], generator: torch.Generator | None = None) -> tuple[float, float]:
     """Fraction of problems answered correctly (one episode each, with the runner's sampling), and mean generated tokens."""
-    correct_P, tokens = _sample_and_score(runner, task, problems, 1, generator)
-    n = max(1, len(problems))
-    return sum(correct_P) / n, tokens / n
+    scored = _sample_and_score(runner, task, problems, 1, generator)
+    return sum(scored.correct_P) / max(1, len(problems)), scored.mean("num_gen_tokens")
 
 
-def _sample_and_score(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], n: int, generator: torch.Generator | None) -> tuple[list[int], int]:
-    """Correct episodes per problem out of `n` each, and the generated tokens of all episodes."""
+@dataclass(frozen=True)
+class _Scored:
+    correct_P: list[int]  # correct episodes per problem
+    episodes: list  # every Trajectory
+
+    def mean(self, attribute: str) -> float:
+        return sum(getattr(t, attribute) for t in self.episodes) / max(1, len(self.episodes))
+
+
+def _sample_and_score(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], n: int, generator: torch.Generator | None) -> _Scored:
+    """`n` episodes per problem: how many of each problem's were correct, and the episodes themselves."""
     groups, _ = rollout_groups(runner, task, problems, n, generator)
     correct_P = [sum(int(t.reward_parts.get("correct", 0.0) >= 1.0) for t in g.trajectories) for g in groups]
-    return correct_P, sum(t.num_gen_tokens for g in groups for t in g.trajectories)
+    return _Scored(correct_P, [t for g in groups for t in g.trajectories])
 
 
 def eval_seed(seed: int) -> int:
@@ -76,9 +86,12 @@ def evaluate(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], *, 
     acc_g, len_g = accuracy(runner.with_params(temperature=0.0), task, problems)
     sampled = runner.with_params(temperature=temperature, top_p=1.0, top_k=0)
     generator = torch.Generator(runner.engine.device).manual_seed(eval_seed(seed))
-    n, P = samples_per_prompt, max(1, len(problems))
-    correct_P, tokens = _sample_and_score(sampled, task, problems, n, generator)
+    n = samples_per_prompt
+    scored = _sample_and_score(sampled, task, problems, n, generator)
     pass_at = {}
     if problems and n > 1:
-        pass_at = {f"pass@{k}": float(pass_at_k_batch([n] * len(problems), correct_P, k).mean()) for k in pass_at_ks(n)}
-    return EvalResult(acc_g, sum(correct_P) / (n * P), len_g, tokens / (n * P), len(problems), n, pass_at)
+        pass_at = {f"pass@{k}": float(pass_at_k_batch([n] * len(problems), scored.correct_P, k).mean()) for k in pass_at_ks(n)}
+    return EvalResult(
+        acc_g, sum(scored.correct_P) / max(1, n * len(problems)), len_g, scored.mean("num_gen_tokens"), len(problems), n, pass_at,
+        mean_turns_sampled=scored.mean("num_turns"), mean_tool_calls_sampled=scored.mean("num_tool_calls"),
+    )
