@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import time
 
 import torch
@@ -19,11 +20,17 @@ from policyflow.ops import masked_mean, shifted_token_logprobs
 from policyflow.types import TrainBatch
 
 
+LENGTH_BUCKETS = 4  # the trainer's forward splits a batch into at most this many length buckets
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     input_ids_BT: torch.Tensor,
     attention_mask_BT: torch.Tensor,
     policy: SamplingConfig | None = None,
+    *,
+    needed_BT: torch.Tensor | None = None,
+    buckets: int | None = None,
 ) -> torch.Tensor:
     """log π(token t | tokens < t) for every position of right-padded sequences ([B, T], position 0 = 0).
 
@@ -31,11 +38,63 @@ def sequence_logprobs(
     log-softmax), computed by the same function the engine samples with
     (`ops.policy_log_distribution`), so for the weights that sampled a token this is exactly
     the behaviour log-prob the engine recorded.
+
+    `needed_BT` (bool, default: every real position) marks the positions whose log-prob is
+    wanted; the others may hold 0. Right-padded rows (the trainer's batches) take the fast
+    path (`_bucketed_logprobs`, `buckets` ≥ 1; default `LENGTH_BUCKETS`): no compute on most
+    padding, no attention mask, LM-head logits only from the first needed position on.
+    `buckets=0` or a mask that is not right padding: one plain full forward with the mask.
     """
-    logits_BTV = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False).logits
+    buckets = LENGTH_BUCKETS if buckets is None else buckets
+    lengths_B = attention_mask_BT.sum(dim=1)
+    positions_T = torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device)
+    right_padded = bool((attention_mask_BT.bool() == (positions_T[None, :] < lengths_B[:, None])).all())
+    if not right_padded or buckets < 1:
+        logits_BTV = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False).logits
+        return _shifted(logits_BTV, input_ids_BT, policy)
+    if needed_BT is None:
+        needed_BT = positions_T[None, :] < lengths_B[:, None]
+    return _bucketed_logprobs(model, input_ids_BT, lengths_B, needed_BT.bool(), policy, buckets)
+
+
+def _shifted(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, policy: SamplingConfig | None) -> torch.Tensor:
     if policy is None:
         return shifted_token_logprobs(logits_BTV, input_ids_BT)
     return shifted_token_logprobs(logits_BTV, input_ids_BT, policy.temperature, policy.top_p, policy.top_k)
+
+
+def _bucketed_logprobs(model, input_ids_BT, lengths_B, needed_BT, policy, buckets: int) -> torch.Tensor:
+    """`sequence_logprobs` of right-padded rows, forward per length bucket.
+
+    Rows sorted by length are cut into `buckets` runs of equal row count; each run is cut to
+    its longest row (L) and run without an attention mask (with right padding a causal model
+    never lets a real token see a pad, and position ids are 0..L-1 either way, so every real
+    position's output is the masked forward's). Logits are taken only from position f-1 on,
+    where f ≥ 1 is the run's first needed position (HF `logits_to_keep`). The pieces go back
+    to batch order through one differentiable `index_select`.
+    """
+    B, T = input_ids_BT.shape
+    if not bool(needed_BT.any()):
+        return torch.zeros(B, T, device=input_ids_BT.device)
+    order_B = torch.argsort(lengths_B, stable=True)
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    pieces = []
+    for rows in order_B.chunk(min(buckets, B)):
+        L = int(lengths_B[rows].max())
+        ids_bL = input_ids_BT[rows, :L]
+        wanted = needed_BT[rows, 1:L].any(dim=0).nonzero()
+        if len(wanted) == 0:  # nothing needed in this bucket
+            pieces.append(torch.zeros(len(rows), T, device=input_ids_BT.device))
+            continue
+        first = int(wanted[0, 0]) + 1
+        kwargs = {"logits_to_keep": L - first + 1} if keeps_logits else {}
+        logits = model(input_ids=ids_bL, use_cache=False, **kwargs).logits
+        logits = logits[:, -(L - first + 1):]  # positions first-1 .. L-1: a no-op when logits_to_keep applied
+        lp_bl = _shifted(logits, ids_bL[:, first - 1:], policy)[:, 1:]  # log-probs of positions first .. L-1
+        pieces.append(torch.nn.functional.pad(lp_bl, (first, T - L), value=0.0))
+    inverse_B = torch.empty_like(order_B)
+    inverse_B[order_B] = torch.arange(B, device=order_B.device)
+    return torch.cat(pieces).index_select(0, inverse_B)
 
 
 def compute_precision(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -103,23 +162,24 @@ class Trainer:
         extra: dict[str, torch.Tensor] = {}
         if self.needs.proximal:
             self.model.eval()
-            extra["prox_logprobs"] = self._logprobs(self.model, batch.input_ids_BT, batch.attention_mask_BT)
+            extra["prox_logprobs"] = self._logprobs(self.model, batch.input_ids_BT, batch.attention_mask_BT, batch.loss_mask_BT)
             self.model.train()
         if self.cfg.kl_coef > 0:
             if self.ref_model is None:
                 raise RuntimeError("train.kl_coef > 0 needs a reference model: call Trainer.set_reference() with the model RL starts from")
-            extra["ref_logprobs"] = self._logprobs(self.ref_model, batch.input_ids_BT, batch.attention_mask_BT)
+            extra["ref_logprobs"] = self._logprobs(self.ref_model, batch.input_ids_BT, batch.attention_mask_BT, batch.loss_mask_BT)
         return extra
 
-    def _logprobs(self, model: torch.nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
-        """Behaviour-policy log-probs ([B, T], float32) with the forward pass in the compute dtype."""
+    def _logprobs(self, model: torch.nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
+                  loss_mask_BT: torch.Tensor) -> torch.Tensor:
+        """Behaviour-policy log-probs ([B, T], float32; 0 off the loss mask) with the forward pass in the compute dtype."""
         with compute_precision(next(model.parameters()).device, self.compute_dtype):
-            return sequence_logprobs(model, input_ids_BT, attention_mask_BT, self.policy)
+            return sequence_logprobs(model, input_ids_BT, attention_mask_BT, self.policy, needed_BT=loss_mask_BT > 0)
 
     def _update(self, batch: TrainBatch, rows: torch.Tensor, extra: dict[str, torch.Tensor]) -> dict[str, float]:
         input_ids_BT = batch.input_ids_BT[rows]
         mask_BT = batch.loss_mask_BT[rows]
-        logprobs_BT = self._logprobs(self.model, input_ids_BT, batch.attention_mask_BT[rows])
+        logprobs_BT = self._logprobs(self.model, input_ids_BT, batch.attention_mask_BT[rows], mask_BT)
         kwargs = dict(self.hyper)
         if "prox_logprobs" in extra:
             kwargs["prox_logprobs"] = extra["prox_logprobs"]

@@ -1,0 +1,91 @@
+"""Fast paths give the plain path's numbers: the trainer's bucketed forward (no compute on
+padding, no attention mask, logits only where needed) against one full masked forward."""
+
+import copy
+
+import pytest
+import torch
+
+from policyflow import trainer as trainer_module
+from policyflow.config import SamplingConfig
+from policyflow.model import build_tiny
+from policyflow.trainer import sequence_logprobs
+
+
+def right_padded_batch(lengths: list[int], prompt_lens: list[int], vocab: int, seed: int = 0):
+    """Random tokens, right-padded; `needed` marks the completion positions (prompt_len .. len-1)."""
+    gen = torch.Generator().manual_seed(seed)
+    B, T = len(lengths), max(lengths)
+    ids = torch.randint(2, vocab, (B, T), generator=gen)
+    positions = torch.arange(T)
+    attention = (positions[None, :] < torch.tensor(lengths)[:, None]).long()
+    needed = attention.bool() & (positions[None, :] >= torch.tensor(prompt_lens)[:, None])
+    return ids * attention, attention, needed
+
+
+POLICIES = [None, SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.7, top_p=0.9, top_k=7)]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=["model", "t1", "t0.7-p0.9-k7"])
+def test_bucketed_logprobs_and_gradients_match_the_full_masked_forward(policy) -> None:
+    model, _ = build_tiny(seed=3)
+    lengths = [5, 17, 9, 12, 3, 17, 8, 14, 6, 11]
+    prompt_lens = [2, 6, 4, 4, 1, 9, 3, 5, 2, 7]
+    ids, attention, needed = right_padded_batch(lengths, prompt_lens, model.config.vocab_size)
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(1))
+
+    results = []
+    for buckets in (0, 1, 3, 4, 10):
+        m = copy.deepcopy(model)
+        lp = sequence_logprobs(m, ids, attention, policy, needed_BT=needed, buckets=buckets)
+        (torch.where(needed, lp, 0.0) * weights).sum().backward()
+        results.append((lp.detach(), [p.grad.clone() for p in m.parameters()]))
+    plain_lp, plain_grads = results[0]
+    assert torch.isfinite(plain_lp[needed]).all()
+    for lp, grads in results[1:]:
+        assert (lp[needed] - plain_lp[needed]).abs().max() < 1e-5
+        for g, ref in zip(grads, plain_grads):
+            assert (g - ref).abs().max() <= 1e-5 * ref.abs().max().clamp(min=1)  # float rounding only
+
+
+def test_default_needed_covers_every_real_position_and_left_padding_falls_back() -> None:
+    model, _ = build_tiny(seed=4)
+    ids, attention, _ = right_padded_batch([4, 10, 7], [1, 1, 1], model.config.vocab_size, seed=2)
+    with torch.no_grad():
+        plain = sequence_logprobs(model, ids, attention, buckets=0)
+        fast = sequence_logprobs(model, ids, attention)
+        real = attention.bool()
+        real[:, 0] = False
+        assert (fast[real] - plain[real]).abs().max() < 1e-5
+        assert (fast[:, 0] == 0).all()
+        # Left padding is not right padding: the plain masked forward, bit for bit.
+        left_mask = attention.flip(1)
+        left_ids = ids.flip(1)
+        assert torch.equal(sequence_logprobs(model, left_ids, left_mask), sequence_logprobs(model, left_ids, left_mask, buckets=0))
+
+
+def test_nothing_needed_gives_zeros_without_a_forward() -> None:
+    model, _ = build_tiny(seed=5)
+    ids, attention, needed = right_padded_batch([4, 6], [4, 6], model.config.vocab_size)
+    assert not needed.any()
+    out = sequence_logprobs(model, ids, attention, needed_BT=needed)
+    assert torch.equal(out, torch.zeros(ids.shape))
+
+
+def test_trainer_step_with_buckets_matches_the_plain_forward(small_config, monkeypatch) -> None:
+    from tests.test_trainer import make_trainer, one_batch
+
+    cfg = small_config()
+    session, batch = one_batch(cfg)
+    start = copy.deepcopy(session.model.state_dict())
+    after = {}
+    for buckets in (0, trainer_module.LENGTH_BUCKETS):
+        session.model.load_state_dict(start)
+        monkeypatch.setattr(trainer_module, "LENGTH_BUCKETS", buckets)
+        metrics = make_trainer(session, cfg).step(batch)
+        after[buckets] = ({k: v for k, v in metrics.items() if k.startswith("loss/")}, copy.deepcopy(session.model.state_dict()))
+    (m0, w0), (m1, w1) = after.values()
+    for key in m0:
+        assert m1[key] == pytest.approx(m0[key], rel=1e-4, abs=1e-6), key
+    for key in w0:
+        assert (w0[key] - w1[key]).abs().max() <= 1e-5 * w0[key].abs().max().clamp(min=1), key
