@@ -171,10 +171,11 @@ class Trainer:
         return extra
 
     def _logprobs(self, model: torch.nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
-                  loss_mask_BT: torch.Tensor) -> torch.Tensor:
-        """Behaviour-policy log-probs ([B, T], float32; 0 off the loss mask) with the forward pass in the compute dtype."""
+                  loss_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Behaviour-policy log-probs ([B, T], float32; may be 0 off the loss mask) with the forward pass in the compute dtype."""
+        needed_BT = None if loss_mask_BT is None else loss_mask_BT > 0
         with compute_precision(next(model.parameters()).device, self.compute_dtype):
-            return sequence_logprobs(model, input_ids_BT, attention_mask_BT, self.policy, needed_BT=loss_mask_BT > 0)
+            return sequence_logprobs(model, input_ids_BT, attention_mask_BT, self.policy, needed_BT=needed_BT)
 
     def _update(self, batch: TrainBatch, rows: torch.Tensor, extra: dict[str, torch.Tensor]) -> dict[str, float]:
         input_ids_BT = batch.input_ids_BT[rows]
