@@ -89,3 +89,26 @@ def test_trainer_step_with_buckets_matches_the_plain_forward(small_config, monke
         assert m1[key] == pytest.approx(m0[key], rel=1e-4, abs=1e-6), key
     for key in w0:
         assert (w0[key] - w1[key]).abs().max() <= 1e-5 * w0[key].abs().max().clamp(min=1), key
+
+
+@pytest.mark.parametrize("long", [False, True], ids=["short-prompts", "long-prompts-sdpa"])
+def test_fast_prefill_last_position_logits_match_the_hf_forward(long: bool) -> None:
+    """The prefill's last layer runs only at each prompt's last position: the same next-token
+    logits as HF's full forward, and the same K/V (the following decode step agrees too)."""
+    from policyflow.engine.fast_decoder import FastDecoder
+
+    model, tokenizer = build_tiny(seed=6)
+    model.eval()
+    texts = ["1+2=", "345+6789=", "12*3=", "9"] if not long else ["12345678+" * 9, "1+2=", "98765+" * 12]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    decoder = FastDecoder(model)
+    assert (max(map(len, prompts)) > decoder.short_prompt) == long
+    with torch.no_grad():
+        first = decoder.prefill(prompts, reserve=max(map(len, prompts)) + 2)
+        nxt = first.argmax(-1)
+        second = decoder.decode(nxt)
+        for i, p in enumerate(prompts):
+            ids = torch.tensor([p + [int(nxt[i])]])
+            ref = model(input_ids=ids).logits[0]
+            assert (first[i] - ref[-2]).abs().max() < 1e-5
+            assert (second[i] - ref[-1]).abs().max() < 1e-5
