@@ -16,7 +16,7 @@ import torch
 
 from policyflow.config import LossConfig, SamplingConfig, TrainConfig
 from policyflow.losses import LOSS_NEEDS, POLICY_LOSSES, kl_penalty
-from policyflow.ops import masked_mean, shifted_token_logprobs
+from policyflow.ops import masked_mean, policy_logprobs, shifted_token_logprobs
 from policyflow.types import TrainBatch
 
 
@@ -40,10 +40,14 @@ def sequence_logprobs(
     the behaviour log-prob the engine recorded.
 
     `needed_BT` (bool, default: every real position) marks the positions whose log-prob is
-    wanted; the others may hold 0. Right-padded rows (the trainer's batches) take the fast
-    path (`_bucketed_logprobs`, `buckets` ≥ 1; default `LENGTH_BUCKETS`): no compute on most
-    padding, no attention mask, LM-head logits only from the first needed position on.
-    `buckets=0` or a mask that is not right padding: one plain full forward with the mask.
+    wanted; the others may hold 0. Right-padded rows (the trainer's batches) take a fast path
+    when `buckets` ≥ 1 (default `LENGTH_BUCKETS`): rows sharing their prompt (the tokens before
+    their first needed position; at most half as many prompts as rows, e.g. a group's G
+    samples) run it once (`_shared_prompt_logprobs`, HF models taking a `cache`); otherwise
+    `_bucketed_logprobs`: no compute on most padding, no attention mask, LM-head logits only
+    from the first needed position on. `buckets=0` or a mask that is not right padding: one
+    plain full forward with the mask. Every path gives the plain one's numbers up to float
+    rounding (tests/test_fast_paths.py).
     """
     buckets = LENGTH_BUCKETS if buckets is None else buckets
     lengths_B = attention_mask_BT.sum(dim=1)
@@ -54,7 +58,70 @@ def sequence_logprobs(
         return _shifted(logits_BTV, input_ids_BT, policy)
     if needed_BT is None:
         needed_BT = positions_T[None, :] < lengths_B[:, None]
+    shared = _shared_prompts(input_ids_BT, lengths_B, needed_BT.bool())
+    if shared is not None and "cache" in inspect.signature(model.forward).parameters:
+        return _shared_prompt_logprobs(model, input_ids_BT, lengths_B, shared, policy)
     return _bucketed_logprobs(model, input_ids_BT, lengths_B, needed_BT.bool(), policy, buckets)
+
+
+def _shared_prompts(input_ids_BT: torch.Tensor, lengths_B: torch.Tensor, needed_BT: torch.Tensor) -> dict[int, list] | None:
+    """Rows grouped by their prompt (the tokens before the row's first needed position), when
+    at most half as many distinct prompts as rows: {prompt length P: [(prompt ids, [rows])...]}."""
+    has_B = needed_BT[:, 1:].any(dim=1)
+    if not bool(has_B.all()):
+        return None
+    first_B = (needed_BT[:, 1:].int().argmax(dim=1) + 1).tolist()
+    ids = input_ids_BT.tolist()
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for b, f in enumerate(first_B):
+        by_prompt.setdefault(tuple(ids[b][:f]), []).append(b)
+    if 2 * len(by_prompt) > len(first_B):
+        return None
+    classes: dict[int, list] = {}
+    for prompt, rows in by_prompt.items():
+        classes.setdefault(len(prompt), []).append((prompt, rows))
+    return classes
+
+
+def _shared_prompt_logprobs(model, input_ids_BT, lengths_B, classes: dict[int, list], policy) -> torch.Tensor:
+    """`sequence_logprobs` with each distinct prompt run once (a group's G samples share it).
+
+    Per prompt length P: one forward over the distinct prompts (no padding) keeps their K/V
+    and the last position's logits; one more runs every row's continuation (positions P..,
+    right-padded) on top of its prompt's K/V (an HF cache gathered per row, so gradients
+    flow back into the shared prompt pass). The same arithmetic as a full forward per row,
+    with the prompt computed once instead of G times. Two forwards per prompt length were
+    measured faster than cutting the continuations into length buckets too.
+    """
+    from transformers import DynamicCache
+
+    B, T = input_ids_BT.shape
+    device = input_ids_BT.device
+    pieces, order = [], []
+    for P, prompts in classes.items():
+        prompt_ids_UP = torch.tensor([p for p, _ in prompts], device=device)
+        out = model(input_ids=prompt_ids_UP, use_cache=True, logits_to_keep=1)
+        rows_R = torch.tensor([b for _, rs in prompts for b in rs], device=device)
+        prompt_of_R = torch.tensor([u for u, (_, rs) in enumerate(prompts) for _ in rs], device=device)
+        L = int(lengths_B[rows_R].max())
+        tail_RL = input_ids_BT[rows_R, P:L]
+        logits = out.logits[:, -1:].index_select(0, prompt_of_R)  # predicts position P
+        if L - P > 1:
+            kv = [(layer.keys.index_select(0, prompt_of_R), layer.values.index_select(0, prompt_of_R)) for layer in out.cache.layers]
+            rest = model(input_ids=tail_RL[:, :-1], cache=DynamicCache(ddp_cache_data=kv), use_cache=True).logits
+            logits = torch.cat([logits, rest], dim=1)
+        pieces.append(torch.nn.functional.pad(_token_logprobs(logits, tail_RL, policy), (P, T - L), value=0.0))
+        order.append(rows_R)
+    order_B = torch.cat(order)
+    inverse_B = torch.empty_like(order_B)
+    inverse_B[order_B] = torch.arange(B, device=device)
+    return torch.cat(pieces).index_select(0, inverse_B)
+
+
+def _token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, policy: SamplingConfig | None) -> torch.Tensor:
+    if policy is None:
+        return policy_logprobs(logits_BTV, targets_BT)
+    return policy_logprobs(logits_BTV, targets_BT, policy.temperature, policy.top_p, policy.top_k)
 
 
 def _shifted(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, policy: SamplingConfig | None) -> torch.Tensor:

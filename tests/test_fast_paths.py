@@ -112,3 +112,39 @@ def test_fast_prefill_last_position_logits_match_the_hf_forward(long: bool) -> N
             ref = model(input_ids=ids).logits[0]
             assert (first[i] - ref[-2]).abs().max() < 1e-5
             assert (second[i] - ref[-1]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=["model", "t1", "t0.7-p0.9-k7"])
+def test_shared_prompt_forward_matches_the_full_masked_forward(policy) -> None:
+    """Groups of rows with one prompt each (prompts of 3 lengths, completions of many): the
+    prompt runs once per group, and log-probs and gradients are the full forward's."""
+    model, _ = build_tiny(seed=7)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, model.config.vocab_size, (n,), generator=gen).tolist() for n in (3, 5, 5, 8)]
+    rows, firsts = [], []
+    for g, prompt in enumerate(prompts):
+        for j in range(4):
+            completion = torch.randint(2, model.config.vocab_size, (1 + (3 * g + 5 * j) % 9,), generator=gen).tolist()
+            rows.append(prompt + completion)
+            firsts.append(len(prompt))
+    order = torch.randperm(len(rows), generator=gen).tolist()  # groups need not be contiguous
+    rows, firsts = [rows[i] for i in order], [firsts[i] for i in order]
+    lengths = torch.tensor([len(r) for r in rows])
+    T = int(lengths.max())
+    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+    positions = torch.arange(T)
+    attention = (positions[None, :] < lengths[:, None]).long()
+    needed = attention.bool() & (positions[None, :] >= torch.tensor(firsts)[:, None])
+    assert trainer_module._shared_prompts(ids, lengths, needed) is not None  # the shared path runs
+    weights = torch.randn(ids.shape, generator=gen)
+    results = []
+    for buckets in (0, 1, 4):
+        m = copy.deepcopy(model)
+        lp = sequence_logprobs(m, ids, attention, policy, needed_BT=needed, buckets=buckets)
+        (torch.where(needed, lp, 0.0) * weights).sum().backward()
+        results.append((lp.detach(), [p.grad.clone() for p in m.parameters()]))
+    plain_lp, plain_grads = results[0]
+    for lp, grads in results[1:]:
+        assert (lp[needed] - plain_lp[needed]).abs().max() < 1e-5
+        for g, ref in zip(grads, plain_grads):
+            assert (g - ref).abs().max() <= 1e-5 * ref.abs().max().clamp(min=1)
