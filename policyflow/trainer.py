@@ -21,6 +21,7 @@ from policyflow.types import TrainBatch
 
 
 LENGTH_BUCKETS = 4  # the trainer's forward splits a batch into at most this many length buckets
+SHARED_PROMPT_MIN_SAVING = 0.1  # share prompts when that skips at least this fraction of the tokens
 
 
 def sequence_logprobs(
@@ -65,8 +66,10 @@ def sequence_logprobs(
 
 
 def _shared_prompts(input_ids_BT: torch.Tensor, lengths_B: torch.Tensor, needed_BT: torch.Tensor) -> dict[int, list] | None:
-    """Rows grouped by their prompt (the tokens before the row's first needed position), when
-    at most half as many distinct prompts as rows: {prompt length P: [(prompt ids, [rows])...]}."""
+    """Rows grouped by their prompt (the tokens before the row's first needed position):
+    {prompt length P: [(prompt ids, [rows])...]}; None unless there are at most half as many
+    distinct prompts as rows and running each once saves ≥ `SHARED_PROMPT_MIN_SAVING` of the
+    real tokens (not worth two forwards per prompt length otherwise)."""
     has_B = needed_BT[:, 1:].any(dim=1)
     if not bool(has_B.all()):
         return None
@@ -75,7 +78,8 @@ def _shared_prompts(input_ids_BT: torch.Tensor, lengths_B: torch.Tensor, needed_
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for b, f in enumerate(first_B):
         by_prompt.setdefault(tuple(ids[b][:f]), []).append(b)
-    if 2 * len(by_prompt) > len(first_B):
+    saved = sum(len(prompt) * (len(rows) - 1) for prompt, rows in by_prompt.items())
+    if 2 * len(by_prompt) > len(first_B) or saved < SHARED_PROMPT_MIN_SAVING * float(lengths_B.sum()):
         return None
     classes: dict[int, list] = {}
     for prompt, rows in by_prompt.items():
