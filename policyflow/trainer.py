@@ -61,7 +61,9 @@ def sequence_logprobs(
         needed_BT = positions_T[None, :] < lengths_B[:, None]
     shared = _shared_prompts(input_ids_BT, lengths_B, needed_BT.bool())
     if shared is not None and "cache" in inspect.signature(model.forward).parameters:
-        return _shared_prompt_logprobs(model, input_ids_BT, lengths_B, shared, policy)
+        out = _shared_prompt_logprobs(model, input_ids_BT, lengths_B, shared, policy)
+        if out is not None:
+            return out
     return _bucketed_logprobs(model, input_ids_BT, lengths_B, needed_BT.bool(), policy, buckets)
 
 
@@ -87,7 +89,7 @@ def _shared_prompts(input_ids_BT: torch.Tensor, lengths_B: torch.Tensor, needed_
     return classes
 
 
-def _shared_prompt_logprobs(model, input_ids_BT, lengths_B, classes: dict[int, list], policy) -> torch.Tensor:
+def _shared_prompt_logprobs(model, input_ids_BT, lengths_B, classes: dict[int, list], policy) -> torch.Tensor | None:
     """`sequence_logprobs` with each distinct prompt run once (a group's G samples share it).
 
     Per prompt length P: one forward over the distinct prompts (no padding) keeps their K/V
@@ -95,9 +97,11 @@ def _shared_prompt_logprobs(model, input_ids_BT, lengths_B, classes: dict[int, l
     right-padded) on top of its prompt's K/V (an HF cache gathered per row, so gradients
     flow back into the shared prompt pass). The same arithmetic as a full forward per row,
     with the prompt computed once instead of G times. Two forwards per prompt length were
-    measured faster than cutting the continuations into length buckets too.
+    measured faster than cutting the continuations into length buckets too. None when the
+    model's cache is not a plain full-attention `DynamicCache` (the caller falls back).
     """
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
     B, T = input_ids_BT.shape
     device = input_ids_BT.device
@@ -105,6 +109,8 @@ def _shared_prompt_logprobs(model, input_ids_BT, lengths_B, classes: dict[int, l
     for P, prompts in classes.items():
         prompt_ids_UP = torch.tensor([p for p, _ in prompts], device=device)
         out = model(input_ids=prompt_ids_UP, use_cache=True, logits_to_keep=1)
+        if not isinstance(out.cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in out.cache.layers):
+            return None
         rows_R = torch.tensor([b for _, rs in prompts for b in rs], device=device)
         prompt_of_R = torch.tensor([u for u, (_, rs) in enumerate(prompts) for _ in rs], device=device)
         L = int(lengths_B[rows_R].max())

@@ -115,7 +115,7 @@ def test_fast_prefill_last_position_logits_match_the_hf_forward(long: bool) -> N
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=["model", "t1", "t0.7-p0.9-k7"])
-def test_shared_prompt_forward_matches_the_full_masked_forward(policy) -> None:
+def test_shared_prompt_forward_matches_the_full_masked_forward(policy, monkeypatch) -> None:
     """Groups of rows with one prompt each (prompts of 3 lengths, completions of many): the
     prompt runs once per group, and log-probs and gradients are the full forward's."""
     model, _ = build_tiny(seed=7)
@@ -135,7 +135,12 @@ def test_shared_prompt_forward_matches_the_full_masked_forward(policy) -> None:
     positions = torch.arange(T)
     attention = (positions[None, :] < lengths[:, None]).long()
     needed = attention.bool() & (positions[None, :] >= torch.tensor(firsts)[:, None])
-    assert trainer_module._shared_prompts(ids, lengths, needed) is not None  # the shared path runs
+    assert trainer_module._shared_prompts(ids, lengths, needed) is not None  # the shared path runs...
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("fell back to the bucketed forward")
+
+    monkeypatch.setattr(trainer_module, "_bucketed_logprobs", no_fallback)  # ...and does not fall back
     weights = torch.randn(ids.shape, generator=gen)
     results = []
     for buckets in (0, 1, 4):
