@@ -16,7 +16,7 @@ import torch
 
 from policyflow.config import LossConfig, SamplingConfig, TrainConfig
 from policyflow.losses import LOSS_NEEDS, POLICY_LOSSES, kl_penalty
-from policyflow.ops import masked_mean, policy_logprobs, shifted_token_logprobs
+from policyflow.ops import masked_mean, policy_logprobs
 from policyflow.types import TrainBatch
 
 
@@ -59,8 +59,9 @@ def sequence_logprobs(
         return _shifted(logits_BTV, input_ids_BT, policy)
     if needed_BT is None:
         needed_BT = positions_T[None, :] < lengths_B[:, None]
+    takes = inspect.signature(model.forward).parameters
     shared = _shared_prompts(input_ids_BT, lengths_B, needed_BT.bool())
-    if shared is not None and "cache" in inspect.signature(model.forward).parameters:
+    if shared is not None and "cache" in takes and "logits_to_keep" in takes:
         out = _shared_prompt_logprobs(model, input_ids_BT, lengths_B, shared, policy)
         if out is not None:
             return out
@@ -89,7 +90,8 @@ def _shared_prompts(input_ids_BT: torch.Tensor, lengths_B: torch.Tensor, needed_
     return classes
 
 
-def _shared_prompt_logprobs(model, input_ids_BT, lengths_B, classes: dict[int, list], policy) -> torch.Tensor | None:
+def _shared_prompt_logprobs(model: torch.nn.Module, input_ids_BT: torch.Tensor, lengths_B: torch.Tensor,
+                            classes: dict[int, list], policy: SamplingConfig | None) -> torch.Tensor | None:
     """`sequence_logprobs` with each distinct prompt run once (a group's G samples share it).
 
     Per prompt length P: one forward over the distinct prompts (no padding) keeps their K/V
@@ -135,12 +137,12 @@ def _token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, policy: 
 
 
 def _shifted(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, policy: SamplingConfig | None) -> torch.Tensor:
-    if policy is None:
-        return shifted_token_logprobs(logits_BTV, input_ids_BT)
-    return shifted_token_logprobs(logits_BTV, input_ids_BT, policy.temperature, policy.top_p, policy.top_k)
+    """Log-probs aligned with `input_ids` (position t from the logits at t-1); position 0 gets 0."""
+    return torch.nn.functional.pad(_token_logprobs(logits_BTV[:, :-1], input_ids_BT[:, 1:], policy), (1, 0), value=0.0)
 
 
-def _bucketed_logprobs(model, input_ids_BT, lengths_B, needed_BT, policy, buckets: int) -> torch.Tensor:
+def _bucketed_logprobs(model: torch.nn.Module, input_ids_BT: torch.Tensor, lengths_B: torch.Tensor, needed_BT: torch.Tensor,
+                       policy: SamplingConfig | None, buckets: int) -> torch.Tensor:
     """`sequence_logprobs` of right-padded rows, forward per length bucket.
 
     Rows sorted by length are cut into `buckets` runs of equal row count; each run is cut to
