@@ -128,26 +128,22 @@ def collate(
     episode_index_B = torch.tensor(episode_of, dtype=torch.long)
     if trainable_B is not None:
         trainable_B = [trainable_B[b] for b in episode_of]
-    B, T = len(rows), max(len(r[0]) for r in rows)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention = torch.zeros((B, T), dtype=torch.long)
-    loss_mask = torch.zeros((B, T), dtype=torch.float32)
-    behav = torch.zeros((B, T), dtype=torch.float32)
-    versions = torch.full((B, T), -1, dtype=torch.long)
-    for b, (ids, mask, lps, vers) in enumerate(rows):
-        n = len(ids)
-        input_ids[b, :n] = torch.tensor(ids)
-        attention[b, :n] = 1
-        if trainable_B is None or trainable_B[b]:
-            loss_mask[b, :n] = torch.tensor(mask, dtype=torch.float32)
-        behav[b, :n] = torch.tensor(lps)
-        versions[b, :n] = torch.tensor(vers)
+    T = max(len(r[0]) for r in rows)
+
+    def padded(column: int, fill: int | float, dtype: torch.dtype, keep: Sequence[bool] | None = None) -> torch.Tensor:
+        """One [B, T] tensor from column `column` of every row, right-padded with `fill` (rows not kept: all `fill`)."""
+        return torch.tensor([
+            list(r[column]) + [fill] * (T - len(r[column])) if keep is None or keep[b] else [fill] * T
+            for b, r in enumerate(rows)
+        ], dtype=dtype)
+
+    lengths_B = torch.tensor([len(r[0]) for r in rows])
     return TrainBatch(
-        input_ids_BT=input_ids,
-        attention_mask_BT=attention,
-        loss_mask_BT=loss_mask,
-        behav_logprobs_BT=behav,
-        versions_BT=versions,
+        input_ids_BT=padded(0, pad_id, torch.long),
+        attention_mask_BT=(torch.arange(T)[None, :] < lengths_B[:, None]).long(),
+        loss_mask_BT=padded(1, 0, torch.float32, trainable_B),
+        behav_logprobs_BT=padded(2, 0.0, torch.float32),
+        versions_BT=padded(3, -1, torch.long),
         advantages_B=advantages_B.to(torch.float32)[episode_index_B],
         group_index_B=group_index_B[episode_index_B],
         episode_index_B=episode_index_B,
