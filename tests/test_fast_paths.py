@@ -181,3 +181,25 @@ def test_collate_pads_every_row_like_a_row_by_row_copy() -> None:
     assert batch.loss_mask_BT.dtype == batch.behav_logprobs_BT.dtype == torch.float32
     assert batch.input_ids_BT.dtype == batch.attention_mask_BT.dtype == batch.versions_BT.dtype == torch.long
     assert batch.advantages_B.tolist() == [1.0, -1.0, 0.5]
+
+
+def test_a_group_tokenizes_its_prompt_once_and_gets_render_prompts_ids(monkeypatch) -> None:
+    import asyncio
+
+    from policyflow.agent import episode as episode_module
+    from policyflow.tokens import render_prompt
+    from tests.test_episodes import PROBLEM, ScriptedBuilder, _runner
+
+    model, tokenizer = build_tiny(seed=0)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return render_prompt(*args, **kwargs)
+
+    monkeypatch.setattr(episode_module, "render_prompt", counting)
+    runner = _runner((model.eval(), tokenizer))
+    group, _ = asyncio.run(runner.run_group(ScriptedBuilder(PROBLEM, turns=2), 4, task_id="t"))
+    assert len(calls) == 1
+    expected = tuple(render_prompt(tokenizer, calls[0], False))
+    assert all(t.segments[0].token_ids == expected for t in group.trajectories)
