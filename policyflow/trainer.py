@@ -68,11 +68,11 @@ def sequence_logprobs(
     return _bucketed_logprobs(model, input_ids_BT, lengths_B, needed_BT.bool(), policy, buckets)
 
 
-def _shared_prompts(input_ids_BT: torch.Tensor, lengths_B: torch.Tensor, needed_BT: torch.Tensor) -> dict[int, list] | None:
+def _shared_prompts(input_ids_BT: torch.Tensor, lengths_B: torch.Tensor, needed_BT: torch.Tensor) -> list[tuple[tuple[int, ...], list[int]]] | None:
     """Rows grouped by their prompt (the tokens before the row's first needed position):
-    {prompt length P: [(prompt ids, [rows])...]}; None unless there are at most half as many
+    [(prompt ids, [rows])...]; None unless there are at most half as many
     distinct prompts as rows and running each once saves ≥ `SHARED_PROMPT_MIN_SAVING` of the
-    real tokens (not worth two forwards per prompt length otherwise)."""
+    real tokens (not worth the extra forward otherwise)."""
     has_B = needed_BT[:, 1:].any(dim=1)
     if not bool(has_B.all()):
         return None
@@ -84,50 +84,56 @@ def _shared_prompts(input_ids_BT: torch.Tensor, lengths_B: torch.Tensor, needed_
     saved = sum(len(prompt) * (len(rows) - 1) for prompt, rows in by_prompt.items())
     if 2 * len(by_prompt) > len(first_B) or saved < SHARED_PROMPT_MIN_SAVING * float(lengths_B.sum()):
         return None
-    classes: dict[int, list] = {}
-    for prompt, rows in by_prompt.items():
-        classes.setdefault(len(prompt), []).append((prompt, rows))
-    return classes
+    return list(by_prompt.items())
 
 
 def _shared_prompt_logprobs(model: torch.nn.Module, input_ids_BT: torch.Tensor, lengths_B: torch.Tensor,
-                            classes: dict[int, list], policy: SamplingConfig | None) -> torch.Tensor | None:
+                            prompts: list[tuple[tuple[int, ...], list[int]]], policy: SamplingConfig | None) -> torch.Tensor | None:
     """`sequence_logprobs` with each distinct prompt run once (a group's G samples share it).
 
-    Per prompt length P: one forward over the distinct prompts (no padding) keeps their K/V
-    and the last position's logits; one more runs every row's continuation (positions P..,
-    right-padded) on top of its prompt's K/V (an HF cache gathered per row, so gradients
-    flow back into the shared prompt pass). The same arithmetic as a full forward per row,
-    with the prompt computed once instead of G times. Two forwards per prompt length were
-    measured faster than cutting the continuations into length buckets too. None when the
-    model's cache is not a plain full-attention `DynamicCache` (the caller falls back).
+    Two forwards in all: the U distinct prompts, right-padded to the longest (Pmax; no mask
+    needed), keep their K/V and logits; then every row's continuation (its tokens from its
+    prompt length P_b on, right-padded) runs on top of its prompt's K/V (an HF cache gathered
+    per row, so gradients flow back into the shared prompt pass), with position ids P_b + j
+    and an attention mask that hides the cache slots P_b..Pmax-1 (another prompt's padding).
+    The same arithmetic as a full forward per row, with the prompt computed once instead of
+    G times. None when the model's cache is not a plain full-attention `DynamicCache` (the
+    caller falls back).
     """
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     B, T = input_ids_BT.shape
     device = input_ids_BT.device
-    pieces, order = [], []
-    for P, prompts in classes.items():
-        prompt_ids_UP = torch.tensor([p for p, _ in prompts], device=device)
-        out = model(input_ids=prompt_ids_UP, use_cache=True, logits_to_keep=1)
-        if not isinstance(out.cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in out.cache.layers):
-            return None
-        rows_R = torch.tensor([b for _, rs in prompts for b in rs], device=device)
-        prompt_of_R = torch.tensor([u for u, (_, rs) in enumerate(prompts) for _ in rs], device=device)
-        L = int(lengths_B[rows_R].max())
-        tail_RL = input_ids_BT[rows_R, P:L]
-        logits = out.logits[:, -1:].index_select(0, prompt_of_R)  # predicts position P
-        if L - P > 1:
-            kv = [(layer.keys.index_select(0, prompt_of_R), layer.values.index_select(0, prompt_of_R)) for layer in out.cache.layers]
-            rest = model(input_ids=tail_RL[:, :-1], cache=DynamicCache(ddp_cache_data=kv), use_cache=True).logits
-            logits = torch.cat([logits, rest], dim=1)
-        pieces.append(torch.nn.functional.pad(_token_logprobs(logits, tail_RL, policy), (P, T - L), value=0.0))
-        order.append(rows_R)
-    order_B = torch.cat(order)
-    inverse_B = torch.empty_like(order_B)
-    inverse_B[order_B] = torch.arange(B, device=device)
-    return torch.cat(pieces).index_select(0, inverse_B)
+    Pmax = max(len(p) for p, _ in prompts)
+    prompt_ids_UP = torch.tensor([list(p) + [0] * (Pmax - len(p)) for p, _ in prompts], device=device)
+    last_U = torch.tensor([len(p) - 1 for p, _ in prompts], device=device)
+    out = model(input_ids=prompt_ids_UP, use_cache=True, logits_to_keep=last_U[:, None])  # logits [U, 1, V]
+    if not isinstance(out.cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in out.cache.layers):
+        return None
+    rows_R = torch.tensor([b for _, rs in prompts for b in rs], device=device)
+    prompt_of_R = torch.tensor([u for u, (_, rs) in enumerate(prompts) for _ in rs], device=device)
+    P_R = torch.tensor([len(p) for p, rs in prompts for _ in rs], device=device)
+    tail_len_R = lengths_B[rows_R] - P_R
+    Lc = int(tail_len_R.max())
+    j_L = torch.arange(Lc, device=device)
+    take_RL = (P_R[:, None] + j_L[None, :]).clamp(max=T - 1)
+    tail_RL = torch.where(j_L[None, :] < tail_len_R[:, None], input_ids_BT[rows_R[:, None], take_RL], 0)
+    logits_RLV = out.logits.index_select(0, prompt_of_R)  # each prompt's last position: predicts position P_b
+    if Lc > 1:
+        kv = [(layer.keys.index_select(0, prompt_of_R), layer.values.index_select(0, prompt_of_R)) for layer in out.cache.layers]
+        slots = torch.arange(Pmax + Lc - 1, device=device)
+        mask = ((slots[None, :] < P_R[:, None]) | (slots[None, :] >= Pmax)).long()
+        rest = model(input_ids=tail_RL[:, :-1], cache=DynamicCache(ddp_cache_data=kv), use_cache=True,
+                     attention_mask=mask, position_ids=P_R[:, None] + j_L[None, :-1]).logits
+        logits_RLV = torch.cat([logits_RLV, rest], dim=1)
+    lp_RL = _token_logprobs(logits_RLV, tail_RL, policy)
+    # Back to [B, T]: row r's continuation position j is column P_r + j.
+    out_RT = torch.zeros(len(rows_R), T + Lc, dtype=lp_RL.dtype, device=device)
+    out_RT = out_RT.scatter(1, P_R[:, None] + j_L[None, :], torch.where(j_L[None, :] < tail_len_R[:, None], lp_RL, 0.0))[:, :T]
+    inverse_B = torch.empty_like(rows_R)
+    inverse_B[rows_R] = torch.arange(B, device=device)
+    return out_RT.index_select(0, inverse_B)
 
 
 def _token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, policy: SamplingConfig | None) -> torch.Tensor:
