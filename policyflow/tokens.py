@@ -123,25 +123,19 @@ def collate(
             rows.append(row)
             episode_of.append(b)
     episode_index_B = torch.tensor(episode_of, dtype=torch.long)
-    B, T = len(rows), max(len(r[0]) for r in rows)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention = torch.zeros((B, T), dtype=torch.long)
-    loss_mask = torch.zeros((B, T), dtype=torch.float32)
-    behav = torch.zeros((B, T), dtype=torch.float32)
-    versions = torch.full((B, T), -1, dtype=torch.long)
-    for b, (ids, mask, lps, vers) in enumerate(rows):
-        n = len(ids)
-        input_ids[b, :n] = torch.tensor(ids)
-        attention[b, :n] = 1
-        loss_mask[b, :n] = torch.tensor(mask, dtype=torch.float32)
-        behav[b, :n] = torch.tensor(lps)
-        versions[b, :n] = torch.tensor(vers)
+    T = max(len(r[0]) for r in rows)
+
+    def padded(column: int, fill: int | float, dtype: torch.dtype) -> torch.Tensor:
+        """One [B, T] tensor from column `column` of every row, right-padded with `fill`."""
+        return torch.tensor([list(r[column]) + [fill] * (T - len(r[column])) for r in rows], dtype=dtype)
+
+    lengths_B = torch.tensor([len(r[0]) for r in rows])
     return TrainBatch(
-        input_ids_BT=input_ids,
-        attention_mask_BT=attention,
-        loss_mask_BT=loss_mask,
-        behav_logprobs_BT=behav,
-        versions_BT=versions,
+        input_ids_BT=padded(0, pad_id, torch.long),
+        attention_mask_BT=(torch.arange(T)[None, :] < lengths_B[:, None]).long(),
+        loss_mask_BT=padded(1, 0, torch.float32),
+        behav_logprobs_BT=padded(2, 0.0, torch.float32),
+        versions_BT=padded(3, -1, torch.long),
         advantages_B=advantages_B.to(torch.float32)[episode_index_B],
         group_index_B=group_index_B[episode_index_B],
         episode_index_B=episode_index_B,

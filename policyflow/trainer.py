@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import time
 
 import torch
@@ -16,8 +17,12 @@ import torch
 from policyflow.config import LossConfig, SamplingConfig, TrainConfig
 from policyflow.lora import is_lora
 from policyflow.losses import LOSS_NEEDS, POLICY_LOSSES, kl_penalty
-from policyflow.ops import masked_mean, shifted_token_logprobs
+from policyflow.ops import masked_mean, policy_logprobs
 from policyflow.types import TrainBatch
+
+
+LENGTH_BUCKETS = 4  # the trainer's forward splits a batch into at most this many length buckets
+SHARED_PROMPT_MIN_SAVING = 0.1  # share prompts when that skips at least this fraction of the tokens
 
 
 def sequence_logprobs(
@@ -25,6 +30,9 @@ def sequence_logprobs(
     input_ids_BT: torch.Tensor,
     attention_mask_BT: torch.Tensor,
     policy: SamplingConfig | None = None,
+    *,
+    needed_BT: torch.Tensor | None = None,
+    buckets: int | None = None,
 ) -> torch.Tensor:
     """log π(token t | tokens < t) for every position of right-padded sequences ([B, T], position 0 = 0).
 
@@ -32,11 +40,147 @@ def sequence_logprobs(
     log-softmax), computed by the same function the engine samples with
     (`ops.policy_log_distribution`), so for the weights that sampled a token this is exactly
     the behaviour log-prob the engine recorded.
+
+    `needed_BT` (bool, default: every real position) marks the positions whose log-prob is
+    wanted; the others may hold 0. Right-padded rows (the trainer's batches) take a fast path
+    when `buckets` ≥ 1 (default `LENGTH_BUCKETS`): rows sharing their prompt (the tokens before
+    their first needed position; at most half as many prompts as rows, e.g. a group's G
+    samples) run it once (`_shared_prompt_logprobs`, HF models taking a `cache`); otherwise
+    `_bucketed_logprobs`: no compute on most padding, no attention mask, LM-head logits only
+    from the first needed position on. `buckets=0` or a mask that is not right padding: one
+    plain full forward with the mask. Every path gives the plain one's numbers up to float
+    rounding (tests/test_fast_paths.py).
     """
-    logits_BTV = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False).logits
+    buckets = LENGTH_BUCKETS if buckets is None else buckets
+    lengths_B = attention_mask_BT.sum(dim=1)
+    positions_T = torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device)
+    right_padded = bool((attention_mask_BT.bool() == (positions_T[None, :] < lengths_B[:, None])).all())
+    if not right_padded or buckets < 1:
+        logits_BTV = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False).logits
+        return _shifted(logits_BTV, input_ids_BT, policy)
+    if needed_BT is None:
+        needed_BT = positions_T[None, :] < lengths_B[:, None]
+    takes = inspect.signature(model.forward).parameters
+    shared = _shared_prompts(input_ids_BT, lengths_B, needed_BT.bool())
+    if shared is not None and "cache" in takes and "logits_to_keep" in takes:
+        out = _shared_prompt_logprobs(model, input_ids_BT, lengths_B, shared, policy)
+        if out is not None:
+            return out
+    return _bucketed_logprobs(model, input_ids_BT, lengths_B, needed_BT.bool(), policy, buckets)
+
+
+def _shared_prompts(input_ids_BT: torch.Tensor, lengths_B: torch.Tensor, needed_BT: torch.Tensor) -> list[tuple[tuple[int, ...], list[int]]] | None:
+    """Rows grouped by their prompt (the tokens before the row's first needed position):
+    [(prompt ids, [rows])...]; None unless there are at most half as many
+    distinct prompts as rows and running each once saves ≥ `SHARED_PROMPT_MIN_SAVING` of the
+    real tokens (not worth the extra forward otherwise)."""
+    has_B = needed_BT[:, 1:].any(dim=1)
+    if not bool(has_B.all()):
+        return None
+    first_B = (needed_BT[:, 1:].int().argmax(dim=1) + 1).tolist()
+    ids = input_ids_BT.tolist()
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for b, f in enumerate(first_B):
+        by_prompt.setdefault(tuple(ids[b][:f]), []).append(b)
+    saved = sum(len(prompt) * (len(rows) - 1) for prompt, rows in by_prompt.items())
+    if 2 * len(by_prompt) > len(first_B) or saved < SHARED_PROMPT_MIN_SAVING * float(lengths_B.sum()):
+        return None
+    return list(by_prompt.items())
+
+
+def _shared_prompt_logprobs(model: torch.nn.Module, input_ids_BT: torch.Tensor, lengths_B: torch.Tensor,
+                            prompts: list[tuple[tuple[int, ...], list[int]]], policy: SamplingConfig | None) -> torch.Tensor | None:
+    """`sequence_logprobs` with each distinct prompt run once (a group's G samples share it).
+
+    Two forwards in all: the U distinct prompts, right-padded to the longest (Pmax; no mask
+    needed), keep their K/V and logits; then every row's continuation (its tokens from its
+    prompt length P_b on, right-padded) runs on top of its prompt's K/V (an HF cache gathered
+    per row, so gradients flow back into the shared prompt pass), with position ids P_b + j
+    and an attention mask that hides the cache slots P_b..Pmax-1 (another prompt's padding).
+    The same arithmetic as a full forward per row, with the prompt computed once instead of
+    G times. None when the model's cache is not a plain full-attention `DynamicCache` (the
+    caller falls back).
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    B, T = input_ids_BT.shape
+    device = input_ids_BT.device
+    Pmax = max(len(p) for p, _ in prompts)
+    prompt_ids_UP = torch.tensor([list(p) + [0] * (Pmax - len(p)) for p, _ in prompts], device=device)
+    last_U = torch.tensor([len(p) - 1 for p, _ in prompts], device=device)
+    out = model(input_ids=prompt_ids_UP, use_cache=True, logits_to_keep=last_U[:, None])  # logits [U, 1, V]
+    if not isinstance(out.cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in out.cache.layers):
+        return None
+    rows_R = torch.tensor([b for _, rs in prompts for b in rs], device=device)
+    prompt_of_R = torch.tensor([u for u, (_, rs) in enumerate(prompts) for _ in rs], device=device)
+    P_R = torch.tensor([len(p) for p, rs in prompts for _ in rs], device=device)
+    tail_len_R = lengths_B[rows_R] - P_R
+    Lc = int(tail_len_R.max())
+    j_L = torch.arange(Lc, device=device)
+    take_RL = (P_R[:, None] + j_L[None, :]).clamp(max=T - 1)
+    tail_RL = torch.where(j_L[None, :] < tail_len_R[:, None], input_ids_BT[rows_R[:, None], take_RL], 0)
+    logits_RLV = out.logits.index_select(0, prompt_of_R)  # each prompt's last position: predicts position P_b
+    if Lc > 1:
+        kv = [(layer.keys.index_select(0, prompt_of_R), layer.values.index_select(0, prompt_of_R)) for layer in out.cache.layers]
+        slots = torch.arange(Pmax + Lc - 1, device=device)
+        mask = ((slots[None, :] < P_R[:, None]) | (slots[None, :] >= Pmax)).long()
+        rest = model(input_ids=tail_RL[:, :-1], cache=DynamicCache(ddp_cache_data=kv), use_cache=True,
+                     attention_mask=mask, position_ids=P_R[:, None] + j_L[None, :-1]).logits
+        logits_RLV = torch.cat([logits_RLV, rest], dim=1)
+    lp_RL = _token_logprobs(logits_RLV, tail_RL, policy)
+    # Back to [B, T]: row r's continuation position j is column P_r + j.
+    out_RT = torch.zeros(len(rows_R), T + Lc, dtype=lp_RL.dtype, device=device)
+    out_RT = out_RT.scatter(1, P_R[:, None] + j_L[None, :], torch.where(j_L[None, :] < tail_len_R[:, None], lp_RL, 0.0))[:, :T]
+    inverse_B = torch.empty_like(rows_R)
+    inverse_B[rows_R] = torch.arange(B, device=device)
+    return out_RT.index_select(0, inverse_B)
+
+
+def _token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, policy: SamplingConfig | None) -> torch.Tensor:
     if policy is None:
-        return shifted_token_logprobs(logits_BTV, input_ids_BT)
-    return shifted_token_logprobs(logits_BTV, input_ids_BT, policy.temperature, policy.top_p, policy.top_k)
+        return policy_logprobs(logits_BTV, targets_BT)
+    return policy_logprobs(logits_BTV, targets_BT, policy.temperature, policy.top_p, policy.top_k)
+
+
+def _shifted(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, policy: SamplingConfig | None) -> torch.Tensor:
+    """Log-probs aligned with `input_ids` (position t from the logits at t-1); position 0 gets 0."""
+    return torch.nn.functional.pad(_token_logprobs(logits_BTV[:, :-1], input_ids_BT[:, 1:], policy), (1, 0), value=0.0)
+
+
+def _bucketed_logprobs(model: torch.nn.Module, input_ids_BT: torch.Tensor, lengths_B: torch.Tensor, needed_BT: torch.Tensor,
+                       policy: SamplingConfig | None, buckets: int) -> torch.Tensor:
+    """`sequence_logprobs` of right-padded rows, forward per length bucket.
+
+    Rows sorted by length are cut into `buckets` runs of equal row count; each run is cut to
+    its longest row (L) and run without an attention mask (with right padding a causal model
+    never lets a real token see a pad, and position ids are 0..L-1 either way, so every real
+    position's output is the masked forward's). Logits are taken only from position f-1 on,
+    where f ≥ 1 is the run's first needed position (HF `logits_to_keep`). The pieces go back
+    to batch order through one differentiable `index_select`.
+    """
+    B, T = input_ids_BT.shape
+    if not bool(needed_BT.any()):
+        return torch.zeros(B, T, device=input_ids_BT.device)
+    order_B = torch.argsort(lengths_B, stable=True)
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    pieces = []
+    for rows in order_B.chunk(min(buckets, B)):
+        L = int(lengths_B[rows].max())
+        ids_bL = input_ids_BT[rows, :L]
+        wanted = needed_BT[rows, 1:L].any(dim=0).nonzero()
+        if len(wanted) == 0:  # nothing needed in this bucket
+            pieces.append(torch.zeros(len(rows), T, device=input_ids_BT.device))
+            continue
+        first = int(wanted[0, 0]) + 1
+        kwargs = {"logits_to_keep": L - first + 1} if keeps_logits else {}
+        logits = model(input_ids=ids_bL, use_cache=False, **kwargs).logits
+        logits = logits[:, -(L - first + 1):]  # positions first-1 .. L-1: a no-op when logits_to_keep applied
+        lp_bl = _shifted(logits, ids_bL[:, first - 1:], policy)[:, 1:]  # log-probs of positions first .. L-1
+        pieces.append(torch.nn.functional.pad(lp_bl, (first, T - L), value=0.0))
+    inverse_B = torch.empty_like(order_B)
+    inverse_B[order_B] = torch.arange(B, device=order_B.device)
+    return torch.cat(pieces).index_select(0, inverse_B)
 
 
 def compute_precision(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -112,11 +256,11 @@ class Trainer:
         extra: dict[str, torch.Tensor] = {}
         if self.needs.proximal:
             self.model.eval()
-            extra["prox_logprobs"] = self._logprobs(self.model, batch.input_ids_BT, batch.attention_mask_BT)
+            extra["prox_logprobs"] = self._logprobs(self.model, batch.input_ids_BT, batch.attention_mask_BT, batch.loss_mask_BT)
             self.model.train()
         if self.cfg.kl_coef > 0:
             with self._reference() as reference:
-                extra["ref_logprobs"] = self._logprobs(reference, batch.input_ids_BT, batch.attention_mask_BT)
+                extra["ref_logprobs"] = self._logprobs(reference, batch.input_ids_BT, batch.attention_mask_BT, batch.loss_mask_BT)
         return extra
 
     @contextlib.contextmanager
@@ -133,15 +277,17 @@ class Trainer:
         else:
             yield self.ref_model
 
-    def _logprobs(self, model: torch.nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
-        """Behaviour-policy log-probs ([B, T], float32) with the forward pass in the compute dtype."""
+    def _logprobs(self, model: torch.nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
+                  loss_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Behaviour-policy log-probs ([B, T], float32; may be 0 off the loss mask) with the forward pass in the compute dtype."""
+        needed_BT = None if loss_mask_BT is None else loss_mask_BT > 0
         with compute_precision(next(model.parameters()).device, self.compute_dtype):
-            return sequence_logprobs(model, input_ids_BT, attention_mask_BT, self.policy)
+            return sequence_logprobs(model, input_ids_BT, attention_mask_BT, self.policy, needed_BT=needed_BT)
 
     def _update(self, batch: TrainBatch, rows: torch.Tensor, extra: dict[str, torch.Tensor]) -> dict[str, float]:
         input_ids_BT = batch.input_ids_BT[rows]
         mask_BT = batch.loss_mask_BT[rows]
-        logprobs_BT = self._logprobs(self.model, input_ids_BT, batch.attention_mask_BT[rows])
+        logprobs_BT = self._logprobs(self.model, input_ids_BT, batch.attention_mask_BT[rows], mask_BT)
         kwargs = dict(self.hyper)
         if "prox_logprobs" in extra:
             kwargs["prox_logprobs"] = extra["prox_logprobs"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 
 from policyflow.agent.context import full_context
@@ -28,6 +29,9 @@ from policyflow.config import AgentConfig
 from policyflow.engine import AsyncEngine, SamplingParams
 from policyflow.tokens import render_observation, render_prompt
 from policyflow.types import Call, Group, Segment, Trajectory
+
+
+PROMPT_CACHE_SIZE = 4096  # distinct prompts an EpisodeRunner keeps tokenized
 
 
 class EpisodeRunner:
@@ -41,6 +45,7 @@ class EpisodeRunner:
         self.chat_template, self.context = chat_template, context
         window = engine.max_positions or float("inf")  # the model's own limit, when it has one
         self.max_total_tokens = min(agent.max_total_tokens or window, window)
+        self._prompt_ids: dict[tuple[str, str], tuple[int, ...]] = {}  # a group's G episodes share one prompt
 
     def with_params(self, **changes) -> EpisodeRunner:
         """The same runner with some sampling settings changed (e.g. temperature=0 for greedy evaluation)."""
@@ -73,7 +78,7 @@ class EpisodeRunner:
 
     async def _run(self, env: Env, id: str, task_id: str) -> Trajectory:
         prompt_text = await env.initial_observation()
-        prompt_ids = render_prompt(self.tokenizer, prompt_text, self.chat_template, tools=env.tools)
+        prompt_ids = self._render_prompt(prompt_text, env.tools)
         segments = [Segment("prompt", tuple(prompt_ids), text=prompt_text)]
         calls: list[Call] = []
         params = dataclasses.replace(self.params, stop=tuple(dict.fromkeys(self.params.stop + tuple(env.stop))))
@@ -109,6 +114,16 @@ class EpisodeRunner:
         traj.start_version = min(versions, default=traj.start_version)
         traj.end_version = max(versions, default=traj.start_version)
         return traj
+
+    def _render_prompt(self, text: str, tools: list[dict] | None) -> tuple[int, ...]:
+        """`render_prompt`, remembered for the last `PROMPT_CACHE_SIZE` distinct (text, tools)."""
+        key = (text, json.dumps(tools, sort_keys=True) if tools else "")
+        ids = self._prompt_ids.get(key)
+        if ids is None:
+            if len(self._prompt_ids) >= PROMPT_CACHE_SIZE:
+                self._prompt_ids.clear()
+            ids = self._prompt_ids[key] = tuple(render_prompt(self.tokenizer, text, self.chat_template, tools=tools))
+        return ids
 
     @staticmethod
     def _record(traj: Trajectory, result: StepResult) -> None:

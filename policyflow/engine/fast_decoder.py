@@ -311,19 +311,21 @@ class FastDecoder:
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def _prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Right-padded batch forward over whole prompts; K/V go to rows n..n+m-1."""
+        """Right-padded batch forward over whole prompts; K/V go to rows n..n+m-1.
+
+        Only each prompt's last position needs a next-token distribution, so the last layer
+        runs attention, o_proj and the MLP for that position alone (its K/V still come from
+        every position): the same numbers for that position, a quarter fewer FLOPs in a
+        4-layer model's prompt pass.
+        """
         m, start = len(prompts), self.n
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        G = H // Hkv
         L = max(len(p) for p in prompts)
         lens = torch.tensor([len(p) for p in prompts], device=self.device)
         ids = torch.tensor([list(p) + [0] * (L - len(p)) for p in prompts], dtype=torch.long, device=self.device)
         ar = self._positions[:L]
         visible = (ar[None, :] <= ar[:, None])[None] & (ar[None, :] < lens[:, None])[:, None, :]  # [m, Lq, Lk]
-        short = L <= self.short_prompt
-        if short:  # additive mask laid out like the grouped queries below: [m*Hkv, G*L, L]
-            bias = torch.zeros(m, L, L, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
-            bias = bias[:, None, None].expand(m, Hkv, G, L, L).reshape(m * Hkv, G * L, L)
+        rows, last = torch.arange(m, device=self.device), lens - 1
         cos, sin = self._cos[:L, None, :], self._sin[:L, None, :]  # broadcast over heads
         x = F.embedding(ids.view(-1), self.embed)  # [m*L, E]
         for li, w in enumerate(self.layers):
@@ -331,22 +333,34 @@ class FastDecoder:
             k = qk[:, :, H:]
             self.kv[li][start : start + m, 0, :L] = k.reshape(m, L, Hkv * D)
             self.kv[li][start : start + m, 1, :L] = v.reshape(m, L, Hkv * D)
-            if short:  # explicit grouped attention: cheaper than SDPA for short prompts
-                q = qk[:, :, :H].reshape(m, L, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(m * Hkv, G * L, D)
-                keys_t = k.permute(0, 2, 3, 1).reshape(m * Hkv, D, L)
-                values = v.permute(0, 2, 1, 3).reshape(m * Hkv, L, D)
-                probs = self._softmax(torch.baddbmm(bias, q, keys_t, alpha=self.scale))
-                attn = torch.bmm(probs, values).view(m, Hkv, G, L, D).permute(0, 3, 1, 2, 4)
-            else:  # long prompts: SDPA's fused kernel, no L x L score matrix per head kept
-                q, k, v = qk[:, :, :H].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-                attn = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], enable_gqa=Hkv != H)
-                attn = attn.transpose(1, 2)
-            _add_matmul_(x, attn.reshape(m * L, H * D), w.wo_t, w.bo)
+            if li == len(self.layers) - 1:  # the last layer: only the last position of each prompt
+                x = x.view(m, L, -1)[rows, last]
+                attn = self._prompt_attention(qk[rows, last, None, :H], k, v, visible[rows, last, None])
+            else:
+                attn = self._prompt_attention(qk[:, :, :H], k, v, visible)
+            _add_matmul_(x, attn.reshape(x.shape[0], H * D), w.wo_t, w.bo)
             w.mlp_(x, _rms_norm(x, w.ln2, w.eps2))
-        last = x.view(m, L, -1)[torch.arange(m, device=self.device), lens - 1]
         self.lengths[start : start + m] = lens
         self.n = start + m
-        return torch.mm(_rms_norm(last, self.norm_w, self.norm_eps), self.head_t).float()
+        return torch.mm(_rms_norm(x, self.norm_w, self.norm_eps), self.head_t).float()
+
+    def _prompt_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Grouped attention of queries q [m, Lq, H, D] over k, v [m, L, Hkv, D] where visible [m, Lq, L]; [m, Lq, H, D]."""
+        m, Lq, H, D = q.shape
+        L, Hkv = k.shape[1], k.shape[2]
+        G = H // Hkv
+        if L > self.short_prompt:  # long prompts: SDPA's fused kernel, no Lq x L score matrix per head kept
+            attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  attn_mask=visible[:, None], enable_gqa=Hkv != H)
+            return attn.transpose(1, 2)
+        # Short prompts: explicit grouped attention (cheaper than SDPA), queries laid out [m*Hkv, G*Lq, D].
+        bias = torch.zeros(m, Lq, L, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
+        bias = bias[:, None, None].expand(m, Hkv, G, Lq, L).reshape(m * Hkv, G * Lq, L)
+        queries = q.reshape(m, Lq, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(m * Hkv, G * Lq, D)
+        keys_t = k.permute(0, 2, 3, 1).reshape(m * Hkv, D, L)
+        values = v.permute(0, 2, 1, 3).reshape(m * Hkv, L, D)
+        probs = self._softmax(torch.baddbmm(bias, queries, keys_t, alpha=self.scale))
+        return torch.bmm(probs, values).view(m, Hkv, G, Lq, D).permute(0, 3, 1, 2, 4)
 
     def _softmax(self, scores: torch.Tensor) -> torch.Tensor:
         if self.dtype == torch.float32:
