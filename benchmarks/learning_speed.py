@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--note", default="", help="free text stored with the row (e.g. machine load)")
     args = parser.parse_args()
     preset = ROOT / "configs" / "demo.yaml"
-    common = ["run.progress=false", "run.output_dir=runs/learning_speed", f"task.num_eval={max(500, args.prompts)}", f"eval.num_prompts={args.prompts}"]
+    common = ["run.progress=false", "run.overwrite=true", "run.output_dir=runs/learning_speed", f"task.num_eval={max(500, args.prompts)}", f"eval.num_prompts={args.prompts}"]
     sft_folder = shared_warm_start(preset, common)
     rl = [*common, f"model.path={sft_folder}", "sft.max_steps=0", "train.steps=1000000", "eval.every=0",
           "checkpoint.every=0", "checkpoint.keep_last=1", "run.samples_every=1000000", *args.set]
