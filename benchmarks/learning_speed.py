@@ -211,7 +211,8 @@ def _plot(rows: dict[str, dict], out: Path) -> None:
             for label, row in rows.items():
                 points = row[f"accuracy_at_{kind}"]
                 xs = sorted(points, key=float)
-                base = statistics.median(run["probes"][0]["accuracy"] for run in row["runs"].values())
+                first = [(run["probes"] if isinstance(run, dict) else run)[0] for run in row["runs"].values()]  # rows of the first version kept the raw log
+                base = statistics.median(probe["accuracy"] for probe in first)
                 ax.plot([0.0] + [float(x) for x in xs], [base] + [points[x]["median"] for x in xs], marker="o", label=f"{label} ({row['split']})")
 
         save_figure(out.with_name(f"{out.stem}_{'time' if kind == 'seconds' else 'steps'}.png"), draw, xlabel, "sampled accuracy (median of seeds)")
