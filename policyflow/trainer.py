@@ -61,12 +61,13 @@ def sequence_logprobs(
     if needed_BT is None:
         needed_BT = positions_T[None, :] < lengths_B[:, None]
     takes = inspect.signature(model.forward).parameters
+    keeps_logits = "logits_to_keep" in takes
     shared = _shared_prompts(input_ids_BT, lengths_B, needed_BT.bool())
-    if shared is not None and "cache" in takes and "logits_to_keep" in takes:
+    if shared is not None and "cache" in takes and keeps_logits:
         out = _shared_prompt_logprobs(model, input_ids_BT, lengths_B, shared, policy)
         if out is not None:
             return out
-    return _bucketed_logprobs(model, input_ids_BT, lengths_B, needed_BT.bool(), policy, buckets)
+    return _bucketed_logprobs(model, input_ids_BT, lengths_B, needed_BT.bool(), policy, buckets, keeps_logits)
 
 
 def _shared_prompts(input_ids_BT: torch.Tensor, lengths_B: torch.Tensor, needed_BT: torch.Tensor) -> list[tuple[tuple[int, ...], list[int]]] | None:
@@ -149,21 +150,21 @@ def _shifted(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, policy: Sampl
 
 
 def _bucketed_logprobs(model: torch.nn.Module, input_ids_BT: torch.Tensor, lengths_B: torch.Tensor, needed_BT: torch.Tensor,
-                       policy: SamplingConfig | None, buckets: int) -> torch.Tensor:
+                       policy: SamplingConfig | None, buckets: int, keeps_logits: bool) -> torch.Tensor:
     """`sequence_logprobs` of right-padded rows, forward per length bucket.
 
     Rows sorted by length are cut into `buckets` runs of equal row count; each run is cut to
     its longest row (L) and run without an attention mask (with right padding a causal model
     never lets a real token see a pad, and position ids are 0..L-1 either way, so every real
     position's output is the masked forward's). Logits are taken only from position f-1 on,
-    where f ≥ 1 is the run's first needed position (HF `logits_to_keep`). The pieces go back
+    where f ≥ 1 is the run's first needed position (HF `logits_to_keep`, when the model's
+    forward takes it: `keeps_logits`). The pieces go back
     to batch order through one differentiable `index_select`.
     """
     B, T = input_ids_BT.shape
     if not bool(needed_BT.any()):
         return torch.zeros(B, T, device=input_ids_BT.device)
     order_B = torch.argsort(lengths_B, stable=True)
-    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     pieces = []
     for rows in order_B.chunk(min(buckets, B)):
         L = int(lengths_B[rows].max())
@@ -269,9 +270,11 @@ class Trainer:
         if self.ref_is_base:
             training = self.model.training
             self.model.eval()
-            with self.model.disable_adapter():
-                yield self.model
-            self.model.train(training)
+            try:
+                with self.model.disable_adapter():
+                    yield self.model
+            finally:
+                self.model.train(training)
         elif self.ref_model is None:
             raise RuntimeError("train.kl_coef > 0 needs a reference model: call Trainer.set_reference() with the model RL starts from")
         else:
