@@ -81,7 +81,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = build_tiny(seed=0, max_positions=args.max_total_tokens)
     engine = AsyncEngine(model.eval(), tokenizer, generator=torch.Generator().manual_seed(0))
-    task = SearchQATask(seed=0, corpus_dir=ROOT / "runs" / "bench-agent-turns", max_obs_chars=args.max_obs_tokens)
+    task = SearchQATask(seed=0, corpus_dir=ROOT / "runs" / "bench-agent-turns")
 
     rows = []
     for context in args.contexts:

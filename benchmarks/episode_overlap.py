@@ -30,6 +30,7 @@ from policyflow.agent.episode import EpisodeRunner  # noqa: E402
 from policyflow.config import AgentConfig  # noqa: E402
 from policyflow.engine import AsyncEngine, SamplingParams  # noqa: E402
 from policyflow.model import build_tiny  # noqa: E402
+from policyflow.types import ToolStats  # noqa: E402
 
 
 class SlowToolEnv(Env):
@@ -44,7 +45,7 @@ class SlowToolEnv(Env):
         if self.done >= self.turns:
             return StepResult(done=True)
         await asyncio.sleep(self.latency)
-        return StepResult(observation=" [result] ", tool_calls=1)
+        return StepResult(observation=" [result] ", tools=ToolStats(calls=1))
 
 
 async def timed(runner: EpisodeRunner, episodes: int, turns: int, latency: float, together: bool) -> tuple[float, float]:

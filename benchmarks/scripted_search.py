@@ -12,8 +12,8 @@ wrapping and the reward are the library's.
 worker_cls=...)`): every episode of a group draws its number of searches uniformly from
 0..agent.max_turns − 1 (so its turns from 1..max_turns, as `async_sim.Workload` draws them), and
 every turn is exactly sampling.max_new_tokens tokens (no EOS, no stop strings). Its last turn is
-therefore cut at max_new_tokens, so an answered episode still ends `truncated` (the runner's
-rule): leave `train.mask_truncated` off with it, or nothing is trained.
+therefore cut at max_new_tokens; the env still judges it (the per-turn limit only cuts an
+action), so an answered episode ends `complete` and one stopped by agent.max_turns `truncated`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class ScriptedSearchEnv(Env):
         place = self.task.entities[self.turn % len(self.task.entities)]
         self.turn += 1
         result = await self.inner.step(f"<state>{self.turn}</state><search>{place.name}</search>")
-        if result.tool_calls != 1 or result.tool_errors:
+        if result.tools.calls != 1 or result.tools.errors:
             raise RuntimeError(f"the scripted search failed at turn {self.turn}: {result.info}")
         return result
 

@@ -21,7 +21,7 @@ from policyflow.engine import run_blocking, using_generator
 from policyflow.rewards import overlong_penalty
 from policyflow.tasks.base import Problem, Task
 from policyflow.tokens import collate, render_prompt
-from policyflow.types import Group, TrainBatch, Trajectory
+from policyflow.types import Group, ToolStats, TrainBatch, Trajectory
 
 
 def encode_prompts(tokenizer, task: Task, problems: Sequence[Problem], chat_template: bool) -> list[list[int]]:
@@ -99,20 +99,24 @@ def build_batch(groups: list[Group], cfg: Config, pad_id: int) -> tuple[TrainBat
 
 
 def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:
-    """Reward, correctness, length, truncation (`rollout/…`), turns and tools (`agent/…`) of the trajectories in `groups`."""
+    """Reward, correctness, length, truncation (`rollout/…`), turns, context and tools (`agent/…`,
+    `perf/tool_seconds`: `ToolStats.metrics` of the episodes' summed tool counts) of the trajectories in `groups`.
+
+    The trainer computes these from the groups of its batch, which carry every count with them
+    (`Trajectory.tools`), so every runtime logs the same values for the same episodes."""
     trajectories = [t for g in groups for t in g.trajectories]
     n = max(1, len(trajectories))
+    tools = ToolStats()
+    for t in trajectories:
+        tools.add(t.tools)
     return {
         "rollout/reward_mean": sum(t.reward for t in trajectories) / n,
         "rollout/correct_mean": sum(t.reward_parts.get("correct", 0.0) for t in trajectories) / n,
         "rollout/response_tokens_mean": sum(t.num_gen_tokens for t in trajectories) / n,
         "rollout/truncated_fraction": sum(t.status == "truncated" for t in trajectories) / n,
         "agent/turns_mean": sum(t.num_turns for t in trajectories) / n,
-        "agent/tool_calls_mean": sum(t.num_tool_calls for t in trajectories) / n,
-        "agent/tool_errors": float(sum(t.num_tool_errors for t in trajectories)),
         "agent/context_tokens_max": float(max((t.context_tokens_max for t in trajectories), default=0)),
-        "perf/tool_seconds": sum(t.timings.tools_s for t in trajectories),
-    } | reward_part_means(trajectories)
+    } | tools.metrics(len(trajectories)) | reward_part_means(trajectories)
 
 
 def reward_part_means(trajectories: Sequence[Trajectory]) -> dict[str, float]:

@@ -66,7 +66,7 @@ def build_task(cfg: Config, tokenizer=None, context: int | None = None) -> Task:
     elif t.name == "search_qa":
         search = t.search.model_dump()
         search["corpus_dir"] = search["corpus_dir"] or str(Path(cfg.run.output_dir) / "cache" / "search_qa")
-        kwargs = dict(seed=t.seed, num_eval=t.num_eval, max_obs_chars=cfg.agent.max_obs_tokens, **search)
+        kwargs = dict(seed=t.seed, num_eval=t.num_eval, **search)
     else:
         kwargs = dict(
             path=t.path, prompt_column=t.prompt_column, answer_column=t.answer_column, reward=t.reward,

@@ -31,25 +31,38 @@ def render_prompt(tokenizer, text: str, chat_template: bool, tools: list[dict] |
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def render_observation(tokenizer, text: str, chat_template: bool, max_tokens: int | None = None, *, turn_ended: bool = True) -> tuple[list[int], str]:
-    """Token ids (and the text kept) of an observation appended after the model's turn.
-
-    The text is first cut to `max_tokens` tokens. Plain models get the text's own tokens. Chat
-    models get what the template puts between the end of an assistant turn and the next
-    assistant turn when a tool message comes in: the separator after the assistant's end token,
-    the tool-role message, and the generation prompt (read off the template by rendering a
-    conversation with and without the tool message). When the model's turn stopped on a stop
-    string (`turn_ended` False: e.g. at `</tool_call>`), the template's end token comes first.
-    """
+def cut_observation(tokenizer, text: str, max_tokens: int | None) -> tuple[list[int], str]:
+    """The first `max_tokens` token ids of `text` (all of them when None) and the text they decode to."""
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if max_tokens is not None and len(ids) > max_tokens:
         ids = ids[:max_tokens]
         text = tokenizer.decode(ids)
+    return ids, text
+
+
+def render_observation(
+    tokenizer, texts: str | Sequence[str], chat_template: bool, max_tokens: int | None = None, *, turn_ended: bool = True,
+) -> tuple[list[int], str]:
+    """Token ids (and the text kept) of an observation appended after the model's turn.
+
+    `texts` is one observation, or one per call of a turn that made several. Each is first cut
+    to `max_tokens` tokens (`cut_observation`; `agent.max_obs_tokens`). Plain models get the
+    kept tokens, several joined by a newline. Chat models get what the template puts between
+    the end of an assistant turn and the next assistant turn when that many tool messages come
+    in: the separator after the assistant's end token, the tool-role message(s) (Qwen's template,
+    for one, puts consecutive tool messages in one block, each in its own `<tool_response>`),
+    and the generation prompt (read off the template by rendering a conversation with and
+    without them). When the model's turn stopped on a stop string (`turn_ended` False), the
+    template's end token comes first. The text returned is the kept texts joined by newlines.
+    """
+    kept = [cut_observation(tokenizer, text, max_tokens) for text in ([texts] if isinstance(texts, str) else texts)]
+    text = "\n".join(piece for _, piece in kept)
     if not chat_template:
-        return ids, text
+        newline = list(tokenizer("\n", add_special_tokens=False)["input_ids"])
+        return [t for k, (ids, _) in enumerate(kept) for t in (newline if k else []) + ids], text
     turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
     before = _chat_ids(tokenizer, turns, generation_prompt=False)
-    after = _chat_ids(tokenizer, turns + [{"role": "tool", "content": text}], generation_prompt=True)
+    after = _chat_ids(tokenizer, turns + [{"role": "tool", "content": piece} for _, piece in kept], generation_prompt=True)
     ends = [i for i, t in enumerate(before) if t == tokenizer.eos_token_id]
     cut = ends[-1] + 1 if ends else len(before)  # the model's turn ends with its end token: what follows is the template's
     if after[:cut] != before[:cut]:

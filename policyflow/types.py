@@ -85,9 +85,57 @@ class Call:
 
 @dataclass
 class Timings:
+    """Where an episode's wall time went: engine calls, env steps (tools, and waiting for a tool
+    slot), and the rest of its group's time (waiting for the engine or for the other members)."""
+
     generation_s: float = 0.0
-    tools_s: float = 0.0
+    tools_s: float = 0.0  # time inside `env.step`; `Trajectory.tools.seconds` is the tools' own run time
     queue_s: float = 0.0
+
+
+@dataclass
+class ToolStats:
+    """Tool use, counted per episode (`Trajectory.tools`, summed into the step's metrics) or per `ToolPool`.
+
+    calls: tool calls run (a turn with several parallel calls counts each). errors: failed calls
+    (unknown tool, bad arguments, raised, bad result, timeout) and malformed turns (no call made,
+    so not in `calls`); each became an error observation. timeouts: the failed calls that ran
+    past their timeout. seconds: the time the tools themselves ran, summed over calls (queueing
+    for a pool slot excluded). errors_by_kind: errors per kind (`malformed` for malformed turns).
+    """
+
+    calls: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    seconds: float = 0.0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+
+    def count(self, error: str | None = None, seconds: float = 0.0, *, call: bool = True) -> None:
+        """Record one call that failed with `error` (None: it succeeded) after `seconds`; `call=False`: an error that was no call (a malformed turn)."""
+        self.calls += int(call)
+        self.seconds += seconds
+        if error is not None:
+            self.errors += 1
+            self.timeouts += int(error == "timeout")
+            self.errors_by_kind[error] = self.errors_by_kind.get(error, 0) + 1
+
+    def add(self, other: ToolStats) -> None:
+        """Add `other`'s counts to these."""
+        self.calls += other.calls
+        self.errors += other.errors
+        self.timeouts += other.timeouts
+        self.seconds += other.seconds
+        for kind, n in other.errors_by_kind.items():
+            self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + n
+
+    def metrics(self, episodes: int) -> dict[str, float]:
+        """The step's tool metrics when these are the counts of `episodes` episodes: calls per episode, then totals."""
+        return {
+            "agent/tool_calls_mean": self.calls / max(1, episodes),
+            "agent/tool_errors": float(self.errors),
+            "agent/tool_timeouts": float(self.timeouts),
+            "perf/tool_seconds": self.seconds,
+        }
 
 
 @dataclass
@@ -103,14 +151,21 @@ class Trajectory:
     reward_parts: dict[str, float] = field(default_factory=dict)
     completion_text: str = ""
     num_turns: int = 1
-    num_tool_calls: int = 0
-    num_tool_errors: int = 0
+    tools: ToolStats = field(default_factory=ToolStats)  # the tool calls of this episode's steps
     start_version: int = 0
     end_version: int = 0
     status: TrajectoryStatus = "complete"
     finish_reason: FinishReason = "eos"
     timings: Timings = field(default_factory=Timings)
     step_info: list[dict[str, Any]] = field(default_factory=list)  # the env's `StepResult.info`, one per step
+
+    @property
+    def num_tool_calls(self) -> int:
+        return self.tools.calls
+
+    @property
+    def num_tool_errors(self) -> int:
+        return self.tools.errors
 
     @property
     def num_gen_tokens(self) -> int:

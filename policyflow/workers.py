@@ -250,7 +250,8 @@ class TrainerWorker:
                 log.write({"sft_step": step, "sft/loss": loss})
 
         result = warm_start(s.model, s.tokenizer, s.task, cfg.sft, chat_template=cfg.model.chat_template, greedy_accuracy=s.greedy_accuracy,
-                            on_step=on_step, compute_dtype=self.compute_dtype, context=context_policy(cfg.agent.context))
+                            on_step=on_step, compute_dtype=self.compute_dtype, context=context_policy(cfg.agent.context),
+                            max_obs_tokens=cfg.agent.max_obs_tokens)
         self._sft_steps += result.steps
         bar.close()
         return asdict(result)

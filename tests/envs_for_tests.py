@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from policyflow.agent.env import Env, EnvGroupBuilder, StepResult
 from policyflow.tasks.base import Problem
+from policyflow.types import ToolStats
 
 
 class ScriptedEnv(Env):
@@ -31,7 +32,7 @@ class ScriptedEnv(Env):
         k = len(self.actions)
         if k >= self.turns:
             return StepResult(done=True, reward=self.reward, reward_parts={"correct": float(self.reward > 0)})
-        return StepResult(observation=self.obs.format(k=k), tool_calls=1, tool_errors=int(k == 2))
+        return StepResult(observation=self.obs.format(k=k), tools=ToolStats(calls=1, errors=int(k == 2), timeouts=int(k == 2), seconds=0.25))
 
     async def close(self) -> None:
         self.closed = True

@@ -11,6 +11,7 @@ from policyflow.agent.parse import (
     Malformed,
     ParsedTurn,
     ToolCall,
+    ToolCalls,
     parse_hermes,
     parse_tags,
     parse_turn,
@@ -34,10 +35,10 @@ SEARCH = Tool("search", "Look things up.", {"type": "object", "properties": {"qu
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("<search>Zorvia</search>", ParsedTurn(ToolCall("search", {"query": "Zorvia"}))),
-        ("I should look. <search> capital of Zorvia </search>", ParsedTurn(ToolCall("search", {"query": "capital of Zorvia"}))),
+        ("<search>Zorvia</search>", ParsedTurn(ToolCalls((ToolCall("search", {"query": "Zorvia"}),)))),
+        ("I should look. <search> capital of Zorvia </search>", ParsedTurn(ToolCalls((ToolCall("search", {"query": "capital of Zorvia"}),)))),
         ("<answer>Quelm</answer>", ParsedTurn(FinalAnswer("Quelm"))),
-        ("<state>pop 48</state><search>Brelk</search>", ParsedTurn(ToolCall("search", {"query": "Brelk"}), "pop 48")),
+        ("<state>pop 48</state><search>Brelk</search>", ParsedTurn(ToolCalls((ToolCall("search", {"query": "Brelk"}),)), "pop 48")),
         ("<state>a</state> <state>b 1</state><answer>49</answer>", ParsedTurn(FinalAnswer("49"), "b 1")),
         ("<answer></answer>", ParsedTurn(FinalAnswer(""))),
     ],
@@ -69,9 +70,9 @@ def test_tags_keep_state_when_action_is_unclosed():
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ('<tool_call>\n{"name": "search", "arguments": {"query": "Zorvia"}}\n</tool_call>', ParsedTurn(ToolCall("search", {"query": "Zorvia"}))),
-        ('Let me check.<tool_call>{"name": "search"}</tool_call>', ParsedTurn(ToolCall("search", {}))),
-        ('<state>s1</state><tool_call>{"name": "search", "arguments": {"query": "q"}}</tool_call>', ParsedTurn(ToolCall("search", {"query": "q"}), "s1")),
+        ('<tool_call>\n{"name": "search", "arguments": {"query": "Zorvia"}}\n</tool_call>', ParsedTurn(ToolCalls((ToolCall("search", {"query": "Zorvia"}),)))),
+        ('Let me check.<tool_call>{"name": "search"}</tool_call>', ParsedTurn(ToolCalls((ToolCall("search", {}),)))),
+        ('<state>s1</state><tool_call>{"name": "search", "arguments": {"query": "q"}}</tool_call>', ParsedTurn(ToolCalls((ToolCall("search", {"query": "q"}),)), "s1")),
         ("The capital is Quelm.", ParsedTurn(FinalAnswer("The capital is Quelm."))),
         ("<state>s</state>It is <answer>Quelm</answer>.", ParsedTurn(FinalAnswer("Quelm"), "s")),
         ("<state>s</state> Quelm", ParsedTurn(FinalAnswer("Quelm"), "s")),
@@ -79,6 +80,15 @@ def test_tags_keep_state_when_action_is_unclosed():
 )
 def test_hermes_well_formed(text, expected):
     assert parse_hermes(text, ["search"]) == expected
+
+
+def test_hermes_parallel_calls_keep_their_order():
+    """Several <tool_call> blocks in one turn (Qwen/Hermes parallel calls) are all read, in the order written."""
+    call = lambda q: f'<tool_call>\n{{"name": "search", "arguments": {{"query": "{q}"}}}}\n</tool_call>'  # noqa: E731
+    text = "<state>s</state>" + call("Zorvia") + "\n" + call("Kuvi") + "\n" + call("Brelk")
+    expected = ToolCalls(tuple(ToolCall("search", {"query": q}) for q in ("Zorvia", "Kuvi", "Brelk")))
+    assert parse_hermes(text, ["search"]) == ParsedTurn(expected, "s")
+    assert parse_turn("hermes", text, [SEARCH]).action == expected
 
 
 @pytest.mark.parametrize(
@@ -89,7 +99,8 @@ def test_hermes_well_formed(text, expected):
         ('<tool_call>{"name": "search", "arguments": {"query": "Z"}}', "<tool_call> is not closed"),
         ('<tool_call>["search"]</tool_call>', 'a tool call must be {"name": <string>, "arguments": <object>}'),
         ('<tool_call>{"name": "search", "arguments": "q"}</tool_call>', 'a tool call must be {"name": <string>, "arguments": <object>}'),
-        ('<tool_call>{"name": "search"}</tool_call><tool_call>{"name": "search"}</tool_call>', "2 tool calls in one turn; make one call per turn"),
+        ('<tool_call>{"name": "search", "arguments": {}}</tool_call><tool_call>{"name": "web"}</tool_call>', "tool call 2: unknown tool 'web'; available: ['search']"),
+        ('<tool_call>{"name": "search"}<tool_call>{"name": "search"}</tool_call>', "tool call 1: <tool_call> is not closed"),
         ("It is <answer>Quelm", "<answer> is not closed"),
     ],
 )
@@ -98,10 +109,10 @@ def test_hermes_malformed(text, reason):
 
 
 def test_parse_turn_stop_strings_and_tag_arguments():
-    assert parse_turn("tags", "<search>x</search>", [SEARCH]).action == ToolCall("search", {"query": "x"})
-    assert parse_turn("hermes", '<tool_call>{"name": "search", "arguments": {"query": "x"}}</tool_call>', [SEARCH]).action == ToolCall("search", {"query": "x"})
+    assert parse_turn("tags", "<search>x</search>", [SEARCH]).action == ToolCalls((ToolCall("search", {"query": "x"}),))
+    assert parse_turn("hermes", '<tool_call>{"name": "search", "arguments": {"query": "x"}}</tool_call>', [SEARCH]).action == ToolCalls((ToolCall("search", {"query": "x"}),))
     assert stop_strings("tags", [SEARCH]) == ("</search>", "</answer>")
-    assert stop_strings("hermes", [SEARCH]) == ("</tool_call>",)
+    assert stop_strings("hermes", [SEARCH]) == ()  # a Hermes turn may hold several calls: it ends at the end-of-turn token
     assert tag_arguments([SEARCH]) == {"search": "query"}
     two_args = Tool("calc", "", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}, _noop)
     with pytest.raises(ValueError, match="exactly one required string argument"):

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from policyflow.model import build_char_tokenizer
 from policyflow.tools import ToolPool
-from policyflow.tools.search import NO_RESULTS, CorpusError, SearchIndex, search_tool, token_counter, truncate_to_budget
+from policyflow.tools.search import NO_RESULTS, CorpusError, SearchIndex, search_tool
 
 ROWS = [
     {"id": "zorvia", "title": "Zorvia", "text": "The capital of Zorvia is Quelm. Zorvia has 4812 people."},
@@ -64,21 +63,12 @@ def test_bad_corpus_rows(tmp_path):
         SearchIndex(bad, tmp_path / "c")
 
 
-def test_truncate_to_budget():
-    words = lambda s: len(s.split())  # noqa: E731
-    assert truncate_to_budget("a bb ccc dddd", 2, words) == "a bb "
-    assert truncate_to_budget("a bb", 5, words) == "a bb"
-    assert truncate_to_budget("abcdef", 4, len) == "abcd" and truncate_to_budget("abc", 0, len) == ""
-
-
-def test_search_tool_output_and_budget(corpus, tmp_path):
+def test_search_tool_output(corpus, tmp_path):
+    """The top-k passages, whole (the episode runner, not the tool, cuts observations to agent.max_obs_tokens)."""
     index = SearchIndex(corpus, tmp_path / "cache")
-    tok = build_char_tokenizer()
-    full = asyncio.run(search_tool(index, k=1, max_obs_tokens=1000).fn(query="Brelk"))
+    full = asyncio.run(search_tool(index, k=1).fn(query="Brelk"))
     assert full == "Brelk: The capital of Brelk is Tamo. Brelk has 77 people."
-    cut = asyncio.run(search_tool(index, k=1, max_obs_tokens=20, tokenizer=tok).fn(query="Brelk"))
-    assert cut == full[:20] and token_counter(tok)(cut) == 20
-    two = asyncio.run(search_tool(index, k=2, max_obs_tokens=1000).fn(query="capital Quelm"))
+    two = asyncio.run(search_tool(index, k=2).fn(query="capital Quelm"))
     assert two.splitlines()[0].startswith("Zorvia: ") and len(two.splitlines()) == 2
     assert asyncio.run(search_tool(index).fn(query="xyzzy")) == NO_RESULTS
     with pytest.raises(ValueError, match="k >= 1"):

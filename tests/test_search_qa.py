@@ -91,7 +91,7 @@ def test_demonstration_replays_through_the_env(task):
         [env] = asyncio.run(group_builder(task, problem).make_envs(1))
         prompt, results = asyncio.run(_play(env, [text for kind, text in demo if kind == "gen"]))
         assert [r.observation for r in results[:-1]] == [text for kind, text in demo if kind == "obs"]
-        assert [r.tool_calls for r in results] == [1] * problem.columns["hops"] + [0]
+        assert [r.tools.calls for r in results] == [1] * problem.columns["hops"] + [0]
         last = results[-1]
         assert last.done and last.reward_parts == {"correct": 1.0, "search_penalty": -0.1, "format": 0.1}
         assert last.reward == pytest.approx(1.0)
@@ -106,10 +106,11 @@ def test_env_rewards_and_errors(task):
     assert r.reward_parts == {"correct": 1.0, "search_penalty": 0.0, "format": 0.1} and r.reward == pytest.approx(1.1)
     _, results = asyncio.run(_play(sloppy, ["hmm", "<search>a</search><search>b</search>", f"<answer>{problem.answer}</answer>"]))
     assert results[0].observation == "<info>error: no action: expected <search>...</search> or <answer>...</answer></info>"
-    assert [r.tool_errors for r in results] == [1, 1, 0] and not results[0].done
+    assert [r.tools.errors for r in results] == [1, 1, 0] and not results[0].done
+    assert results[0].tools.errors_by_kind == {"malformed": 1} and results[0].tools.calls == 0
     assert results[-1].reward_parts == {"correct": 1.0, "search_penalty": 0.0, "format": 0.0}
     _, results = asyncio.run(_play(wrong, ["<search>zzzz</search>", "<state>none</state><answer>no idea</answer>"]))
-    assert results[0].observation == "<info>no results</info>" and results[0].tool_errors == 0
+    assert results[0].observation == "<info>no results</info>" and results[0].tools.errors == 0
     assert results[1].info["state"] == "none" and results[1].reward_parts == {"correct": 0.0, "search_penalty": 0.0, "format": 0.1}
 
 
@@ -118,11 +119,25 @@ def test_hermes_env(tmp_path):
     problem = task.train_problem(0)
     name = task.entity(problem.columns["entities"][0]).name
     [env] = asyncio.run(task.group_builder(problem).make_envs(1))
-    assert env.stop == task.stop == ("</tool_call>",) and env.tools == [t.schema() for t in task.tool_pool().tools.values()]
+    assert env.stop == task.stop == () and env.tools == [t.schema() for t in task.tool_pool().tools.values()]
     assert pickle.loads(pickle.dumps(task))._pool is None and task._pool is not None
     call = json.dumps({"name": "search", "arguments": {"query": name}})
     _, [found, bad] = asyncio.run(_play(env, [f"<tool_call>{call}</tool_call>", '<tool_call>{"name": "web"}</tool_call>']))
-    assert found.observation.startswith(f"{name}: capital ") and bad.tool_errors == 1 and "unknown tool 'web'" in bad.observation
+    assert found.observation.startswith(f"{name}: capital ") and bad.tools.errors == 1 and "unknown tool 'web'" in bad.observation
+
+
+def test_hermes_parallel_calls_run_at_once_and_answer_in_order(tmp_path):
+    """Three <tool_call> blocks in one turn: all three searches run concurrently through the pool
+    (all in flight at once), each is counted, and the observation holds one result per call, in order."""
+    task = SearchQATask(seed=1, num_entities=20, num_eval_entities=4, num_eval=5, tool_format="hermes", corpus_dir=tmp_path, search_latency_s=0.05)
+    names = [e.name for e in task.entities[:3]]
+    [env] = asyncio.run(task.group_builder(task.train_problem(0)).make_envs(1))
+    turn = "\n".join(f"<tool_call>{json.dumps({'name': 'search', 'arguments': {'query': n}})}</tool_call>" for n in names)
+    _, [result] = asyncio.run(_play(env, [turn]))
+    assert isinstance(result.observation, tuple) and [o.split(":")[0] for o in result.observation] == names
+    assert (result.tools.calls, result.tools.errors) == (3, 0) and env.searches == 3
+    assert task.tool_pool().max_in_flight == 3  # the latency overlapped: the calls ran at once
+    assert [c["arguments"]["query"] for c in result.info["calls"]] == names
 
 
 def test_built_from_config(tmp_path):
@@ -135,7 +150,7 @@ def test_built_from_config(tmp_path):
     ])
     task = build_task(cfg)
     assert isinstance(task, SearchQATask) and len(task.entities) == 30 and len(task.eval_problems()) == 7
-    assert task.settings.penalty == 0.3 and task.search_args == {"k": 2, "max_obs_tokens": 64, "latency_s": 0.0}
+    assert task.settings.penalty == 0.3 and task.search_args == {"k": 2, "latency_s": 0.0}
     assert task.corpus_path() == tmp_path / "cache" / "search_qa" / "search_qa_s0_n30_v99.jsonl"
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from policyflow.tools import Tool, ToolPool, argument_errors
+from policyflow.tools import Tool, ToolPool, argument_errors, tool_stats
 
 ECHO_SCHEMA = {
     "type": "object",
@@ -94,7 +94,11 @@ def test_failures_become_counted_observations():
     assert (stats.calls, stats.errors, stats.timeouts) == (6, 5, 1)
     assert stats.errors_by_kind == {"raised": 1, "timeout": 1, "bad_arguments": 1, "unknown_tool": 1, "bad_result": 1}
     assert stats.seconds >= 0.05
-    assert stats.metrics()["agent/tool_errors"] == 5.0 and stats.metrics()["agent/tool_timeouts"] == 1.0
+    assert stats.metrics(episodes=4) == {"agent/tool_calls_mean": 1.5, "agent/tool_errors": 5.0, "agent/tool_timeouts": 1.0, "perf/tool_seconds": stats.seconds}
+    # one env step's record of the same results (what travels with the episode), plus a malformed turn
+    step = tool_stats([ok, raised, hung, bad_args, unknown, bad_result], malformed=1)
+    assert (step.calls, step.errors, step.timeouts) == (6, 6, 1) and step.errors_by_kind == stats.errors_by_kind | {"malformed": 1}
+    assert step.seconds == pytest.approx(sum(r.seconds for r in (ok, raised, hung, bad_args, unknown, bad_result)))
 
 
 def test_concurrency_limit_is_respected():
@@ -115,7 +119,7 @@ def test_concurrency_limit_is_respected():
 
     results = asyncio.run(run())
     assert [r.text for r in results] == [str(i) for i in range(calls)]
-    assert state["peak"] == limit == pool.stats.max_in_flight  # the limit is reached and never exceeded
+    assert state["peak"] == limit == pool.max_in_flight  # the limit is reached and never exceeded
     assert pool.stats.errors == 0
     # the same pool under a second event loop (a semaphore is bound to the loop that first waited on it)
     state["peak"] = 0

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policyflow.tasks.base import Problem, Task
-from policyflow.types import Segment, Trajectory
+from policyflow.types import Segment, ToolStats, Trajectory
 
 ContextPolicy = Callable[[Sequence[Segment]], tuple[int, ...]]
 
@@ -54,22 +54,25 @@ class StepResult:
     """What the environment answers to one action.
 
     observation: text shown to the model next (None when `done`, or to let the model go on
-        with no new input); the runner tokenizes it once and appends it with loss mask 0.
+        with no new input); the runner tokenizes it once, cuts it to `agent.max_obs_tokens` and
+        appends it with loss mask 0. A tuple holds one result per call of a turn that made
+        several (parallel tool calls): each is cut on its own, and chat models see each as its
+        own tool message, as their template renders several (plain models: joined by newlines).
     done: the episode is over (an answer was given, or the env gives up).
     reward: this step's reward; the episode's reward is the sum over its steps.
     reward_parts: named parts for logging (`correct`, `format`, `search_penalty`, ...); summed
         over steps per name. `correct` (0/1) is the task's verdict used for accuracy.
-    tool_calls / tool_errors: tools this step called, and how many of them failed (malformed
-        call, raised, timed out: the error is in `observation`, the run goes on).
+    tools: the tool calls this step made and how they went (a failed call or a malformed turn
+        is an error; its message is in `observation` and the run goes on): `tools.base.tool_stats`
+        builds it from the pool's results. Summed into `Trajectory.tools`, logged per step.
     info: free-form strings kept with the episode for samples.jsonl (e.g. the parsed tool call).
     """
 
-    observation: str | None = None
+    observation: str | tuple[str, ...] | None = None
     done: bool = False
     reward: float = 0.0
     reward_parts: dict[str, float] = field(default_factory=dict)
-    tool_calls: int = 0
-    tool_errors: int = 0
+    tools: ToolStats = field(default_factory=ToolStats)
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,10 +83,16 @@ class Env(ABC):
         `sampling.stop`; the stop string is kept in the action text.
     tools: JSON schemas of the tools, for chat templates with `tools=` support (None: no tools
         are rendered; tag-format envs describe their tools in the prompt text).
+    cut_action_truncates: whether an episode this env ends on an action cut at
+        `sampling.max_new_tokens` is `truncated`. False (multi-turn envs): that per-turn limit
+        only bounds one action, which the env judges like any other, so finishing on it is
+        `complete`. True when one action is the whole episode (`SingleTurnEnv`): the per-turn
+        limit is then the episode's, and a cut completion is DAPO's truncated sample.
     """
 
     stop: tuple[str, ...] = ()
     tools: list[dict[str, Any]] | None = None
+    cut_action_truncates: bool = False
 
     @abstractmethod
     async def initial_observation(self) -> str:
@@ -130,6 +139,8 @@ class SingleTurnEnv(Env):
     The completion is scored by the group builder in one batch (reward functions see the whole
     group at once, and a reward error is counted once per failed sample), as before episodes.
     """
+
+    cut_action_truncates = True  # the completion is the episode: cut at max_new_tokens is truncated
 
     def __init__(self, task: Task, problem: Problem) -> None:
         self.task, self.problem = task, problem

@@ -10,10 +10,18 @@ appended as an `obs` segment (loss mask 0). Every call is recorded as a `Call` (
 segment indices and the segment it produced), which is what training reads
 (`tokens.episode_rows`).
 
-Limits (`agent.*`): after `max_turns` calls, or when a call would have no room left under
-`max_total_tokens` (context + completion; never more than the model's position limit), the
-episode ends `truncated` with the reward its steps earned; observations are cut to `max_obs_tokens`. An episode whose env reports `done`
-ends `complete` (or `truncated` when its last completion was cut at max_new_tokens).
+Limits. Only the episode's own limits truncate it: after `agent.max_turns` calls, or when a
+call would have no room left under `agent.max_total_tokens` (context + completion; never more
+than the model's position limit), the episode ends `truncated` with the reward its steps
+earned. The per-turn limit `sampling.max_new_tokens` only cuts one action: the env judges the
+cut text like any other (a malformed call gets an error observation and the episode goes on),
+and an episode the env then finishes ends `complete`. Two cuts are episode limits and do
+truncate an episode the env finishes on them: a completion cut short by `max_total_tokens`
+(its room was below max_new_tokens), and, for envs whose one action is the whole episode
+(`Env.cut_action_truncates`: single-turn tasks), a completion cut at max_new_tokens (DAPO's
+truncated sample, left out of training by `train.mask_truncated`).
+Every observation is cut to `agent.max_obs_tokens` tokens (`tokens.render_observation`: one
+rule for every env and tool, and the one SFT demonstrations use).
 """
 
 from __future__ import annotations
@@ -101,7 +109,8 @@ class EpisodeRunner:
             traj.timings.tools_s += time.perf_counter() - start
             self._record(traj, result)
             if result.done:
-                status = "truncated" if sample.finish_reason == "length" else "complete"
+                cut = sample.finish_reason == "length" and (room < params.max_new_tokens or env.cut_action_truncates)
+                status = "truncated" if cut else "complete"
                 break
             if result.observation:
                 ended = sample.token_ids[-1:] == (self.tokenizer.eos_token_id,)
@@ -129,8 +138,7 @@ class EpisodeRunner:
     def _record(traj: Trajectory, result: StepResult) -> None:
         traj.reward += result.reward
         traj.reward_parts = _add_parts(traj.reward_parts, result.reward_parts)
-        traj.num_tool_calls += result.tool_calls
-        traj.num_tool_errors += result.tool_errors
+        traj.tools.add(result.tools)
         traj.step_info.append(dict(result.info))
 
 

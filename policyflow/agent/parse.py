@@ -10,10 +10,16 @@ Hermes/Qwen chat format (real chat models, tools rendered by the chat template's
     <tool_call>
     {"name": "search", "arguments": {"query": "Zorvia"}}
     </tool_call>
+    <tool_call>
+    {"name": "search", "arguments": {"query": "Kuvi"}}
+    </tool_call>
 
-A turn holds at most one action; the env's stop strings (`stop_strings`) end generation right
-after it. A `<state>…</state>` block (MEM1's internal state) may come before the action; the
-last one is returned with it. Anything that is not exactly one well-formed action becomes
+A tag-format turn holds one action, and the env's stop strings (`stop_strings`) end generation
+right after it. A Hermes turn may make several tool calls (parallel calls, as Qwen and Hermes
+models write them), so it ends at the model's end-of-turn token instead; the env runs them all
+at once and answers with one tool message per call, in order. A `<state>…</state>` block
+(MEM1's internal state) may come before the action; the last one is returned with it. A turn
+that is not one well-formed action (or, in Hermes, well-formed calls only) becomes
 `Malformed(reason)`, which the env answers with an error observation (and counts).
 """
 
@@ -40,6 +46,13 @@ class ToolCall:
 
 
 @dataclass(frozen=True)
+class ToolCalls:
+    """The tool calls of one turn, in the order written (one in the tag format)."""
+
+    calls: tuple[ToolCall, ...]
+
+
+@dataclass(frozen=True)
 class FinalAnswer:
     text: str
 
@@ -49,7 +62,7 @@ class Malformed:
     reason: str
 
 
-Action = ToolCall | FinalAnswer | Malformed
+Action = ToolCalls | FinalAnswer | Malformed
 
 
 @dataclass(frozen=True)
@@ -105,12 +118,13 @@ def parse_tags(text: str, tools: Mapping[str, str]) -> ParsedTurn:
         return ParsedTurn(FinalAnswer(content), state)
     if not content:
         return ParsedTurn(Malformed(f"empty <{name}>"), state)
-    return ParsedTurn(ToolCall(name, {tools[name]: content}), state)
+    return ParsedTurn(ToolCalls((ToolCall(name, {tools[name]: content}),)), state)
 
 
 def parse_hermes(text: str, tools: Collection[str]) -> ParsedTurn:
-    """Read a Hermes/Qwen turn: one `<tool_call>{"name", "arguments"}</tool_call>` is a tool call;
-    a turn without one is the final answer (the content of `<answer>` if present, else the text)."""
+    """Read a Hermes/Qwen turn: each `<tool_call>{"name", "arguments"}</tool_call>` is a tool call
+    (several make parallel calls); a turn without one is the final answer (the content of
+    `<answer>` if present, else the text). One bad call makes the whole turn malformed."""
     starts = [m.start() for m in re.finditer(re.escape(TOOL_CALL_OPEN), text)]
     state, error = _last_state(text[: starts[0]] if starts else text)
     if error:
@@ -123,21 +137,30 @@ def parse_hermes(text: str, tools: Collection[str]) -> ParsedTurn:
                 return ParsedTurn(Malformed(f"<{ANSWER_TAG}> is not closed"), state)
             return ParsedTurn(FinalAnswer(block[0].strip()), state)
         return ParsedTurn(FinalAnswer(re.sub(r"<state>.*?</state>", "", text, flags=re.DOTALL).strip()), state)
-    if len(starts) > 1:
-        return ParsedTurn(Malformed(f"{len(starts)} tool calls in one turn; make one call per turn"), state)
-    end = text.find(TOOL_CALL_CLOSE, starts[0])
+    calls = []
+    for k, start in enumerate(starts):
+        call = _hermes_call(text, start, starts[k + 1] if k + 1 < len(starts) else len(text), tools)
+        if isinstance(call, Malformed):
+            return ParsedTurn(Malformed(f"tool call {k + 1}: {call.reason}") if len(starts) > 1 else call, state)
+        calls.append(call)
+    return ParsedTurn(ToolCalls(tuple(calls)), state)
+
+
+def _hermes_call(text: str, start: int, limit: int, tools: Collection[str]) -> ToolCall | Malformed:
+    """The call in the `<tool_call>` block opening at `start`, which must close before `limit` (the next block)."""
+    end = text.find(TOOL_CALL_CLOSE, start, limit)
     if end < 0:
-        return ParsedTurn(Malformed(f"{TOOL_CALL_OPEN} is not closed"), state)
-    body = text[starts[0] + len(TOOL_CALL_OPEN) : end]
+        return Malformed(f"{TOOL_CALL_OPEN} is not closed")
+    body = text[start + len(TOOL_CALL_OPEN) : end]
     try:
         call = json.loads(body)
     except json.JSONDecodeError as err:
-        return ParsedTurn(Malformed(f"tool call is not valid JSON ({err.msg} at char {err.pos})"), state)
+        return Malformed(f"tool call is not valid JSON ({err.msg} at char {err.pos})")
     if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(call.get("arguments", {}), dict):
-        return ParsedTurn(Malformed('a tool call must be {"name": <string>, "arguments": <object>}'), state)
+        return Malformed('a tool call must be {"name": <string>, "arguments": <object>}')
     if call["name"] not in tools:
-        return ParsedTurn(Malformed(f"unknown tool {call['name']!r}; available: {sorted(tools)}"), state)
-    return ParsedTurn(ToolCall(call["name"], dict(call.get("arguments", {}))), state)
+        return Malformed(f"unknown tool {call['name']!r}; available: {sorted(tools)}")
+    return ToolCall(call["name"], dict(call.get("arguments", {})))
 
 
 def tag_arguments(tools: Sequence[Tool]) -> dict[str, str]:
@@ -155,11 +178,12 @@ def tag_arguments(tools: Sequence[Tool]) -> dict[str, str]:
 
 
 def stop_strings(tool_format: str, tools: Sequence[Tool]) -> tuple[str, ...]:
-    """The strings that end a turn right after its action: `</tool>` / `</answer>` tags, or `</tool_call>`."""
+    """The strings that end a turn right after its action: `</tool>` / `</answer>` tags; none
+    for Hermes, whose turns may hold several calls and end at the model's end-of-turn token."""
     if tool_format == "tags":
         return tuple(f"</{name}>" for name in [*tag_arguments(tools), ANSWER_TAG])
     if tool_format == "hermes":
-        return (TOOL_CALL_CLOSE,)
+        return ()
     raise ValueError(f"unknown tool format {tool_format!r}; choose one of {list(TOOL_FORMATS)}")
 
 

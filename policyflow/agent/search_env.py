@@ -1,7 +1,8 @@
 """The search agent's environment: questions answered by calling a local BM25 search tool.
 
-Each turn the model writes one action (`agent/parse.py`): a search, which the env runs through
-the shared `ToolPool` and answers with the passages as the next observation, or an answer,
+Each turn the model writes one action (`agent/parse.py`): a search (in the Hermes format, one
+or more parallel searches), which the env runs through the shared `ToolPool` and answers with
+the passages as the next observation (one per call, in order), or an answer,
 which ends the episode with MMSearch-R1's reward (`rewards.search_penalty_reward`): 1 for a
 correct answer, β less if the episode searched, plus γ when every turn was well formed. A
 malformed turn, or a search that fails, is answered with an error observation and counted;
@@ -13,16 +14,17 @@ episode runner wraps them in the chat template's tool-role markers instead.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import torch
 
 from policyflow.agent.env import Env, EnvGroupBuilder, StepResult
-from policyflow.agent.parse import FinalAnswer, Malformed, ToolCall, parse_turn, stop_strings
+from policyflow.agent.parse import FinalAnswer, Malformed, ToolCalls, parse_turn, stop_strings
 from policyflow.rewards import search_penalty_reward
 from policyflow.tasks.base import Problem
 from policyflow.tasks.search_qa import SearchQATask, SearchSettings, wrap_observation
-from policyflow.tools.base import Tool, ToolPool
+from policyflow.tools.base import Tool, ToolPool, tool_stats
 
 
 class SearchEnv(Env):
@@ -30,7 +32,7 @@ class SearchEnv(Env):
 
     def __init__(self, task: SearchQATask, problem: Problem, pool: ToolPool, settings: SearchSettings) -> None:
         self.task, self.problem, self.pool, self.settings = task, problem, pool, settings
-        self.searches = 0  # search calls made, failed ones included
+        self.searches = 0  # search calls made (each of parallel calls), failed ones included
         self.malformed = 0  # turns that were not one well-formed action
         self.stop = stop_strings(settings.tool_format, list(pool.tools.values()))
         self.tools = pool.schemas() if settings.tool_format == "hermes" else None
@@ -46,13 +48,13 @@ class SearchEnv(Env):
         if isinstance(turn, Malformed):
             self.malformed += 1
             info["malformed"] = turn.reason
-            return StepResult(observation=wrap_observation(f"error: {turn.reason}", self.settings.tool_format), tool_errors=1, info=info)
-        if isinstance(turn, ToolCall):
-            self.searches += 1
-            result = await self.pool.call(turn.name, turn.arguments)
-            info |= {"tool": turn.name, "arguments": turn.arguments, "tool_error": result.error}
-            observation = wrap_observation(result.text, self.settings.tool_format)
-            return StepResult(observation=observation, tool_calls=1, tool_errors=int(not result.ok), info=info)
+            return StepResult(observation=wrap_observation(f"error: {turn.reason}", self.settings.tool_format), tools=tool_stats([], malformed=1), info=info)
+        if isinstance(turn, ToolCalls):  # several (Hermes parallel calls) run at once through the pool, answered in order
+            self.searches += len(turn.calls)
+            results = await asyncio.gather(*(self.pool.call(c.name, c.arguments) for c in turn.calls))
+            info["calls"] = [{"tool": c.name, "arguments": c.arguments, "error": r.error} for c, r in zip(turn.calls, results)]
+            observations = tuple(wrap_observation(r.text, self.settings.tool_format) for r in results)
+            return StepResult(observation=observations[0] if len(observations) == 1 else observations, tools=tool_stats(results), info=info)
         assert isinstance(turn, FinalAnswer)
         correct = self.task.is_correct(self.problem, turn.text)
         parts = search_penalty_reward(

@@ -106,7 +106,6 @@ class SearchQATask(Task):
         top_k: int = 1,
         search_penalty: float = 0.1,
         format_weight: float = 0.1,
-        max_obs_chars: int = 200,
         search_latency_s: float = 0.0,
         tool_timeout_s: float = 10.0,
         tool_concurrency: int = 16,
@@ -122,11 +121,11 @@ class SearchQATask(Task):
         self.eval_entities = self.entities[:num_eval_entities]
         self.train_entities = self.entities[num_eval_entities:]
         self.corpus_dir = Path(corpus_dir)
-        self.search_args = dict(k=top_k, max_obs_tokens=max_obs_chars, latency_s=search_latency_s)
+        self.search_args = dict(k=top_k, latency_s=search_latency_s)
         self.pool_args = dict(max_concurrency=tool_concurrency, timeout_s=tool_timeout_s)
         if tool_format not in TOOL_FORMATS:
             raise TaskError(f"search_qa: unknown tool_format {tool_format!r}; choose one of {list(TOOL_FORMATS)}")
-        self.stop = ("</search>", "</answer>") if tool_format == "tags" else ("</tool_call>",)
+        self.stop = ("</search>", "</answer>") if tool_format == "tags" else ()  # hermes: a turn (several calls) ends at EOS
         self.settings = SearchSettings(tool_format=tool_format, penalty=search_penalty, format_weight=format_weight)
         self._pool: ToolPool | None = None  # built on first use, in the process that runs episodes
         draw = lambda rng: self._question(rng, self.eval_entities, "")  # noqa: E731
@@ -205,10 +204,13 @@ class SearchQATask(Task):
 
     def sft_turns(self, problem: Problem) -> list[tuple[str, str]]:
         """An ideal tag-format episode as (kind, text) turns, kind 'gen' or 'obs', for the SFT
-        warm-start: search each place, keep the first population in `<state>`, answer."""
+        warm-start: search each place, keep the first population in `<state>`, answer.
+
+        Each observation is the env's text for a search that finds the place (its passage, as
+        the tool formats it, wrapped as the env wraps it); `sft.demonstration_rows` cuts it to
+        agent.max_obs_tokens exactly as the episode runner cuts the env's observations."""
         def lookup(e: Entity) -> list[tuple[str, str]]:
-            found = format_passages([Passage(**e.passage())])
-            return [("obs", wrap_observation(found[: self.search_args["max_obs_tokens"]], "tags"))]
+            return [("obs", wrap_observation(format_passages([Passage(**e.passage())]), "tags"))]
 
         first = self.entity(problem.columns["entities"][0])
         turns = [("gen", f"<search>{first.name}</search>"), *lookup(first)]

@@ -5,7 +5,10 @@ A `Tool` is an async callable with a JSON schema for its arguments (the OpenAI/H
 concurrency limit and a per-call timeout, checks arguments against the schema, and turns every
 failure (unknown tool, bad arguments, a tool that raises, returns a non-string or runs past its
 timeout) into an error observation: the caller always gets a `ToolResult`, never an exception.
-Failures are counted so they can be logged (`agent/tool_errors`, `agent/tool_timeouts`).
+Every call is counted in the pool's `ToolStats` (`pool.stats`); what is logged per training
+step is the same record summed over the step's episodes (`Trajectory.tools`, filled from each
+step's `ToolResult`s by `tool_stats`), so the counts travel with the episodes to the trainer
+in every runtime.
 
 Cancelling the caller (an aborted episode) still cancels the tool: `asyncio.CancelledError`
 is not a tool failure and propagates.
@@ -17,8 +20,10 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
+
+from policyflow.types import ToolStats
 
 _MAX_ERROR_CHARS = 200  # an exception message in an observation is clipped to this
 ToolErrorKind = Literal["unknown_tool", "bad_arguments", "raised", "bad_result", "timeout"]
@@ -112,26 +117,6 @@ class ToolResult:
         return self.error is None
 
 
-@dataclass
-class ToolStats:
-    """Running counts of a pool. `errors` counts every failed call, timeouts included."""
-
-    calls: int = 0
-    errors: int = 0
-    timeouts: int = 0
-    seconds: float = 0.0
-    max_in_flight: int = 0
-    errors_by_kind: dict[str, int] = field(default_factory=dict)
-
-    def metrics(self) -> dict[str, float]:
-        return {
-            "agent/tool_calls": float(self.calls),
-            "agent/tool_errors": float(self.errors),
-            "agent/tool_timeouts": float(self.timeouts),
-            "perf/tool_seconds": self.seconds,
-        }
-
-
 class ToolPool:
     """Runs tool calls with at most `max_concurrency` in flight and `timeout_s` per call.
 
@@ -151,6 +136,7 @@ class ToolPool:
         self.timeout_s = timeout_s
         self.stats = ToolStats()
         self.max_concurrency = max_concurrency
+        self.max_in_flight = 0  # the most calls ever running at once
         self._slots: asyncio.Semaphore | None = None
         self._slots_loop: asyncio.AbstractEventLoop | None = None
         self._in_flight = 0
@@ -161,7 +147,6 @@ class ToolPool:
 
     async def call(self, name: str, arguments: Any) -> ToolResult:
         """Run one call; every failure comes back as an error observation, counted in `stats`."""
-        self.stats.calls += 1
         tool = self.tools.get(name)
         if tool is None:
             return self._fail("unknown_tool", f"unknown tool {name!r}; available: {sorted(self.tools)}", 0.0)
@@ -170,7 +155,7 @@ class ToolPool:
             return self._fail("bad_arguments", f"bad arguments for {name}: " + "; ".join(problems), 0.0)
         async with self._loop_slots():
             self._in_flight += 1
-            self.stats.max_in_flight = max(self.stats.max_in_flight, self._in_flight)
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
             start = time.perf_counter()
             try:
                 async with asyncio.timeout(self.timeout_s):  # unlike wait_for, no extra task: a tool
@@ -185,7 +170,7 @@ class ToolPool:
         seconds = time.perf_counter() - start
         if not isinstance(text, str):
             return self._fail("bad_result", f"{name} returned {type(text).__name__}, expected text", seconds)
-        self.stats.seconds += seconds
+        self.stats.count(None, seconds)
         return ToolResult(text=text, error=None, seconds=seconds)
 
     def _loop_slots(self) -> asyncio.Semaphore:
@@ -196,8 +181,15 @@ class ToolPool:
         return self._slots
 
     def _fail(self, kind: ToolErrorKind, message: str, seconds: float) -> ToolResult:
-        self.stats.errors += 1
-        self.stats.timeouts += kind == "timeout"
-        self.stats.seconds += seconds
-        self.stats.errors_by_kind[kind] = self.stats.errors_by_kind.get(kind, 0) + 1
+        self.stats.count(kind, seconds)
         return ToolResult(text=f"error: {message}", error=kind, seconds=seconds)
+
+
+def tool_stats(results: Sequence[ToolResult], malformed: int = 0) -> ToolStats:
+    """The counts of one env step: its calls' results, and `malformed` turns that made no call."""
+    stats = ToolStats()
+    for result in results:
+        stats.count(result.error, result.seconds)
+    for _ in range(malformed):
+        stats.count("malformed", call=False)
+    return stats

@@ -6,9 +6,9 @@ from there on later runs (and by every other process reading the same corpus). N
 no downloads: tokenization is bm25s's regex splitter with its bundled English stopword list,
 without stemming.
 
-`search_tool` wraps an index as a `Tool` whose result is the top-k passages as text, cut to a
-token budget (counted with a tokenizer, or in characters without one), with optional injected
-latency to imitate a remote search engine in benchmarks.
+`search_tool` wraps an index as a `Tool` whose result is the top-k passages as text (cut to
+`agent.max_obs_tokens` tokens by the episode runner, like every observation), with optional
+injected latency to imitate a remote search engine in benchmarks.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,27 +112,6 @@ class SearchIndex:
         return [(self.passages[int(d)], float(s)) for d, s in zip(docs[0], scores[0]) if s > 0]
 
 
-def truncate_to_budget(text: str, budget: int, count: Callable[[str], int]) -> str:
-    """The longest prefix of `text` with `count(prefix) <= budget` (binary search over its length)."""
-    if count(text) <= budget:
-        return text
-    low, high = 0, len(text)  # count(text[:low]) <= budget < count(text[:high])
-    while high - low > 1:
-        mid = (low + high) // 2
-        if count(text[:mid]) <= budget:
-            low = mid
-        else:
-            high = mid
-    return text[:low]
-
-
-def token_counter(tokenizer=None) -> Callable[[str], int]:
-    """Counts tokens with `tokenizer` (no special tokens), or characters when it is None."""
-    if tokenizer is None:
-        return len
-    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def format_passages(passages: list[Passage]) -> str:
     """One passage per line, `title: text` (just the text when there is no title)."""
     if not passages:
@@ -149,19 +127,17 @@ SEARCH_SCHEMA = {
 }
 
 
-def search_tool(
-    index: SearchIndex, *, k: int = 3, max_obs_tokens: int = 256, tokenizer=None, latency_s: float = 0.0,
-    in_thread: bool = False, name: str = "search",
-) -> Tool:
-    """A `Tool` returning the top-`k` passages for a query, cut to `max_obs_tokens`.
+def search_tool(index: SearchIndex, *, k: int = 3, latency_s: float = 0.0, in_thread: bool = False, name: str = "search") -> Tool:
+    """A `Tool` returning the top-`k` passages for a query, one per line (`format_passages`).
 
+    The result is not cut here: the episode runner cuts every observation, whatever tool made
+    it, to `agent.max_obs_tokens` tokens of the model's tokenizer (`tokens.render_observation`).
     `latency_s` > 0 sleeps that long per call (without blocking the event loop) to imitate a
     remote search engine. `in_thread` runs retrieval in a worker thread, for indexes large
     enough that a search would stall the event loop (and the engine's decoding) noticeably.
     """
-    if k < 1 or max_obs_tokens < 1 or latency_s < 0:
-        raise ValueError(f"search_tool needs k >= 1, max_obs_tokens >= 1 and latency_s >= 0; got k={k}, max_obs_tokens={max_obs_tokens}, latency_s={latency_s}")
-    count = token_counter(tokenizer)
+    if k < 1 or latency_s < 0:
+        raise ValueError(f"search_tool needs k >= 1 and latency_s >= 0; got k={k}, latency_s={latency_s}")
 
     async def search(query: str) -> str:
         if latency_s:
@@ -169,7 +145,6 @@ def search_tool(
         # in the loop by default: a small index answers in about a millisecond, and a thread hop
         # costs the episode loop iterations, each of which may wait for an engine decode step
         hits = await asyncio.to_thread(index.search, query, k) if in_thread else index.search(query, k)
-        found = [p for p, _ in hits]
-        return truncate_to_budget(format_passages(found), max_obs_tokens, count)
+        return format_passages([p for p, _ in hits])
 
     return Tool(name=name, description="Search the local corpus; returns the best matching passages.", parameters=SEARCH_SCHEMA, fn=search)
