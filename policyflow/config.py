@@ -163,7 +163,7 @@ class TrainConfig(Section):
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field((0.9, 0.99), description="AdamW betas, each in [0, 1).")
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
     skip_zero_variance: bool = Field(True, description="Leave out groups whose rewards are all equal (within advantages.ZERO_VARIANCE_TOL: no learning signal); they are counted.")
-    mask_truncated: bool = Field(False, description="DAPO: truncated episodes (a completion cut at max_new_tokens, or an episode stopped by agent.max_turns or agent.max_total_tokens) are left out of the loss and of their group's baseline (mean, std).")
+    mask_truncated: bool = Field(False, description="DAPO: truncated episodes (a single-turn completion cut at max_new_tokens, or an episode stopped by agent.max_turns or agent.max_total_tokens; an agent's turn cut at max_new_tokens is judged by its env) are left out of the loss and of their group's baseline (mean, std).")
     dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling: replace groups that are all correct or all wrong (the task's `correct` verdict, not the shaped reward) by sampling more prompts until the batch is full.")
     max_resample_rounds: int = Field(3, ge=0, description="dynamic_sampling: at most this many times B rejected groups are replaced per batch (then rejected groups leave holes and the batch trains on fewer groups).")
     overlong_cache_len: int | None = Field(None, ge=0, description="DAPO soft overlong punishment: the last N tokens before max_new_tokens ramp the reward down to -1; empty = off.")
@@ -262,7 +262,7 @@ class AgentConfig(Section):
 
     max_turns: int = Field(8, ge=1, description="Most engine calls (model turns) per episode; an episode still going after them ends 'truncated' with the reward it earned.")
     max_total_tokens: int | None = Field(None, ge=2, description="Most tokens one engine call may see and write (its context + its completion), so also the longest training row; a call's max_new_tokens is cut to fit, and an episode with no room left ends 'truncated'; empty = no cap beyond sampling.max_new_tokens per call.")
-    max_obs_tokens: int = Field(256, ge=1, description="Observation tokens kept per tool result (the rest is cut off before it is appended).")
+    max_obs_tokens: int = Field(256, ge=1, description="Tokens kept of each observation (each tool result), counted with the model's tokenizer; the episode runner cuts every env's observations, and SFT demonstrations the same way.")
     context: Literal["full", "mem1"] = Field("full", description="What each call sees: full (the whole history) or mem1 (the prompt, the latest turn with its <state>, the latest observation).")
 
 
