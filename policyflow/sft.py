@@ -82,6 +82,7 @@ def warm_start(
     chat_template: bool,
     greedy_accuracy: Callable[[], float],
     on_step: Callable[[int, float], None] = lambda step, loss: None,
+    on_eval: Callable[[int, float], None] = lambda step, accuracy: None,
     compute_dtype: torch.dtype = torch.float32,
     context: ContextPolicy = full_context,
     max_obs_tokens: int | None = None,
@@ -119,4 +120,5 @@ def warm_start(
         on_step(step, loss_value)
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             acc = greedy_accuracy()
+            on_eval(step, acc)
     return SFTResult(step, loss_value, acc, time.perf_counter() - start)

@@ -249,8 +249,12 @@ class TrainerWorker:
             if log is not None and step % 10 == 0:
                 log.write({"sft_step": step, "sft/loss": loss})
 
+        def on_eval(step: int, accuracy: float) -> None:
+            if log is not None:
+                log.write({"sft_step": step, "sft/accuracy_greedy": accuracy})
+
         result = warm_start(s.model, s.tokenizer, s.task, cfg.sft, chat_template=cfg.model.chat_template, greedy_accuracy=s.greedy_accuracy,
-                            on_step=on_step, compute_dtype=self.compute_dtype, context=context_policy(cfg.agent.context),
+                            on_step=on_step, on_eval=on_eval, compute_dtype=self.compute_dtype, context=context_policy(cfg.agent.context),
                             max_obs_tokens=cfg.agent.max_obs_tokens)
         self._sft_steps += result.steps
         bar.close()
