@@ -219,6 +219,7 @@ def run_sft(cfg: Config, log=print) -> Path:
         session.model, session.tokenizer, session.task, cfg.sft, chat_template=cfg.model.chat_template,
         greedy_accuracy=session.greedy_accuracy, compute_dtype=getattr(torch, cfg.model.dtype),
         context=context_policy(cfg.agent.context), max_obs_tokens=cfg.agent.max_obs_tokens,
+        on_eval=lambda step, accuracy: log(f"SFT step {step}: greedy held-out accuracy {accuracy:.1%}"),
     )
     folder = save_pretrained(session.model, session.tokenizer, cfg.run_dir / "sft")
     log(f"SFT: {result.steps} steps, loss {result.final_loss:.3f}, greedy held-out accuracy {result.accuracy_greedy:.1%}; saved to {folder}")
