@@ -54,8 +54,9 @@ def demonstration_rows(
     its own: gen turns as text, obs turns (unwrapped, as an env returns them) with
     `render_observation`, their content cut to `max_obs_tokens` (`agent.max_obs_tokens`) and
     wrapped in `observation_wrap` (the task's `Task.observation_wrap`, which its envs hand the
-    runner) exactly as the runner does; EOS closes a final gen turn), each gen turn a `Call` whose context is `context(segments before it)`, and
-    `tokens.episode_rows` cuts them into rows: one row under `full`, one per call under `mem1`.
+    runner) exactly as the runner does; EOS closes a final gen turn), each gen turn a `Call`
+    whose context is `context(segments before it)`, and `tokens.episode_rows` cuts them into
+    rows: one row under `full`, one per call under `mem1`.
     Only gen tokens are trained (mask 1), each exactly once.
     """
     segments = [Segment("prompt", tuple(prompt_ids))]

@@ -95,7 +95,7 @@ def test_demonstration_replays_through_the_env(task):
         last = results[-1]
         assert last.done and last.reward_parts == {"correct": 1.0, "search_penalty": -0.1, "format": 0.1}
         assert last.reward == pytest.approx(1.0)
-        assert len(prompt) + sum(len(text) for _, text in demo) <= 256
+        assert len(prompt) + sum(len(text) for _, text in demo) + len("<info></info>") * problem.columns["hops"] <= 256
     assert env.stop == ("</search>", "</answer>") and env.tools is None
 
 
@@ -218,7 +218,8 @@ def test_demonstration_rows(task, context):
     problem = next(p for p in (task.train_problem(k) for k in range(50)) if p.columns["hops"] == 2)
     prompt = task.render_prompt(problem)
     (_, g1), (_, o1), (_, g2), (_, o2), (_, g3) = turns = task.sft_turns(problem)
-    rows = demonstration_rows(tok, enc(prompt), turns, False, context_policy(context))
+    rows = demonstration_rows(tok, enc(prompt), turns, False, context_policy(context), observation_wrap=task.observation_wrap)
+    o1, o2 = (f"<info>{o}</info>" for o in (o1, o2))  # the observations as the model sees them
     eos = [tok.eos_token_id]
     if context == "full":
         assert rows == [(enc(prompt + g1 + o1 + g2 + o2 + g3) + eos, [0] * len(prompt) + [1] * len(g1) + [0] * len(o1) + [1] * len(g2) + [0] * len(o2) + [1] * (len(g3) + 1))]
