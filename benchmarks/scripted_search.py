@@ -33,6 +33,7 @@ class ScriptedSearchEnv(Env):
 
     def __init__(self, task: SearchQATask, inner: Env, searches: int | None = None) -> None:
         self.task, self.inner, self.searches, self.turn = task, inner, searches, 0
+        self.observation_wrap = inner.observation_wrap  # the runner wraps the inner env's observations as it would
 
     async def initial_observation(self) -> str:
         return await self.inner.initial_observation()

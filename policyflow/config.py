@@ -262,7 +262,7 @@ class AgentConfig(Section):
 
     max_turns: int = Field(8, ge=1, description="Most engine calls (model turns) per episode; an episode still going after them ends 'truncated' with the reward it earned.")
     max_total_tokens: int | None = Field(None, ge=2, description="Most tokens one engine call may see and write (its context + its completion), so also the longest training row; a call's max_new_tokens is cut to fit, and an episode with no room left ends 'truncated'; empty = no cap beyond sampling.max_new_tokens per call.")
-    max_obs_tokens: int = Field(256, ge=1, description="Tokens kept of each observation (each tool result), counted with the model's tokenizer; the episode runner cuts every env's observations, and SFT demonstrations the same way.")
+    max_obs_tokens: int = Field(256, ge=1, description="Content tokens kept of each observation (each tool result), counted with the model's tokenizer; the episode runner cuts every env's observations, and SFT demonstrations the same way. The wrapper around it (the task's observation_wrap, e.g. <info>...</info>, or the chat template's tool-role markers) is added whole on top and does not count.")
     context: Literal["full", "mem1"] = Field("full", description="What each call sees: full (the whole history) or mem1 (the prompt, the latest turn with its <state>, the latest observation).")
 
 

@@ -46,15 +46,17 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> flo
 
 def demonstration_rows(
     tokenizer, prompt_ids: list[int], turns: list[tuple[str, str]], chat_template: bool, context: ContextPolicy = full_context,
-    max_obs_tokens: int | None = None,
+    max_obs_tokens: int | None = None, observation_wrap: tuple[str, str] = ("", ""),
 ) -> list[tuple[list[int], list[int]]]:
     """The training rows (token ids, loss mask) of a demonstration, as RL would train them.
 
     The turns become the segments the episode runner would have made (each turn tokenized on
-    its own: gen turns as text, obs turns with `render_observation`, cut to `max_obs_tokens`
-    (`agent.max_obs_tokens`) exactly as the runner cuts what the env returns; EOS closes a
-    final gen turn), each gen turn a `Call` whose context is `context(segments before it)`, and
-    `tokens.episode_rows` cuts them into rows: one row under `full`, one per call under `mem1`.
+    its own: gen turns as text, obs turns (unwrapped, as an env returns them) with
+    `render_observation`, their content cut to `max_obs_tokens` (`agent.max_obs_tokens`) and
+    wrapped in `observation_wrap` (the task's `Task.observation_wrap`, which its envs hand the
+    runner) exactly as the runner does; EOS closes a final gen turn), each gen turn a `Call`
+    whose context is `context(segments before it)`, and `tokens.episode_rows` cuts them into
+    rows: one row under `full`, one per call under `mem1`.
     Only gen tokens are trained (mask 1), each exactly once.
     """
     segments = [Segment("prompt", tuple(prompt_ids))]
@@ -65,7 +67,7 @@ def demonstration_rows(
             calls.append(Call(context=tuple(context(segments)), produced=len(segments)))
             segments.append(Segment("gen", tuple(ids), (0.0,) * len(ids), (0,) * len(ids), turn=k, text=text))
         elif kind == "obs":
-            ids, kept = render_observation(tokenizer, text, chat_template, max_obs_tokens)
+            ids, kept = render_observation(tokenizer, text, chat_template, max_obs_tokens, wrap=observation_wrap)
             segments.append(Segment("obs", tuple(ids), turn=k, text=kept))
         else:
             raise ValueError(f"a demonstration turn is 'gen' or 'obs', got {kind!r}")
@@ -93,7 +95,7 @@ def warm_start(
     `context` is the run's context policy (`agent.context`): multi-turn demonstrations are cut
     into the rows RL would train (`demonstration_rows`), so under mem1 each turn is learnt
     from the pruned context it will see, and observations are cut to `max_obs_tokens`
-    (`agent.max_obs_tokens`) as in RL."""
+    (`agent.max_obs_tokens`) and wrapped in `task.observation_wrap` as in RL."""
     start = time.perf_counter()
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.99))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, cfg.max_steps))
@@ -102,7 +104,9 @@ def warm_start(
         first = SFT_PROBLEM_OFFSET + step * cfg.batch_size
         problems = [task.train_problem(first + i) for i in range(cfg.batch_size)]
         prompts = encode_prompts(tokenizer, task, problems, chat_template)
-        rows = [row for p, ids in zip(problems, prompts) for row in demonstration_rows(tokenizer, ids, task.sft_turns(p), chat_template, context, max_obs_tokens)]
+        rows = [row for p, ids in zip(problems, prompts) for row in demonstration_rows(
+            tokenizer, ids, task.sft_turns(p), chat_template, context, max_obs_tokens, task.observation_wrap,
+        )]
         input_ids, attention, loss_mask = sft_batch([[]] * len(rows), [ids for ids, _ in rows], tokenizer.pad_token_id)
         for b, (_, mask) in enumerate(rows):
             loss_mask[b, : len(mask)] = torch.tensor(mask, dtype=loss_mask.dtype)

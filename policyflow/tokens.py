@@ -24,16 +24,21 @@ def _chat_ids(tokenizer, messages: list[dict], *, generation_prompt: bool, tools
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
+def _plain_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` on its own, without special tokens (empty for "")."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
 def render_prompt(tokenizer, text: str, chat_template: bool, tools: list[dict] | None = None) -> list[int]:
     """Token ids of the prompt; with `chat_template`, the tokenizer's template (with `tools=` when given) and a generation prompt."""
     if chat_template:
         return _chat_ids(tokenizer, [{"role": "user", "content": text}], generation_prompt=True, tools=tools)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return _plain_ids(tokenizer, text)
 
 
 def cut_observation(tokenizer, text: str, max_tokens: int | None) -> tuple[list[int], str]:
     """The first `max_tokens` token ids of `text` (all of them when None) and the text they decode to."""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = _plain_ids(tokenizer, text)
     if max_tokens is not None and len(ids) > max_tokens:
         ids = ids[:max_tokens]
         text = tokenizer.decode(ids)
@@ -41,25 +46,32 @@ def cut_observation(tokenizer, text: str, max_tokens: int | None) -> tuple[list[
 
 
 def render_observation(
-    tokenizer, texts: str | Sequence[str], chat_template: bool, max_tokens: int | None = None, *, turn_ended: bool = True,
+    tokenizer, texts: str | Sequence[str], chat_template: bool, max_tokens: int | None = None, *,
+    wrap: tuple[str, str] = ("", ""), turn_ended: bool = True,
 ) -> tuple[list[int], str]:
-    """Token ids (and the text kept) of an observation appended after the model's turn.
+    """Token ids (and the text shown) of an observation appended after the model's turn.
 
-    `texts` is one observation, or one per call of a turn that made several. Each is first cut
-    to `max_tokens` tokens (`cut_observation`; `agent.max_obs_tokens`). Plain models get the
-    kept tokens, several joined by a newline. Chat models get what the template puts between
-    the end of an assistant turn and the next assistant turn when that many tool messages come
-    in: the separator after the assistant's end token, the tool-role message(s) (Qwen's template,
-    for one, puts consecutive tool messages in one block, each in its own `<tool_response>`),
-    and the generation prompt (read off the template by rendering a conversation with and
-    without them). When the model's turn stopped on a stop string (`turn_ended` False), the
-    template's end token comes first. The text returned is the kept texts joined by newlines.
+    `texts` is one observation, or one per call of a turn that made several. Only the content
+    is cut: each text is cut on its own to its first `max_tokens` tokens (`cut_observation`;
+    `agent.max_obs_tokens`), and the text around it is added on top, whole, so a cut never
+    leaves an observation unterminated. Plain models get, per text, the ids of `wrap[0]`, the
+    kept content ids and the ids of `wrap[1]` (each tokenized on its own; `wrap` is the env's
+    `observation_wrap`, e.g. `("<info>", "</info>")`), several joined by a newline: at most
+    `max_tokens` content tokens plus the wrapper per text. Chat models ignore `wrap` and get
+    what the template puts between the end of an assistant turn and the next assistant turn
+    when that many tool messages come in: the separator after the assistant's end token, the
+    tool-role message(s) (Qwen's template, for one, puts consecutive tool messages in one
+    block, each in its own `<tool_response>`), and the generation prompt (read off the
+    template by rendering a conversation with and without them). When the model's turn stopped
+    on a stop string (`turn_ended` False), the template's end token comes first. The text
+    returned is the kept texts (wrapped, for plain models) joined by newlines.
     """
     kept = [cut_observation(tokenizer, text, max_tokens) for text in ([texts] if isinstance(texts, str) else texts)]
-    text = "\n".join(piece for _, piece in kept)
     if not chat_template:
-        newline = list(tokenizer("\n", add_special_tokens=False)["input_ids"])
-        return [t for k, (ids, _) in enumerate(kept) for t in (newline if k else []) + ids], text
+        prefix, suffix, newline = _plain_ids(tokenizer, wrap[0]), _plain_ids(tokenizer, wrap[1]), _plain_ids(tokenizer, "\n")
+        ids = [t for k, (content, _) in enumerate(kept) for t in (newline if k else []) + prefix + content + suffix]
+        return ids, "\n".join(wrap[0] + piece + wrap[1] for _, piece in kept)
+    text = "\n".join(piece for _, piece in kept)
     turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
     before = _chat_ids(tokenizer, turns, generation_prompt=False)
     after = _chat_ids(tokenizer, turns + [{"role": "tool", "content": piece} for _, piece in kept], generation_prompt=True)

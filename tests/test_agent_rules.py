@@ -103,11 +103,73 @@ class DemoEngine:
         return Sample(tuple(prompt_ids), ids, (-0.5,) * len(ids), (0,) * len(ids), "stop", text)
 
 
+def _ids(tok, text: str) -> list[int]:
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _play_search(task: SearchQATask, problem: Problem, turns: list[str], max_obs: int, context: str = "full"):
+    """The one episode of `turns` (scripted model turns) on the real runner, env and search tool (char tokens)."""
+    tok = build_char_tokenizer()
+    runner = EpisodeRunner(DemoEngine(tok, turns), tok, SamplingParams(max_new_tokens=64), AgentConfig(max_turns=6, max_obs_tokens=max_obs), context=context_policy(context))
+    group, _ = asyncio.run(runner.run_group(task.group_builder(problem), 1, task_id="t"))
+    return tok, group.trajectories[0]
+
+
+def test_a_cut_observation_keeps_its_wrapper_whole(tmp_path) -> None:
+    """Tag format, agent.max_obs_tokens below both observations (an error, then a passage): each obs
+    segment is exactly the ids of `<info>`, the first max_obs content tokens, and the ids of
+    `</info>` (the old rule cut the wrapped text, so `</info>` was lost); its text says the same."""
+    task = SearchQATask(seed=0, num_entities=30, num_eval_entities=5, num_eval=4, corpus_dir=tmp_path)
+    problem = next(p for p in (task.train_problem(k) for k in range(50)) if p.columns["hops"] == 1)
+    place = task.entity(problem.columns["entities"][0])
+    contents = ["error: no action; write <search> or <answer>", f"{place.name}: {place.passage()['text']}"]
+    max_obs = 12
+    assert all(len(c) > max_obs for c in contents)  # the cut matters
+    tok, traj = _play_search(task, problem, ["hmm", f"<search>{place.name}</search>", f"<answer>{problem.answer}</answer>"], max_obs)
+    assert traj.status == "complete" and traj.reward_parts["correct"] == 1.0 and traj.tools.errors == 1
+    obs = [s for s in traj.segments if s.kind == "obs"]
+    assert [list(s.token_ids) for s in obs] == [_ids(tok, "<info>") + _ids(tok, c)[:max_obs] + _ids(tok, "</info>") for c in contents]
+    assert [s.text for s in obs] == [f"<info>{c[:max_obs]}</info>" for c in contents]  # characters = tokens here
+
+
+def test_wrapped_pieces_are_tokenized_on_their_own_and_chat_models_ignore_the_wrap() -> None:
+    """With word tokens, max_tokens bounds the content only: 2 words, plus the wrapper's own tokens
+    around each parallel result; a chat template keeps its tool-role markers whatever the wrap."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "alpha", "beta", "gamma", "delta", "<info>", "</info>", "\n"]
+    inner = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="removed")
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="<unk>")
+    wrap = ("<info>", "</info>")
+    ids, text = render_observation(tok, ("alpha beta gamma", "delta"), False, max_tokens=2, wrap=wrap)
+    assert ids == [5, 1, 2, 6, 7, 5, 4, 6] and text.split() == ["<info>alpha", "beta</info>", "<info>delta</info>"]
+    chat = build_char_tokenizer()
+    chat.chat_template = GROUPING
+    assert render_observation(chat, "result", True, 3, wrap=wrap) == render_observation(chat, "result", True, 3)
+
+
+def test_search_env_errors_fit_the_demo_observation_budget(tmp_path) -> None:
+    """Every malformed tag-format turn is answered with an error whole within configs/search.yaml's agent.max_obs_tokens."""
+    from policyflow.config import load_config
+
+    budget = load_config("configs/search.yaml").agent.max_obs_tokens
+    task = SearchQATask(seed=0, num_entities=30, num_eval_entities=5, num_eval=4, corpus_dir=tmp_path)
+    [env] = asyncio.run(task.group_builder(task.train_problem(0)).make_envs(1))
+    turns = ["hmm", "<search>a</search><search>b</search><answer>c</answer>", "<search>a", "<search> </search>", "<state>x <answer>1</answer>"]
+    errors = [asyncio.run(env.step(turn)).observation for turn in turns]
+    assert all(e.startswith("error: ") for e in errors) and len(set(errors)) == len(turns)
+    tok = build_char_tokenizer()
+    assert max(len(_ids(tok, e)) for e in errors) <= budget
+
+
 @pytest.mark.parametrize("context", ["full", "mem1"])
 def test_sft_demonstration_rows_are_the_rows_rl_trains_with_observations_cut(tmp_path, context) -> None:
     """A two-lookup demonstration played by the episode runner through the real env and search tool,
-    with agent.max_obs_tokens below the observations' length: the runner cuts each observation to
-    that many tokens, and `demonstration_rows` gives exactly the same training rows (ids and masks)."""
+    with agent.max_obs_tokens below the observations' length: the runner cuts each observation's
+    content to that many tokens inside a whole `<info>`…`</info>`, and `demonstration_rows` (with
+    the task's observation_wrap) gives exactly the same training rows (ids and masks)."""
     from policyflow.sft import demonstration_rows
 
     task = SearchQATask(seed=0, num_entities=30, num_eval_entities=5, num_eval=4, corpus_dir=tmp_path)
@@ -115,16 +177,14 @@ def test_sft_demonstration_rows_are_the_rows_rl_trains_with_observations_cut(tmp
     demo = task.sft_turns(problem)
     max_obs = 20
     assert all(len(text) > max_obs for kind, text in demo if kind == "obs")  # the cut matters
-    tok = build_char_tokenizer()
-    engine = DemoEngine(tok, [text for kind, text in demo if kind == "gen"])
-    runner = EpisodeRunner(engine, tok, SamplingParams(max_new_tokens=64), AgentConfig(max_turns=6, max_obs_tokens=max_obs), context=context_policy(context))
-    group, _ = asyncio.run(runner.run_group(task.group_builder(problem), 1, task_id="t"))
-    [traj] = group.trajectories
+    tok, traj = _play_search(task, problem, [text for kind, text in demo if kind == "gen"], max_obs, context)
     assert traj.status == "complete" and traj.reward_parts["correct"] == 1.0
-    assert [len(s.token_ids) for s in traj.segments if s.kind == "obs"] == [max_obs, max_obs]
+    cut = [_ids(tok, "<info>") + _ids(tok, text)[:max_obs] + _ids(tok, "</info>") for kind, text in demo if kind == "obs"]
+    assert [list(s.token_ids) for s in traj.segments if s.kind == "obs"] == cut
     rl = [(ids, mask) for ids, mask, _, _ in episode_rows(traj)]
     prompt = render_prompt(tok, task.render_prompt(problem), False)
-    assert demonstration_rows(tok, prompt, demo, False, context_policy(context), max_obs_tokens=max_obs) == rl
+    assert demonstration_rows(tok, prompt, demo, False, context_policy(context), max_obs, task.observation_wrap) == rl
+    assert demonstration_rows(tok, prompt, demo, False, context_policy(context), max_obs) != rl  # the wrap is part of the rows
 
 
 def test_observations_are_cut_in_tokens_not_characters() -> None:

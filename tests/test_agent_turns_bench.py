@@ -39,7 +39,7 @@ def test_every_turn_searches_the_scripted_place_with_the_real_tool(setup, contex
     for k, text in enumerate(observations):
         place = task.entities[k]
         found = f"{place.name}: {place.passage()['text']}"  # the tool's whole result
-        assert text == f"<info>{found}</info>"[:OBS]  # wrapped by SearchEnv, cut once, by the runner (characters = tokens here)
+        assert text == f"<info>{found[:OBS]}</info>"  # cut once, by the runner, then wrapped whole (characters = tokens here)
     assert all(len(s.token_ids) == NEW for s in t.segments if s.kind == "gen")
 
 

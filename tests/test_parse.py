@@ -50,12 +50,12 @@ def test_tags_well_formed(text, expected):
 @pytest.mark.parametrize(
     "text, reason",
     [
-        ("Quelm", "no action: expected <search>...</search> or <answer>...</answer>"),
-        ("<lookup>Zorvia</lookup>", "no action: expected <search>...</search> or <answer>...</answer>"),
+        ("Quelm", "no action; write <search> or <answer>"),
+        ("<lookup>Zorvia</lookup>", "no action; write <search> or <answer>"),
         ("<search>Zorvia", "<search> is not closed"),
         ("<search>  </search>", "empty <search>"),
-        ("<search>a</search><answer>b</answer>", "more than one action (<search>, <answer>); write exactly one"),
-        ("<search>a</search><search>b</search>", "more than one action (<search>, <search>); write exactly one"),
+        ("<search>a</search><answer>b</answer>", "2 actions; write one"),
+        ("<search>a</search><search>b</search>", "2 actions; write one"),
         ("<state>half <search>a</search>", "<state> is not closed"),
     ],
 )

@@ -95,7 +95,7 @@ def test_demonstration_replays_through_the_env(task):
         last = results[-1]
         assert last.done and last.reward_parts == {"correct": 1.0, "search_penalty": -0.1, "format": 0.1}
         assert last.reward == pytest.approx(1.0)
-        assert len(prompt) + sum(len(text) for _, text in demo) <= 256
+        assert len(prompt) + sum(len(text) for _, text in demo) + len("<info></info>") * problem.columns["hops"] <= 256
     assert env.stop == ("</search>", "</answer>") and env.tools is None
 
 
@@ -105,12 +105,12 @@ def test_env_rewards_and_errors(task):
     _, [r] = asyncio.run(_play(guess, [f"<answer>{problem.answer}</answer>"]))
     assert r.reward_parts == {"correct": 1.0, "search_penalty": 0.0, "format": 0.1} and r.reward == pytest.approx(1.1)
     _, results = asyncio.run(_play(sloppy, ["hmm", "<search>a</search><search>b</search>", f"<answer>{problem.answer}</answer>"]))
-    assert results[0].observation == "<info>error: no action: expected <search>...</search> or <answer>...</answer></info>"
+    assert results[0].observation == "error: no action; write <search> or <answer>"  # unwrapped: the runner adds <info>…</info>
     assert [r.tools.errors for r in results] == [1, 1, 0] and not results[0].done
     assert results[0].tools.errors_by_kind == {"malformed": 1} and results[0].tools.calls == 0
     assert results[-1].reward_parts == {"correct": 1.0, "search_penalty": 0.0, "format": 0.0}
     _, results = asyncio.run(_play(wrong, ["<search>zzzz</search>", "<state>none</state><answer>no idea</answer>"]))
-    assert results[0].observation == "<info>no results</info>" and results[0].tools.errors == 0
+    assert results[0].observation == "no results" and results[0].tools.errors == 0
     assert results[1].info["state"] == "none" and results[1].reward_parts == {"correct": 0.0, "search_penalty": 0.0, "format": 0.1}
 
 
@@ -194,12 +194,13 @@ def test_two_lookup_episode_through_the_runner(task, context):
     assert traj.reward == pytest.approx(1.0) and traj.reward_parts == pytest.approx({"correct": 1.0, "search_penalty": -0.1, "format": 0.1})
     assert [s.kind for s in traj.segments] == ["prompt", "gen", "obs", "gen", "obs", "gen"]
     last = engine.prompts[-1]
+    shown = [text if kind == "gen" else f"<info>{text}</info>" for kind, text in demo]  # the runner wraps each observation
     if context == "full":
         assert [c.context for c in traj.calls] == [(0,), (0, 1, 2), (0, 1, 2, 3, 4)]
-        assert last == "".join(text for _, text in [("", task.render_prompt(problem)), *demo[:-1]])
+        assert last == task.render_prompt(problem) + "".join(shown[:-1])
     else:
         assert [c.context for c in traj.calls] == [(0,), (0, 1, 2), (0, 3, 4)]
-        assert last == task.render_prompt(problem) + demo[2][1] + demo[3][1]
+        assert last == task.render_prompt(problem) + shown[2] + shown[3]
         assert f"<state>{first.pop}</state>" in last and f"pop {second.pop}" in last and first.name not in last.split("<state>")[1]
 
 
@@ -217,7 +218,8 @@ def test_demonstration_rows(task, context):
     problem = next(p for p in (task.train_problem(k) for k in range(50)) if p.columns["hops"] == 2)
     prompt = task.render_prompt(problem)
     (_, g1), (_, o1), (_, g2), (_, o2), (_, g3) = turns = task.sft_turns(problem)
-    rows = demonstration_rows(tok, enc(prompt), turns, False, context_policy(context))
+    rows = demonstration_rows(tok, enc(prompt), turns, False, context_policy(context), observation_wrap=task.observation_wrap)
+    o1, o2 = (f"<info>{o}</info>" for o in (o1, o2))  # the observations as the model sees them
     eos = [tok.eos_token_id]
     if context == "full":
         assert rows == [(enc(prompt + g1 + o1 + g2 + o2 + g3) + eos, [0] * len(prompt) + [1] * len(g1) + [0] * len(o1) + [1] * len(g2) + [0] * len(o2) + [1] * (len(g3) + 1))]

@@ -12,9 +12,11 @@ Envs speak **text**; the episode runner (`agent/episode.py`) owns the tokens:
   what the model wrote, cut after a stop string (`stop` below); the generated token ids are
   kept by the runner and never re-derived from text.
 * `step` returns a `StepResult`. When the episode goes on, `observation` is the text to show
-  next (a tool result, an error message...). The runner tokenizes it exactly once, wrapped in
-  the chat template's tool-role markers for chat models (`tokens.render_observation`), cuts it
-  to `agent.max_obs_tokens` and appends the ids with loss mask 0. History is never re-tokenized.
+  next (a tool result, an error message...), unwrapped. The runner tokenizes it exactly once,
+  cuts it to `agent.max_obs_tokens` tokens and wraps it (`tokens.render_observation`): in the
+  chat template's tool-role markers for chat models, in the env's `observation_wrap` (e.g.
+  `<info>`…`</info>`) for plain models; the wrapper is never cut. The ids are appended with
+  loss mask 0. History is never re-tokenized.
 
 An env is single-use and async: `step` may await tools (a tool pool, a sandbox, a search index);
 while it does, the episode holds no decode slot in the engine. Rewards are named parts summed by
@@ -53,11 +55,12 @@ ContextPolicy = Callable[[Sequence[Segment]], tuple[int, ...]]
 class StepResult:
     """What the environment answers to one action.
 
-    observation: text shown to the model next (None when `done`, or to let the model go on
-        with no new input); the runner tokenizes it once, cuts it to `agent.max_obs_tokens` and
-        appends it with loss mask 0. A tuple holds one result per call of a turn that made
-        several (parallel tool calls): each is cut on its own, and chat models see each as its
-        own tool message, as their template renders several (plain models: joined by newlines).
+    observation: text shown to the model next, without its wrapper (None when `done`, or to
+        let the model go on with no new input); the runner tokenizes it once, cuts it to
+        `agent.max_obs_tokens` tokens, wraps it (`Env.observation_wrap`) and appends it with
+        loss mask 0. A tuple holds one result per call of a turn that made several (parallel
+        tool calls): each is cut and wrapped on its own, and chat models see each as its own
+        tool message, as their template renders several (plain models: joined by newlines).
     done: the episode is over (an answer was given, or the env gives up).
     reward: this step's reward; the episode's reward is the sum over its steps.
     reward_parts: named parts for logging (`correct`, `format`, `search_penalty`, ...); summed
@@ -83,6 +86,10 @@ class Env(ABC):
         `sampling.stop`; the stop string is kept in the action text.
     tools: JSON schemas of the tools, for chat templates with `tools=` support (None: no tools
         are rendered; tag-format envs describe their tools in the prompt text).
+    observation_wrap: the text a plain (non-chat) model sees before and after each observation,
+        e.g. `("<info>", "</info>")`: an env takes its task's `Task.observation_wrap` (the one
+        declaration SFT demonstrations read too) and never wraps by hand. The runner adds it
+        whole around the cut content (`tokens.render_observation`); chat models ignore it.
     cut_action_truncates: whether an episode this env ends on an action cut at
         `sampling.max_new_tokens` is `truncated`. False (multi-turn envs): that per-turn limit
         only bounds one action, which the env judges like any other, so finishing on it is
@@ -92,6 +99,7 @@ class Env(ABC):
 
     stop: tuple[str, ...] = ()
     tools: list[dict[str, Any]] | None = None
+    observation_wrap: tuple[str, str] = ("", "")
     cut_action_truncates: bool = False
 
     @abstractmethod
@@ -144,7 +152,7 @@ class SingleTurnEnv(Env):
 
     def __init__(self, task: Task, problem: Problem) -> None:
         self.task, self.problem = task, problem
-        self.stop = tuple(task.stop)
+        self.stop, self.observation_wrap = tuple(task.stop), task.observation_wrap
 
     async def initial_observation(self) -> str:
         return self.task.render_prompt(self.problem)

@@ -20,8 +20,11 @@ truncate an episode the env finishes on them: a completion cut short by `max_tot
 (its room was below max_new_tokens), and, for envs whose one action is the whole episode
 (`Env.cut_action_truncates`: single-turn tasks), a completion cut at max_new_tokens (DAPO's
 truncated sample, left out of training by `train.mask_truncated`).
-Every observation is cut to `agent.max_obs_tokens` tokens (`tokens.render_observation`: one
-rule for every env and tool, and the one SFT demonstrations use).
+Every observation's content is cut to `agent.max_obs_tokens` tokens and then wrapped whole
+(`tokens.render_observation`: the env's `observation_wrap` for plain models, the chat
+template's tool-role markers for chat models), so the wrapper comes on top of the budget and a
+cut never leaves an observation unterminated: one rule for every env and tool, and the one SFT
+demonstrations use.
 """
 
 from __future__ import annotations
@@ -114,7 +117,9 @@ class EpisodeRunner:
                 break
             if result.observation:
                 ended = sample.token_ids[-1:] == (self.tokenizer.eos_token_id,)
-                ids, text = render_observation(self.tokenizer, result.observation, self.chat_template, self.agent.max_obs_tokens, turn_ended=ended)
+                ids, text = render_observation(
+                    self.tokenizer, result.observation, self.chat_template, self.agent.max_obs_tokens, wrap=env.observation_wrap, turn_ended=ended,
+                )
                 segments.append(Segment("obs", tuple(ids), turn=turn, text=text))
         traj.status = status
         traj.num_turns = len(calls)

@@ -102,10 +102,10 @@ def parse_tags(text: str, tools: Mapping[str, str]) -> ParsedTurn:
     (`{"search": "query"}` turns `<search>q</search>` into `ToolCall("search", {"query": "q"})`)."""
     opens = _open_tags(text, [*tools, ANSWER_TAG])
     if not opens:
-        expected = " or ".join(f"<{n}>...</{n}>" for n in [*tools, ANSWER_TAG])  # ASCII: models see this
-        return ParsedTurn(Malformed(f"no action: expected {expected}"))
+        expected = " or ".join(f"<{n}>" for n in [*tools, ANSWER_TAG])  # short ASCII: models see this within agent.max_obs_tokens
+        return ParsedTurn(Malformed(f"no action; write {expected}"))
     if len(opens) > 1:
-        return ParsedTurn(Malformed(f"more than one action ({', '.join(f'<{n}>' for _, n in opens)}); write exactly one"))
+        return ParsedTurn(Malformed(f"{len(opens)} actions; write one"))
     start, name = opens[0]
     state, error = _last_state(text[:start])
     if error:

@@ -8,8 +8,9 @@ correct answer, β less if the episode searched, plus γ when every turn was wel
 malformed turn, or a search that fails, is answered with an error observation and counted;
 the episode goes on (until `agent.max_turns`).
 
-In the tag format observations are wrapped as `<info>…</info>`; in the Hermes format the
-episode runner wraps them in the chat template's tool-role markers instead.
+Observations are returned unwrapped: the env takes the task's `observation_wrap`
+(`<info>`…`</info>` in the tag format, none in the Hermes format, where chat models get the
+template's tool-role markers), and the episode runner adds it around the cut content.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from policyflow.agent.env import Env, EnvGroupBuilder, StepResult
 from policyflow.agent.parse import FinalAnswer, Malformed, ToolCalls, parse_turn, stop_strings
 from policyflow.rewards import search_penalty_reward
 from policyflow.tasks.base import Problem
-from policyflow.tasks.search_qa import SearchQATask, SearchSettings, wrap_observation
+from policyflow.tasks.search_qa import SearchQATask, SearchSettings
 from policyflow.tools.base import Tool, ToolPool, tool_stats
 
 
@@ -36,6 +37,7 @@ class SearchEnv(Env):
         self.malformed = 0  # turns that were not one well-formed action
         self.stop = stop_strings(settings.tool_format, list(pool.tools.values()))
         self.tools = pool.schemas() if settings.tool_format == "hermes" else None
+        self.observation_wrap = task.observation_wrap
 
     async def initial_observation(self) -> str:
         return self.task.render_prompt(self.problem)
@@ -48,12 +50,12 @@ class SearchEnv(Env):
         if isinstance(turn, Malformed):
             self.malformed += 1
             info["malformed"] = turn.reason
-            return StepResult(observation=wrap_observation(f"error: {turn.reason}", self.settings.tool_format), tools=tool_stats([], malformed=1), info=info)
+            return StepResult(observation=f"error: {turn.reason}", tools=tool_stats([], malformed=1), info=info)
         if isinstance(turn, ToolCalls):  # several (Hermes parallel calls) run at once through the pool, answered in order
             self.searches += len(turn.calls)
             results = await asyncio.gather(*(self.pool.call(c.name, c.arguments) for c in turn.calls))
             info["calls"] = [{"tool": c.name, "arguments": c.arguments, "error": r.error} for c, r in zip(turn.calls, results)]
-            observations = tuple(wrap_observation(r.text, self.settings.tool_format) for r in results)
+            observations = tuple(r.text for r in results)
             return StepResult(observation=observations[0] if len(observations) == 1 else observations, tools=tool_stats(results), info=info)
         assert isinstance(turn, FinalAnswer)
         correct = self.task.is_correct(self.problem, turn.text)

@@ -49,6 +49,11 @@ class Task(ABC):
     name: str = "task"
     # Strings that end a completion (in addition to the EOS token).
     stop: tuple[str, ...] = ()
+    # The text a plain (non-chat) model sees before and after each observation (tool result),
+    # e.g. ("<info>", "</info>"). Declared here once: the task's envs expose it to the episode
+    # runner (`Env.observation_wrap`) and SFT demonstrations read it from here; either way
+    # `tokens.render_observation` adds it around the cut content. Chat models ignore it.
+    observation_wrap: tuple[str, str] = ("", "")
 
     @abstractmethod
     def train_problem(self, index: int) -> Problem:

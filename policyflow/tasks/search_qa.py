@@ -49,12 +49,6 @@ class SearchSettings:
     format_weight: float = 0.1  # γ: added when every turn of the episode was well formed
 
 
-def wrap_observation(text: str, tool_format: str) -> str:
-    """The observation as the model sees it: `<info>text</info>` for tags; as-is for chat formats
-    (the episode runner wraps those in the chat template's tool-role markers)."""
-    return f"<info>{text}</info>" if tool_format == "tags" else text
-
-
 @dataclass(frozen=True)
 class Entity:
     id: str
@@ -126,6 +120,7 @@ class SearchQATask(Task):
         if tool_format not in TOOL_FORMATS:
             raise TaskError(f"search_qa: unknown tool_format {tool_format!r}; choose one of {list(TOOL_FORMATS)}")
         self.stop = ("</search>", "</answer>") if tool_format == "tags" else ()  # hermes: a turn (several calls) ends at EOS
+        self.observation_wrap = ("<info>", "</info>") if tool_format == "tags" else ("", "")  # hermes: the chat template's markers
         self.settings = SearchSettings(tool_format=tool_format, penalty=search_penalty, format_weight=format_weight)
         self._pool: ToolPool | None = None  # built on first use, in the process that runs episodes
         draw = lambda rng: self._question(rng, self.eval_entities, "")  # noqa: E731
@@ -207,10 +202,10 @@ class SearchQATask(Task):
         warm-start: search each place, keep the first population in `<state>`, answer.
 
         Each observation is the env's text for a search that finds the place (its passage, as
-        the tool formats it, wrapped as the env wraps it); `sft.demonstration_rows` cuts it to
-        agent.max_obs_tokens exactly as the episode runner cuts the env's observations."""
+        the tool formats it, unwrapped); `sft.demonstration_rows` cuts it to agent.max_obs_tokens
+        and wraps it in `observation_wrap` exactly as the episode runner does the env's."""
         def lookup(e: Entity) -> list[tuple[str, str]]:
-            return [("obs", wrap_observation(format_passages([Passage(**e.passage())]), "tags"))]
+            return [("obs", format_passages([Passage(**e.passage())]))]
 
         first = self.entity(problem.columns["entities"][0])
         turns = [("gen", f"<search>{first.name}</search>"), *lookup(first)]
