@@ -96,6 +96,7 @@ class SearchQAConfig(Section):
     corpus_dir: str | None = Field(None, description="Folder for the JSONL corpus and its BM25 index; empty = <run.output_dir>/cache/search_qa.")
     tool_format: Literal["tags", "hermes"] = Field("tags", description="tags: <search>…</search> / <answer>…</answer> (tiny models); hermes: <tool_call>{json}</tool_call> with the chat template's tools=.")
     top_k: int = Field(1, ge=1, description="Passages returned per search.")
+    demo_search_fraction: float = Field(1.0, ge=0, le=1, description="Share of SFT demonstrations that search; the rest answer at once from memory (a warm-start that has not learnt to search every time, for RL to discover that searching pays).")
     search_penalty: float = Field(0.1, ge=0, le=1, description="MMSearch-R1 β: a correct answer reached with search earns 1 − β instead of 1.")
     format_weight: float = Field(0.1, ge=0, description="Reward added when every turn of an episode was one well-formed action.")
     search_latency_s: float = Field(0.0, ge=0, description="Injected latency per search (benchmarks of tool waits).")

@@ -77,6 +77,24 @@ def test_bad_arguments():
         SearchQATask(num_entities=20, num_eval_entities=2, num_eval=50)  # 2 places give only 6 questions
 
 
+def test_demo_search_fraction_answers_a_share_of_demonstrations_at_once(tmp_path):
+    """With demo_search_fraction f, a deterministic share ~1 − f of demonstrations is one answer
+    turn with no search (reward 1 + γ in the env, no penalty); the rest search as usual."""
+    args = dict(seed=3, num_entities=60, num_eval_entities=12, num_eval=30, corpus_dir=tmp_path)
+    half, never = SearchQATask(**args, demo_search_fraction=0.5), SearchQATask(**args, demo_search_fraction=0.0)
+    problems = [half.train_problem(k) for k in range(400)]
+    direct = [len(half.sft_turns(p)) == 1 for p in problems]
+    assert 0.4 < sum(direct) / len(direct) < 0.6
+    assert direct == [len(half.sft_turns(p)) == 1 for p in problems]  # the same problems every time
+    assert all(never.sft_turns(p) == [("gen", f"<answer>{p.answer}</answer>")] for p in problems[:20])
+    assert SearchQATask(**args).sft_turns(problems[0])[0][1].startswith("<search>")  # default 1.0: always search
+    [env] = asyncio.run(group_builder(never, problems[0]).make_envs(1))
+    _, [result] = asyncio.run(_play(env, [f"<answer>{problems[0].answer}</answer>"]))
+    assert result.done and result.reward_parts == {"correct": 1.0, "search_penalty": 0.0, "format": 0.1}
+    with pytest.raises(TaskError, match="demo_search_fraction"):
+        SearchQATask(**args, demo_search_fraction=1.5)
+
+
 async def _play(env: SearchEnv, actions: list[str]) -> tuple[str, list]:
     prompt = await env.initial_observation()
     return prompt, [await env.step(a) for a in actions]

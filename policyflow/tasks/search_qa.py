@@ -98,6 +98,7 @@ class SearchQATask(Task):
         corpus_dir: str | Path = "runs/cache/search_qa",
         tool_format: str = "tags",
         top_k: int = 1,
+        demo_search_fraction: float = 1.0,
         search_penalty: float = 0.1,
         format_weight: float = 0.1,
         search_latency_s: float = 0.0,
@@ -110,7 +111,10 @@ class SearchQATask(Task):
             raise TaskError(f"search_qa needs 0 <= two_hop_fraction <= 1, got {two_hop_fraction}")
         if max_value < 10:
             raise TaskError(f"search_qa needs max_value >= 10, got {max_value}")
+        if not 0.0 <= demo_search_fraction <= 1.0:
+            raise TaskError(f"search_qa needs 0 <= demo_search_fraction <= 1, got {demo_search_fraction}")
         self.seed, self.two_hop_fraction, self.max_value = seed, two_hop_fraction, max_value
+        self.demo_search_fraction = demo_search_fraction
         self.entities = make_entities(seed, num_entities, max_value)
         self.eval_entities = self.entities[:num_eval_entities]
         self.train_entities = self.entities[num_eval_entities:]
@@ -198,8 +202,10 @@ class SearchQATask(Task):
         return SearchGroupBuilder(self, problem, self.tool_pool(), self.settings)
 
     def sft_turns(self, problem: Problem) -> list[tuple[str, str]]:
-        """An ideal tag-format episode as (kind, text) turns, kind 'gen' or 'obs', for the SFT
-        warm-start: search each place, keep the first population in `<state>`, answer.
+        """A tag-format demonstration as (kind, text) turns, kind 'gen' or 'obs', for the SFT
+        warm-start: search each place, keep the first population in `<state>`, answer. A share
+        1 − `demo_search_fraction` of problems (drawn from the problem's id) is answered at once
+        instead, as from memory, with no search.
 
         Each observation is the env's text for a search that finds the place (its passage, as
         the tool formats it, unwrapped); `sft.demonstration_rows` cuts it to agent.max_obs_tokens
@@ -207,6 +213,8 @@ class SearchQATask(Task):
         def lookup(e: Entity) -> list[tuple[str, str]]:
             return [("obs", format_passages([Passage(**e.passage())]))]
 
+        if seeded_rng(self.seed, "search_qa", "demo", problem.id).random() >= self.demo_search_fraction:
+            return [("gen", f"<answer>{problem.answer}</answer>")]
         first = self.entity(problem.columns["entities"][0])
         turns = [("gen", f"<search>{first.name}</search>"), *lookup(first)]
         if problem.columns["hops"] == 2:
