@@ -102,14 +102,35 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     return out.addcmul_(torch.roll(x, x.shape[-1] // 2, dims=-1), sin_signed)
 
 
-def _matmul(h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.mm(h, weight_t) if bias is None else torch.addmm(bias, h, weight_t)
+def _matmul(h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.mm(h, weight_t, out=out) if bias is None else torch.addmm(bias, h, weight_t, out=out)
 
 
 def _add_matmul_(x: torch.Tensor, h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x += h @ weight_t (+ bias), in place: the residual add fused into the matmul."""
     x.addmm_(h, weight_t)
     return x if bias is None else x.add_(bias)
+
+
+class Scratch:
+    """Named output buffers kept between forward passes: `scratch(name, rows, width)` is a
+    [rows, width] view of buffer `name`, grown when too small. Contents live until the next
+    call with the same name.
+
+    For the largest temporaries of a step (q/k/v, MLP gate and up): fresh allocations of a
+    few MB are mmap'd and page-faulted by the C allocator on every call (prefill at 256
+    prompts ran 1.17x faster with the MLP's two in scratch, measured).
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, rows: int, width: int) -> torch.Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < rows * width:
+            buffer = self.buffers[name] = torch.empty(rows * width, dtype=self.dtype, device=self.device)
+        return buffer[: rows * width].view(rows, width)
 
 
 class _Layer:
@@ -157,10 +178,11 @@ class _Layer:
             t.data_ptr() != ptr for t, ptr in zip(self._referenced, self._pointers)
         )
 
-    def mlp_(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """x += down(silu(gate(h)) * up(h)), in place."""
-        act = F.silu(_matmul(h, self.wg_t, self.bg), inplace=True)
-        act.mul_(_matmul(h, self.wu_t, self.bu))
+    def mlp_(self, x: torch.Tensor, h: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+        """x += down(silu(gate(h)) * up(h)), in place (gate and up outputs in scratch buffers)."""
+        rows, width = h.shape[0], self.wg_t.shape[1]
+        act = F.silu(_matmul(h, self.wg_t, self.bg, scratch("gate", rows, width)), inplace=True)
+        act.mul_(_matmul(h, self.wu_t, self.bu, scratch("up", rows, width)))
         return _add_matmul_(x, act, self.wd_t, self.bd)
 
 
@@ -223,6 +245,7 @@ class FastDecoder:
         # prefer big batches.
         self.prefill_tokens = self._prefill_tokens or (1024 if self.device.type == "cpu" else 16384)
         self._cos = self._sin = torch.zeros(0, self.head_dim, device=self.device)
+        self.scratch = Scratch(self.dtype, self.device)
         self._rope_table(self.capacity)
 
     def _sync_weights(self) -> None:
@@ -289,7 +312,7 @@ class FastDecoder:
     def _qkv(self, w: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lead: tuple[int, ...]):
         """Normed input -> (roped q and k as [*lead, H+Hkv, D], v as [*lead, Hkv, D])."""
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = _matmul(_rms_norm(x, w.ln1, w.eps1), w.wqkv_t, w.bqkv)
+        qkv = _matmul(_rms_norm(x, w.ln1, w.eps1), w.wqkv_t, w.bqkv, self.scratch("qkv", x.shape[0], w.wqkv_t.shape[1]))
         split = (H + Hkv) * D
         if w.qn is None:
             qk = qkv[:, :split].view(*lead, H + Hkv, D)
@@ -339,7 +362,7 @@ class FastDecoder:
             else:
                 attn = self._prompt_attention(qk[:, :, :H], k, v, visible)
             _add_matmul_(x, attn.reshape(x.shape[0], H * D), w.wo_t, w.bo)
-            w.mlp_(x, _rms_norm(x, w.ln2, w.eps2))
+            w.mlp_(x, _rms_norm(x, w.ln2, w.eps2), self.scratch)
         self.lengths[start : start + m] = lens
         self.n = start + m
         return torch.mm(_rms_norm(x, self.norm_w, self.norm_eps), self.head_t).float()
@@ -414,6 +437,6 @@ class FastDecoder:
                     parts.append(torch.bmm(self._softmax(scores), values))  # [n, G, D]
                 attn = torch.cat(parts, dim=1).view(n, H * D)
             _add_matmul_(x, attn, w.wo_t, w.bo)
-            w.mlp_(x, _rms_norm(x, w.ln2, w.eps2))
+            w.mlp_(x, _rms_norm(x, w.ln2, w.eps2), self.scratch)
         self.lengths[:n] += 1
         return torch.mm(_rms_norm(x, self.norm_w, self.norm_eps), self.head_t).float()
