@@ -115,6 +115,37 @@ def test_fast_prefill_last_position_logits_match_the_hf_forward(long: bool) -> N
             assert (second[i] - ref[-1]).abs().max() < 1e-5
 
 
+def test_fast_prefill_runs_repeated_prompts_once_and_every_row_matches_the_hf_forward(monkeypatch) -> None:
+    """Repeated prompts (a group's samples), admitted next to a row already in flight and split
+    over sub-batches: each distinct prompt is computed once, and every row's prefill logits
+    and its next two decode steps (different tokens per row) equal HF's forward of that row."""
+    from policyflow.engine.fast_decoder import FastDecoder
+
+    model, tokenizer = build_tiny(seed=7)
+    model.eval()
+    a, b, c, d = (tokenizer(t)["input_ids"] for t in ["1+2=", "345+6789=", "12*3=", "77-5="])
+    prompts = [a, b, a, c, b, a]
+    decoder = FastDecoder(model, prefill_tokens=10)  # one prompt per sub-batch
+    computed = []
+    real_prefill = decoder._prefill
+    monkeypatch.setattr(decoder, "_prefill", lambda ps: computed.extend(map(tuple, ps)) or real_prefill(ps))
+    with torch.no_grad():
+        decoder.prefill([d], reserve=16)
+        first = decoder.prefill(prompts, reserve=16)
+        assert computed == [tuple(d), tuple(a), tuple(b), tuple(c)]
+        seqs = [list(d)] + [list(p) for p in prompts]
+        steps = [first]
+        for t in range(2):
+            tokens = torch.tensor([(5 * i + 3 * t) % 90 + 3 for i in range(len(seqs))])
+            for seq, tok in zip(seqs, tokens.tolist()):
+                seq.append(tok)
+            steps.append(decoder.decode(tokens)[1:])
+        for i, seq in enumerate(seqs[1:], start=1):
+            ref = model(input_ids=torch.tensor([seq])).logits[0]
+            for t, got in enumerate(steps):
+                assert (got[i - 1] - ref[len(prompts[i - 1]) - 1 + t]).abs().max() < 1e-5, (i, t)
+
+
 @pytest.mark.parametrize("policy", POLICIES, ids=["model", "t1", "t0.7-p0.9-k7"])
 def test_shared_prompt_forward_matches_the_full_masked_forward(policy, monkeypatch) -> None:
     """Groups of rows with one prompt each (prompts of 3 lengths, completions of many): the

@@ -324,14 +324,30 @@ class FastDecoder:
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], reserve: int = 0) -> torch.Tensor:
-        """Write `prompts` into rows n..n+m-1; return next-token logits [m, V] (float32)."""
+        """Write `prompts` into rows n..n+m-1; return next-token logits [m, V] (float32).
+
+        Identical prompts (a GRPO group's G samples) run once: each distinct prompt is computed
+        in one row, then its K/V positions are copied to the rows of its repeats.
+        """
         self._sync_weights()
-        m = len(prompts)
+        m, start = len(prompts), self.n
         longest = max(len(p) for p in prompts)
-        self.reserve(self.n + m, max(longest, reserve))
+        self.reserve(start + m, max(longest, reserve))
+        first: dict[tuple[int, ...], int] = {}
+        which = [first.setdefault(tuple(p), len(first)) for p in prompts]  # prompt i is distinct prompt which[i]
+        distinct = list(first) if len(first) < m else prompts
         per_batch = max(1, self.prefill_tokens // longest)
-        out = [self._prefill(prompts[i : i + per_batch]) for i in range(0, m, per_batch)]
-        return out[0] if len(out) == 1 else torch.cat(out)
+        out = [self._prefill(distinct[i : i + per_batch]) for i in range(0, len(distinct), per_batch)]
+        logits = out[0] if len(out) == 1 else torch.cat(out)
+        if len(distinct) == m:
+            return logits
+        which_m = torch.tensor(which, device=self.device)
+        rows = start + which_m
+        for cache in self.kv:  # gathered (a copy) before the write, so overlapping rows are safe
+            cache[start : start + m, :, :longest] = cache[rows, :, :longest]
+        self.lengths[start : start + m] = self.lengths[rows]
+        self.n = start + m
+        return logits[which_m]
 
     def _prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Right-padded batch forward over whole prompts; K/V go to rows n..n+m-1.
