@@ -182,11 +182,12 @@ class _Layer:
             t.data_ptr() != ptr for t, ptr in zip(self._referenced, self._pointers)
         )
 
-    def mlp_(self, x: torch.Tensor, h: torch.Tensor, scratch: Scratch) -> torch.Tensor:
-        """x += down(silu(gate(h)) * up(h)), in place (gate and up outputs in scratch buffers)."""
+    def mlp_(self, x: torch.Tensor, h: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
+        """x += down(silu(gate(h)) * up(h)), in place (gate and up outputs in `scratch` buffers, if given)."""
         rows, width = h.shape[0], self.wg_t.shape[1]
-        act = F.silu(_matmul(h, self.wg_t, self.bg, scratch("gate", rows, width)), inplace=True)
-        act.mul_(_matmul(h, self.wu_t, self.bu, scratch("up", rows, width)))
+        gate, up = (scratch("gate", rows, width), scratch("up", rows, width)) if scratch else (None, None)
+        act = F.silu(_matmul(h, self.wg_t, self.bg, gate), inplace=True)
+        act.mul_(_matmul(h, self.wu_t, self.bu, up))
         return _add_matmul_(x, act, self.wd_t, self.bd)
 
 
