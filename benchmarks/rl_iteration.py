@@ -8,7 +8,8 @@ and the trainer's FLOPs as a fraction of the measured fp32 matmul peak (training
 forward FLOPs: forward, backward for activations, backward for weights).
 
 Usage:  .venv/bin/python benchmarks/rl_iteration.py [--threads 2] [--repeats 5] [--new-tokens 8]
-Writes benchmarks/results/rl_iteration.json. Run it when the machine is quiet.
+Writes benchmarks/results/rl_iteration.json (or --out). Run it when the machine is quiet.
+`rl_iteration_trees.py` runs it side by side with another commit's copy.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "rl_iteration.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(None, [f"run.threads={args.threads}", "train.prompts_per_step=32", "train.group_size=8", f"sampling.max_new_tokens={args.new_tokens}"])
@@ -84,8 +86,8 @@ def main() -> None:
         "prompts": 32, "group_size": 8, "new_tokens": args.new_tokens, "repeats": args.repeats,
         "median": median, "rows": rows,
     }
-    out = Path(__file__).resolve().parent / "results" / "rl_iteration.json"
-    out.parent.mkdir(exist_ok=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"peak fp32 matmul: {peak:.1f} GFLOP/s ({args.threads} threads)")
     for key, value in median.items():

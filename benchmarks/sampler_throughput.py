@@ -13,7 +13,10 @@ Variants
 
 FLOPs: per processed token 2·(matmul parameters of the decoder layers), plus 2·V·E for the LM
 head where a next-token distribution is needed, plus attention 4·layers·heads·head_dim·context.
-Fraction of peak = FLOPs / time / (measured fp32 matmul peak of a 2048^3 matmul, same threads).
+Fraction of peak = FLOPs / time / (measured fp32 matmul peak of a 2048^3 matmul, same threads);
+fraction of shape peak: the same over the GFLOP/s of one decode step's matmuls run alone at
+their real shapes on preallocated operands (`measure_shape_peak_gflops`), the ceiling for
+this model at this batch.
 
 Usage:  .venv/bin/python benchmarks/sampler_throughput.py [--threads 2] [--batch 256] [--repeats 5]
 The machine is shared: run it when it is quiet, and read the load averages it prints.
@@ -48,6 +51,29 @@ def measure_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
+
+
+def measure_shape_peak_gflops(model, rows: int, repeats: int = 50) -> float:
+    """fp32 GFLOP/s of one decode step's matmuls alone, at their real shapes ([rows, E] x [E, q+k+v],
+    [rows, H*D] x [H*D, E], gate and up [rows, E] x [E, I], down [rows, I] x [I, E] per layer, then
+    the LM head), on preallocated operands: the most a decode step's arithmetic can reach here."""
+    shapes = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        for w in (qkv, a.o_proj.weight, m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight):
+            shapes.append((torch.randn(rows, w.shape[1]), w.detach().t().contiguous()))
+    head = model.get_output_embeddings().weight
+    shapes.append((torch.randn(rows, head.shape[1]), head.detach().t().contiguous()))
+    outs = [torch.empty(x.shape[0], w.shape[1]) for x, w in shapes]
+    flops = sum(2 * x.shape[0] * x.shape[1] * w.shape[1] for x, w in shapes)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for (x, w), out in zip(shapes, outs):
+            torch.mm(x, w, out=out)
+        best = min(best, time.perf_counter() - start)
+    return flops / best / 1e9
 
 
 def model_flops(model, prompt_lens: list[int], new_lens: list[int]) -> float:
@@ -112,6 +138,7 @@ def main() -> None:
     generic = AsyncEngine(model, tokenizer, max_batch=args.batch, backend="generic",
                       generator=torch.Generator().manual_seed(0))
     peak = measure_peak_gflops()
+    shape_peak = measure_shape_peak_gflops(model, args.batch)
     prompt_lens = [len(p) for p in prompts]
 
     variants = [(n, True) for n in args.new_tokens] + [(n, False) for n in args.eos_new_tokens]
@@ -140,6 +167,7 @@ def main() -> None:
                 "tokens_per_s_best": max(tps),
                 "model_gflops_median": statistics.median(gflops),
                 "fraction_of_peak_median": statistics.median(gflops) / peak,
+                "fraction_of_shape_peak_median": statistics.median(gflops) / shape_peak,
                 "generated_tokens_per_run": statistics.median(r["tokens"] for r in runs),
             }
         pair_ratios = [
@@ -151,8 +179,9 @@ def main() -> None:
 
     load_after = os.getloadavg()
     header = f"{'variant':<11}{'ours tok/s':>12}{'HF tok/s':>11}{'ratio':>7}{'best-ratio':>11}" \
-             f"{'ours %peak':>11}{'HF %peak':>10}{'generic tok/s':>15}"
+             f"{'ours %peak':>11}{'HF %peak':>10}{'ours %shape':>12}{'HF %shape':>10}{'generic tok/s':>15}"
     print(f"batch {args.batch}, threads {args.threads}, fp32 matmul peak {peak:.1f} GFLOP/s, "
+          f"decode-step matmul shapes {shape_peak:.1f} GFLOP/s, "
           f"load avg before/after {load_before[0]:.2f}/{load_after[0]:.2f}")
     print(header)
     for row in rows:
@@ -162,6 +191,7 @@ def main() -> None:
             f"{row['variant']:<11}{ours['tokens_per_s_median']:>12.0f}{hf['tokens_per_s_median']:>11.0f}"
             f"{row['ratio_ours_vs_hf_median_of_pairs']:>7.2f}{row['ratio_ours_vs_hf_best']:>11.2f}"
             f"{100 * ours['fraction_of_peak_median']:>10.1f}%{100 * hf['fraction_of_peak_median']:>9.1f}%"
+            f"{100 * ours['fraction_of_shape_peak_median']:>11.1f}%{100 * hf['fraction_of_shape_peak_median']:>9.1f}%"
             f"{(f'{generic_tps:.0f}' if generic_tps else '-'):>15}"
         )
 
@@ -175,6 +205,7 @@ def main() -> None:
                     "torch": torch.__version__, "python": platform.python_version(),
                     "load_avg_before": load_before, "load_avg_after": load_after},
         "peak_fp32_matmul_gflops": peak,
+        "decode_shape_peak_gflops": shape_peak,
         "batch": args.batch,
         "repeats": args.repeats,
         "model_parameters": sum(p.numel() for p in model.parameters()),

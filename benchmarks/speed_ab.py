@@ -5,7 +5,9 @@ new, ...) and the speed-up is the median over pairs of base time / new time, whi
 load drifts slower than one iteration. The base arm loads `trainer.py` and
 `engine/fast_decoder.py` from `--base` (a copy of another commit's `policyflow/`, e.g.
 `git archive main policyflow | tar -x -C /tmp/base`) and uses its `Trainer` and its
-`FastDecoder._prefill`; everything else (task, rollout, engine loop) is shared. The
+`FastDecoder._prefill`; everything else (task, rollout, engine loop, and `FastDecoder.prefill`
+around `_prefill`, which runs a group's repeated prompts once) is shared: to compare whole
+commits, use `rl_iteration_trees.py`. The
 iteration is `rl_iteration.py`'s: 32 prompts x 8 samples, GRPO, forced length (`--new-tokens`)
 or stop at EOS (`--eos`).
 

@@ -8,14 +8,17 @@ character-level tokenizer built locally with the `tokenizers` library and saved 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import string
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import logging as hf_logging
 from transformers import (
+    AttentionInterface,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -132,3 +135,72 @@ def save_pretrained(model: PreTrainedModel, tokenizer, folder: str | Path) -> Pa
 
 def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+SHORT_ATTENTION = "policyflow_short"
+SHORT_ATTENTION_MAX_KEYS = 24  # CPU fp32, forward + backward: 1.4-2.9x SDPA up to 24 keys, ~1.0x at 32-36, 0.8x at 40
+SHORT_ATTENTION_MODELS = frozenset({"llama", "qwen2", "qwen3", "mistral"})
+
+
+def short_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """HF attention function for short rows: softmax(q·kᵀ·scaling + mask)·v.
+
+    query [B, H, Lq, D], key/value [B, Hkv, Lk, D]; returns ([B, Lq, H, D], None) like HF's
+    SDPA function, from the same boolean mask (`sdpa_mask`; None: plain causal, the queries
+    being the last Lq positions). The G = H/Hkv query heads of a kv head go through one matmul
+    (no repeat_kv copies), and the softmax is exp(s − max)/Σ in plain ops: torch's CPU softmax
+    and SDPA kernels take slow paths on rows this short. A fully masked row gets uniform
+    weights over its keys (a large finite negative instead of −inf), never NaN.
+    """
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError("short_attention does not do softcap or attention sinks; the model should use sdpa")
+    B, H, Lq, D = query.shape
+    Hkv, Lk = key.shape[1], key.shape[2]
+    G = H // Hkv
+    scores = torch.matmul(query.reshape(B, Hkv, G * Lq, D), key.transpose(-1, -2)).view(B, Hkv, G, Lq, Lk)
+    scores = scores * (scaling if scaling is not None else D**-0.5)
+    if attention_mask is None:
+        k = torch.arange(Lk, device=query.device)
+        visible = k[None, :] <= k[Lk - Lq :, None]
+    elif attention_mask.dtype == torch.bool:
+        visible = attention_mask.expand(B, H, Lq, Lk).reshape(B, Hkv, G, Lq, Lk)
+    else:  # an additive float mask
+        scores, visible = scores + attention_mask.expand(B, H, Lq, Lk).reshape(B, Hkv, G, Lq, Lk), None
+    if visible is not None:
+        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+    weights = (scores - scores.amax(-1, keepdim=True).detach()).exp()
+    probs = weights / weights.sum(-1, keepdim=True)
+    if dropout > 0:
+        probs = torch.nn.functional.dropout(probs, dropout)
+    out = torch.matmul(probs.view(B, Hkv, G * Lq, Lk), value)
+    return out.view(B, H, Lq, D).transpose(1, 2), None
+
+
+AttentionInterface.register(SHORT_ATTENTION, short_attention)
+AttentionMaskInterface.register(SHORT_ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def short_rows_attention(model: torch.nn.Module, keys: int):
+    """Within the block, `model` attends with `short_attention` instead of SDPA when that was
+    measured faster and computes the same numbers: an SDPA Llama-family model (Llama, Qwen2,
+    Qwen3, Mistral) in float32 on the CPU, no autocast, no gradient checkpointing, and rows
+    of at most `SHORT_ATTENTION_MAX_KEYS` keys. Otherwise nothing changes. The model's
+    attention setting is restored on exit; a backward pass after it needs nothing from it."""
+    config = getattr(model, "config", None)
+    param = next(model.parameters(), None)
+    use = (
+        param is not None and keys <= SHORT_ATTENTION_MAX_KEYS
+        and getattr(config, "_attn_implementation", None) == "sdpa"
+        and getattr(config, "model_type", None) in SHORT_ATTENTION_MODELS
+        and param.device.type == "cpu" and param.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu") and not getattr(model, "is_activation_checkpointing", False)
+    )
+    if not use:
+        yield
+        return
+    config._attn_implementation = SHORT_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"

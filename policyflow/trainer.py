@@ -16,6 +16,7 @@ import torch
 
 from policyflow.config import LossConfig, SamplingConfig, TrainConfig
 from policyflow.lora import is_lora
+from policyflow.model import short_rows_attention
 from policyflow.losses import LOSS_NEEDS, POLICY_LOSSES, kl_penalty
 from policyflow.ops import masked_mean, policy_logprobs
 from policyflow.types import TrainBatch
@@ -49,8 +50,15 @@ def sequence_logprobs(
     `_bucketed_logprobs`: no compute on most padding, no attention mask, LM-head logits only
     from the first needed position on. `buckets=0` or a mask that is not right padding: one
     plain full forward with the mask. Every path gives the plain one's numbers up to float
-    rounding (tests/test_fast_paths.py).
+    rounding (tests/test_fast_paths.py). Short batches attend with `model.short_attention`
+    (see `short_rows_attention`).
     """
+    with short_rows_attention(model, input_ids_BT.shape[1]):
+        return _sequence_logprobs(model, input_ids_BT, attention_mask_BT, policy, needed_BT, buckets)
+
+
+def _sequence_logprobs(model: torch.nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
+                       policy: SamplingConfig | None, needed_BT: torch.Tensor | None, buckets: int | None) -> torch.Tensor:
     buckets = LENGTH_BUCKETS if buckets is None else buckets
     lengths_B = attention_mask_BT.sum(dim=1)
     positions_T = torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device)
@@ -192,7 +200,20 @@ def compute_precision(device: torch.device, dtype: torch.dtype) -> contextlib.Ab
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, betas=betas)
+    """AdamW over the parameters that require gradients; torch's fused kernel (one pass over all
+    of them: 3.6 ms -> 1.1 ms per step for the tiny model on one CPU thread, same update up to
+    float rounding) when every parameter is a float tensor on the CPU or a CUDA device.
+
+    The fused kernel writes the parameters without moving their autograd version counters, so
+    a hook moves them after each step: the engine's fast decoder notices weight changes by
+    those counters (`fast_decoder._Layer.stale`).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused or None)
+    if fused:
+        optimizer.register_step_post_hook(lambda *_: torch.autograd.graph.increment_version(params))
+    return optimizer
 
 
 class Trainer:

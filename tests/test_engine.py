@@ -425,6 +425,22 @@ def test_fast_path_notices_in_place_weight_changes(two_models, prompt_ids):
     assert max_logprob_error(model_b, samples) < 1e-4
 
 
+def test_fast_path_notices_the_trainers_fused_optimizer_step(two_models, prompt_ids):
+    """torch's fused AdamW leaves version counters alone; the trainer's optimizer moves them."""
+    from policyflow.trainer import make_optimizer
+
+    model, _, tokenizer = two_models
+    engine = AsyncEngine(model, tokenizer)
+    generate_blocking(engine, prompt_ids, SamplingParams(max_new_tokens=2))
+    optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.99))
+    assert optimizer.defaults["fused"]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    samples = generate_blocking(engine, prompt_ids, SamplingParams(max_new_tokens=5))
+    assert max_logprob_error(model, samples) < 1e-4
+
+
 def test_fast_path_follows_replaced_parameter_storage(two_models, prompt_ids):
     """`.data = ...` (or `.to()`) swaps a parameter's storage; the decoder re-reads it."""
     model_a, model_b, tokenizer = two_models

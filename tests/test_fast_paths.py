@@ -116,6 +116,80 @@ def test_fast_prefill_last_position_logits_match_the_hf_forward(long: bool) -> N
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=["model", "t1", "t0.7-p0.9-k7"])
+def test_short_rows_attention_gives_sdpas_logprobs_and_gradients(policy, monkeypatch) -> None:
+    """Batches of at most SHORT_ATTENTION_MAX_KEYS tokens attend with `short_attention` (it is
+    called, and the model's setting is back to sdpa afterwards): log-probs and gradients equal
+    SDPA's, through the shared-prompt path, the buckets and a left-padded masked forward
+    (whose padding queries see no key at all)."""
+    from transformers import AttentionInterface
+
+    from policyflow import model as model_module
+
+    model, tokenizer = build_tiny(seed=8)
+    vocab = len(tokenizer)
+    shared_ids, shared_mask, shared_needed = right_padded_batch([9, 12, 7, 10, 9, 11], [5, 5, 5, 4, 4, 4], vocab, seed=3)
+    shared_ids[1:3, :5] = shared_ids[0, :5]  # two groups of three rows sharing a prompt
+    shared_ids[4:6, :4] = shared_ids[3, :4]
+    bucket_ids, bucket_mask, bucket_needed = right_padded_batch([5, 9, 12, 7], [2, 3, 4, 1], vocab, seed=4)
+    left_mask = bucket_mask.flip(1)
+    left_needed = left_mask.bool() & (left_mask.cumsum(1) > 1)  # a row's first token is predicted from padding
+    batches = [(shared_ids, shared_mask, shared_needed), (bucket_ids, bucket_mask, bucket_needed),
+               (bucket_ids.flip(1), left_mask, left_needed)]
+    calls = []
+    real = AttentionInterface._global_mapping[model_module.SHORT_ATTENTION]
+    monkeypatch.setitem(AttentionInterface._global_mapping, model_module.SHORT_ATTENTION,
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(ids, mask, needed):
+        model.zero_grad()
+        lp = sequence_logprobs(model, ids, mask, policy, needed_BT=needed)
+        (lp * needed).sum().backward()
+        return lp.detach() * needed, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    short = [run(*b) for b in batches]
+    assert len(calls) == 4 * (2 + 4 + 1)  # 4 layers x (shared: prompts + continuations; a bucket per row; masked)
+    assert model.config._attn_implementation == "sdpa"
+    monkeypatch.setattr(model_module, "SHORT_ATTENTION_MAX_KEYS", 0)
+    for (lp, grads), batch in zip(short, batches):
+        ref_lp, ref_grads = run(*batch)
+        assert torch.isfinite(lp).all() and (lp - ref_lp).abs().max() < 1e-5
+        for name, g in grads.items():
+            assert (g - ref_grads[name]).abs().max() <= 1e-5 * ref_grads[name].abs().max().clamp(min=1), name
+    assert len(calls) == 28  # SDPA did the reference runs
+
+
+def test_fast_prefill_runs_repeated_prompts_once_and_every_row_matches_the_hf_forward(monkeypatch) -> None:
+    """Repeated prompts (a group's samples), admitted next to a row already in flight and split
+    over sub-batches: each distinct prompt is computed once, and every row's prefill logits
+    and its next two decode steps (different tokens per row) equal HF's forward of that row."""
+    from policyflow.engine.fast_decoder import FastDecoder
+
+    model, tokenizer = build_tiny(seed=7)
+    model.eval()
+    a, b, c, d = (tokenizer(t)["input_ids"] for t in ["1+2=", "345+6789=", "12*3=", "77-5="])
+    prompts = [a, b, a, c, b, a]
+    decoder = FastDecoder(model, prefill_tokens=10)  # one prompt per sub-batch
+    computed = []
+    real_prefill = decoder._prefill
+    monkeypatch.setattr(decoder, "_prefill", lambda ps: computed.extend(map(tuple, ps)) or real_prefill(ps))
+    with torch.no_grad():
+        decoder.prefill([d], reserve=16)
+        first = decoder.prefill(prompts, reserve=16)
+        assert computed == [tuple(d), tuple(a), tuple(b), tuple(c)]
+        seqs = [list(d)] + [list(p) for p in prompts]
+        steps = [first]
+        for t in range(2):
+            tokens = torch.tensor([(5 * i + 3 * t) % 90 + 3 for i in range(len(seqs))])
+            for seq, tok in zip(seqs, tokens.tolist()):
+                seq.append(tok)
+            steps.append(decoder.decode(tokens)[1:])
+        for i, seq in enumerate(seqs[1:], start=1):
+            ref = model(input_ids=torch.tensor([seq])).logits[0]
+            for t, got in enumerate(steps):
+                assert (got[i - 1] - ref[len(prompts[i - 1]) - 1 + t]).abs().max() < 1e-5, (i, t)
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=["model", "t1", "t0.7-p0.9-k7"])
 def test_shared_prompt_forward_matches_the_full_masked_forward(policy, monkeypatch) -> None:
     """Groups of rows with one prompt each (prompts of 3 lengths, completions of many): the
     prompt runs once per group, and log-probs and gradients are the full forward's."""

@@ -102,14 +102,39 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     return out.addcmul_(torch.roll(x, x.shape[-1] // 2, dims=-1), sin_signed)
 
 
-def _matmul(h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.mm(h, weight_t) if bias is None else torch.addmm(bias, h, weight_t)
+def _matmul(h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.mm(h, weight_t, out=out) if bias is None else torch.addmm(bias, h, weight_t, out=out)
 
 
 def _add_matmul_(x: torch.Tensor, h: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x += h @ weight_t (+ bias), in place: the residual add fused into the matmul."""
     x.addmm_(h, weight_t)
     return x if bias is None else x.add_(bias)
+
+
+class Scratch:
+    """Named output buffers kept between forward passes: `scratch(name, rows, width)` is a
+    [rows, width] view of buffer `name`, grown when too small. Contents live until the next
+    call with the same name.
+
+    For the largest temporaries of a step (q/k/v, MLP gate and up): on the CPU, fresh
+    allocations of a few MB are mmap'd and page-faulted by the C allocator on every call
+    (prefill at 256 prompts ran 1.17x faster with the MLP's two in scratch, measured). Other
+    devices get fresh tensors: their caching allocators already reuse blocks, and memory kept
+    here would be out of reach of a trainer sharing the device.
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, rows: int, width: int) -> torch.Tensor:
+        if self.device.type != "cpu":
+            return torch.empty(rows, width, dtype=self.dtype, device=self.device)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < rows * width:
+            buffer = self.buffers[name] = torch.empty(rows * width, dtype=self.dtype, device=self.device)
+        return buffer[: rows * width].view(rows, width)
 
 
 class _Layer:
@@ -157,10 +182,12 @@ class _Layer:
             t.data_ptr() != ptr for t, ptr in zip(self._referenced, self._pointers)
         )
 
-    def mlp_(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """x += down(silu(gate(h)) * up(h)), in place."""
-        act = F.silu(_matmul(h, self.wg_t, self.bg), inplace=True)
-        act.mul_(_matmul(h, self.wu_t, self.bu))
+    def mlp_(self, x: torch.Tensor, h: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
+        """x += down(silu(gate(h)) * up(h)), in place (gate and up outputs in `scratch` buffers, if given)."""
+        rows, width = h.shape[0], self.wg_t.shape[1]
+        gate, up = (scratch("gate", rows, width), scratch("up", rows, width)) if scratch else (None, None)
+        act = F.silu(_matmul(h, self.wg_t, self.bg, gate), inplace=True)
+        act.mul_(_matmul(h, self.wu_t, self.bu, up))
         return _add_matmul_(x, act, self.wd_t, self.bd)
 
 
@@ -223,6 +250,7 @@ class FastDecoder:
         # prefer big batches.
         self.prefill_tokens = self._prefill_tokens or (1024 if self.device.type == "cpu" else 16384)
         self._cos = self._sin = torch.zeros(0, self.head_dim, device=self.device)
+        self.scratch = Scratch(self.dtype, self.device)
         self._rope_table(self.capacity)
 
     def _sync_weights(self) -> None:
@@ -289,7 +317,7 @@ class FastDecoder:
     def _qkv(self, w: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lead: tuple[int, ...]):
         """Normed input -> (roped q and k as [*lead, H+Hkv, D], v as [*lead, Hkv, D])."""
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = _matmul(_rms_norm(x, w.ln1, w.eps1), w.wqkv_t, w.bqkv)
+        qkv = _matmul(_rms_norm(x, w.ln1, w.eps1), w.wqkv_t, w.bqkv, self.scratch("qkv", x.shape[0], w.wqkv_t.shape[1]))
         split = (H + Hkv) * D
         if w.qn is None:
             qk = qkv[:, :split].view(*lead, H + Hkv, D)
@@ -301,14 +329,30 @@ class FastDecoder:
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], reserve: int = 0) -> torch.Tensor:
-        """Write `prompts` into rows n..n+m-1; return next-token logits [m, V] (float32)."""
+        """Write `prompts` into rows n..n+m-1; return next-token logits [m, V] (float32).
+
+        Identical prompts (a GRPO group's G samples) run once: each distinct prompt is computed
+        in one row, then its K/V positions are copied to the rows of its repeats.
+        """
         self._sync_weights()
-        m = len(prompts)
+        m, start = len(prompts), self.n
         longest = max(len(p) for p in prompts)
-        self.reserve(self.n + m, max(longest, reserve))
+        self.reserve(start + m, max(longest, reserve))
+        first: dict[tuple[int, ...], int] = {}
+        which = [first.setdefault(tuple(p), len(first)) for p in prompts]  # prompt i is distinct prompt which[i]
+        distinct = list(first) if len(first) < m else prompts
         per_batch = max(1, self.prefill_tokens // longest)
-        out = [self._prefill(prompts[i : i + per_batch]) for i in range(0, m, per_batch)]
-        return out[0] if len(out) == 1 else torch.cat(out)
+        out = [self._prefill(distinct[i : i + per_batch]) for i in range(0, len(distinct), per_batch)]
+        logits = out[0] if len(out) == 1 else torch.cat(out)
+        if len(distinct) == m:
+            return logits
+        which_m = torch.tensor(which, device=self.device)
+        rows = start + which_m
+        for cache in self.kv:  # gathered (a copy) before the write, so overlapping rows are safe
+            cache[start : start + m, :, :longest] = cache[rows, :, :longest]
+        self.lengths[start : start + m] = self.lengths[rows]
+        self.n = start + m
+        return logits[which_m]
 
     def _prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Right-padded batch forward over whole prompts; K/V go to rows n..n+m-1.
@@ -339,7 +383,7 @@ class FastDecoder:
             else:
                 attn = self._prompt_attention(qk[:, :, :H], k, v, visible)
             _add_matmul_(x, attn.reshape(x.shape[0], H * D), w.wo_t, w.bo)
-            w.mlp_(x, _rms_norm(x, w.ln2, w.eps2))
+            w.mlp_(x, _rms_norm(x, w.ln2, w.eps2), self.scratch)
         self.lengths[start : start + m] = lens
         self.n = start + m
         return torch.mm(_rms_norm(x, self.norm_w, self.norm_eps), self.head_t).float()
@@ -363,6 +407,12 @@ class FastDecoder:
         return torch.bmm(probs, values).view(m, Hkv, G, Lq, D).permute(0, 3, 1, 2, 4)
 
     def _softmax(self, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[-1] < 16 and scores.device.type == "cpu":
+            # torch's CPU softmax over a last dim shorter than 16 takes a scalar path (5x slower
+            # at 256x4x11, measured); exp(s - max) / sum in plain ops is the same function.
+            h = scores.float()
+            e = (h - h.amax(-1, keepdim=True)).exp_()
+            return e.div_(e.sum(-1, keepdim=True)).to(self.dtype)
         if self.dtype == torch.float32:
             return torch.softmax(scores, dim=-1)
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
@@ -408,6 +458,6 @@ class FastDecoder:
                     parts.append(torch.bmm(self._softmax(scores), values))  # [n, G, D]
                 attn = torch.cat(parts, dim=1).view(n, H * D)
             _add_matmul_(x, attn, w.wo_t, w.bo)
-            w.mlp_(x, _rms_norm(x, w.ln2, w.eps2))
+            w.mlp_(x, _rms_norm(x, w.ln2, w.eps2), self.scratch)
         self.lengths[:n] += 1
         return torch.mm(_rms_norm(x, self.norm_w, self.norm_eps), self.head_t).float()
