@@ -180,6 +180,11 @@ AttentionInterface.register(SHORT_ATTENTION, short_attention)
 AttentionMaskInterface.register(SHORT_ATTENTION, sdpa_mask)
 
 
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Gradient checkpointing is on (transformers 5 calls it activation checkpointing; 4.x gradient)."""
+    return bool(getattr(model, "is_activation_checkpointing", False) or getattr(model, "is_gradient_checkpointing", False))
+
+
 @contextlib.contextmanager
 def short_rows_attention(model: torch.nn.Module, keys: int):
     """Within the block, `model` attends with `short_attention` instead of SDPA when that was
@@ -194,7 +199,7 @@ def short_rows_attention(model: torch.nn.Module, keys: int):
         and getattr(config, "_attn_implementation", None) == "sdpa"
         and getattr(config, "model_type", None) in SHORT_ATTENTION_MODELS
         and param.device.type == "cpu" and param.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu") and not getattr(model, "is_activation_checkpointing", False)
+        and not torch.is_autocast_enabled("cpu") and not _checkpointing(model)
     )
     if not use:
         yield

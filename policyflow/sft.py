@@ -100,6 +100,7 @@ def warm_start(
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.99))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, cfg.max_steps))
     loss_value, acc, step = float("nan"), greedy_accuracy(), 0
+    on_eval(0, acc)
     while step < cfg.max_steps and acc < cfg.target_accuracy:
         first = SFT_PROBLEM_OFFSET + step * cfg.batch_size
         problems = [task.train_problem(first + i) for i in range(cfg.batch_size)]

@@ -212,7 +212,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused or None)
     if fused:
-        optimizer.register_step_post_hook(lambda *_: torch.autograd.graph.increment_version(params))
+        optimizer.register_step_post_hook(
+            lambda opt, *_: torch.autograd.graph.increment_version([p for group in opt.param_groups for p in group["params"]]))
     return optimizer
 
 

@@ -102,6 +102,9 @@ def test_hermes_parallel_calls_keep_their_order():
         ('<tool_call>{"name": "search", "arguments": {}}</tool_call><tool_call>{"name": "web"}</tool_call>', "tool call 2: unknown tool 'web'; available: ['search']"),
         ('<tool_call>{"name": "search"}<tool_call>{"name": "search"}</tool_call>', "tool call 1: <tool_call> is not closed"),
         ("It is <answer>Quelm", "<answer> is not closed"),
+        ('<tool_call>{"name": "search"}</tool_call><answer>7</answer>', "text after </tool_call>; end the turn after the tool calls"),
+        ('<tool_call>{"name": "search"}</tool_call>\n<tool_response>made up</tool_response>', "text after </tool_call>; end the turn after the tool calls"),
+        ('<tool_call>{"name": "search"}</tool_call> so <tool_call>{"name": "search"}</tool_call>', "tool call 1: text after </tool_call>; end the turn after the tool calls"),
     ],
 )
 def test_hermes_malformed(text, reason):

@@ -170,9 +170,9 @@ def test_every_advantage_builds_a_batch(small_config, advantage: str) -> None:
 def test_sft_reports_each_greedy_evaluation_and_stops_at_the_target(small_config) -> None:
     cfg = small_config("task.name=arithmetic", "sft.max_steps=50", "sft.warmup_steps=5", "sft.target_accuracy=0.5", "sft.eval_every=10")
     session = open_session(cfg)
-    accuracies = iter([0.1, 0.2, 0.6, 0.9])  # the first is the check before any step
+    accuracies = iter([0.1, 0.2, 0.6, 0.9])  # the first is the check before any step (step 0)
     seen: list[tuple[int, float]] = []
     result = warm_start(session.model, session.tokenizer, session.task, cfg.sft, chat_template=False,
                         greedy_accuracy=lambda: next(accuracies), on_eval=lambda step, acc: seen.append((step, acc)))
-    assert seen == [(10, 0.2), (20, 0.6)]
+    assert seen == [(0, 0.1), (10, 0.2), (20, 0.6)]
     assert (result.steps, result.accuracy_greedy) == (20, 0.6)

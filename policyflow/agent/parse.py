@@ -124,7 +124,8 @@ def parse_tags(text: str, tools: Mapping[str, str]) -> ParsedTurn:
 def parse_hermes(text: str, tools: Collection[str]) -> ParsedTurn:
     """Read a Hermes/Qwen turn: each `<tool_call>{"name", "arguments"}</tool_call>` is a tool call
     (several make parallel calls); a turn without one is the final answer (the content of
-    `<answer>` if present, else the text). One bad call makes the whole turn malformed."""
+    `<answer>` if present, else the text). One bad call, or text after a call other than white
+    space (an invented `<tool_response>`, an answer in the same turn), makes the whole turn malformed."""
     starts = [m.start() for m in re.finditer(re.escape(TOOL_CALL_OPEN), text)]
     state, error = _last_state(text[: starts[0]] if starts else text)
     if error:
@@ -139,7 +140,10 @@ def parse_hermes(text: str, tools: Collection[str]) -> ParsedTurn:
         return ParsedTurn(FinalAnswer(re.sub(r"<state>.*?</state>", "", text, flags=re.DOTALL).strip()), state)
     calls = []
     for k, start in enumerate(starts):
-        call = _hermes_call(text, start, starts[k + 1] if k + 1 < len(starts) else len(text), tools)
+        limit = starts[k + 1] if k + 1 < len(starts) else len(text)
+        call = _hermes_call(text, start, limit, tools)
+        if not isinstance(call, Malformed) and text[text.find(TOOL_CALL_CLOSE, start, limit) + len(TOOL_CALL_CLOSE) : limit].strip():
+            call = Malformed(f"text after {TOOL_CALL_CLOSE}; end the turn after the tool calls")
         if isinstance(call, Malformed):
             return ParsedTurn(Malformed(f"tool call {k + 1}: {call.reason}") if len(starts) > 1 else call, state)
         calls.append(call)
