@@ -279,6 +279,13 @@ def test_tiny_top_p_keeps_only_the_argmax(tiny, prompt_ids):
         assert all(lp == 0.0 for lp in a.logprobs)  # one token keeps all the mass
 
 
+def _replayed_logits(model, sample):
+    """The model's logits at each position that produced one of `sample`'s tokens (one plain forward)."""
+    ids = torch.tensor([list(sample.prompt_ids) + list(sample.token_ids)])
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0, len(sample.prompt_ids) - 1 : -1]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_temperature_and_top_p_logprobs_are_the_sampling_distribution(tiny, prompt_ids, backend):
     model, tokenizer = tiny
@@ -286,9 +293,7 @@ def test_temperature_and_top_p_logprobs_are_the_sampling_distribution(tiny, prom
     engine = AsyncEngine(model, tokenizer, backend=backend, generator=torch.Generator().manual_seed(5))
     samples = generate_blocking(engine, prompt_ids, SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=6))
     for s in samples:
-        ids = torch.tensor([list(s.prompt_ids) + list(s.token_ids)])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, len(s.prompt_ids) - 1 : -1]
+        logits = _replayed_logits(model, s)
         for t, (tok, lp) in enumerate(zip(s.token_ids, s.logprobs)):
             probs = torch.softmax(logits[t].double() / temperature, -1)
             order = probs.argsort(descending=True)
@@ -307,9 +312,7 @@ def test_top_k_then_top_p_logprobs_are_the_sampling_distribution(tiny, prompt_id
     engine = AsyncEngine(model, tokenizer, backend=backend, generator=torch.Generator().manual_seed(2))
     samples = generate_blocking(engine, prompt_ids, SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=6))
     for s in samples:
-        ids = torch.tensor([list(s.prompt_ids) + list(s.token_ids)])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, len(s.prompt_ids) - 1 : -1]
+        logits = _replayed_logits(model, s)
         for t, (tok, lp) in enumerate(zip(s.token_ids, s.logprobs)):
             probs = torch.softmax(logits[t].double() / temperature, -1)
             top = probs.argsort(descending=True)[:top_k]

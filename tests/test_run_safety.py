@@ -275,25 +275,32 @@ def test_metrics_never_repeat_a_step_and_counters_continue(small_config) -> None
 # ---- Ctrl-C --------------------------------------------------------------------------------
 
 
-def test_ctrl_c_records_the_last_step_and_resumes(tmp_path: Path, jsonl_file: Path, runtime: str = "inline") -> None:
-    """(With runtime="process" this passes too, in about a minute; the snapshot clean-up is checked below.)"""
+def _ctrl_c_cli(args: list[str], ready) -> tuple[int, str]:
+    """Run `policyflow train *args` in a subprocess, send SIGINT once `ready()` (polled, 120 s at
+    most), and return its exit status and stderr."""
     import signal
     import time
 
-    run = tmp_path / "runs" / "c"
-    args = _cli_args(tmp_path, jsonl_file, "run.name=c", "train.steps=500", "eval.every=0", f"pipeline.runtime={runtime}")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "policyflow", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (run / "metrics.jsonl").is_file() or max(_steps(run), default=0) < 2:
+        while time.monotonic() < deadline and not ready():
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
+    return proc.returncode, err
+
+
+def test_ctrl_c_records_the_last_step_and_resumes(tmp_path: Path, jsonl_file: Path, runtime: str = "inline") -> None:
+    """(With runtime="process" this passes too, in about a minute; the snapshot clean-up is checked below.)"""
+    run = tmp_path / "runs" / "c"
+    args = _cli_args(tmp_path, jsonl_file, "run.name=c", "train.steps=500", "eval.every=0", f"pipeline.runtime={runtime}")
+    returncode, err = _ctrl_c_cli(args, lambda: (run / "metrics.jsonl").is_file() and max(_steps(run), default=0) >= 2)
+    assert returncode == 130, err
     steps = _steps(run)
     last = steps[-1]
     assert steps == list(range(last + 1))  # every completed step logged once, the interrupted one fully or not at all
@@ -314,22 +321,9 @@ def test_a_plain_keyboard_interrupt_is_one_line_with_status_130(monkeypatch, cap
 
 
 def test_ctrl_c_during_the_sft_warm_start_stops_at_once(tmp_path: Path, jsonl_file: Path) -> None:
-    import signal
-    import time
-
     run = tmp_path / "runs" / "s"
     args = [*_cli_args(tmp_path, jsonl_file, "run.name=s"), "sft.max_steps=100000", "sft.eval_every=100000"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "policyflow", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (run / "metrics.jsonl").is_file():  # the first sft/loss line (step 10)
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130
+    returncode, err = _ctrl_c_cli(args, lambda: (run / "metrics.jsonl").is_file())  # SFT's first line (its step-0 evaluation)
+    assert returncode == 130
     assert err.strip().splitlines()[-1] == f"policyflow: interrupted before any checkpoint of {run} was written; start again with run.overwrite=true"
     assert not (run / "run.lock").exists()

@@ -140,10 +140,7 @@ def parse_hermes(text: str, tools: Collection[str]) -> ParsedTurn:
         return ParsedTurn(FinalAnswer(re.sub(r"<state>.*?</state>", "", text, flags=re.DOTALL).strip()), state)
     calls = []
     for k, start in enumerate(starts):
-        limit = starts[k + 1] if k + 1 < len(starts) else len(text)
-        call = _hermes_call(text, start, limit, tools)
-        if not isinstance(call, Malformed) and text[text.find(TOOL_CALL_CLOSE, start, limit) + len(TOOL_CALL_CLOSE) : limit].strip():
-            call = Malformed(f"text after {TOOL_CALL_CLOSE}; end the turn after the tool calls")
+        call = _hermes_call(text, start, starts[k + 1] if k + 1 < len(starts) else len(text), tools)
         if isinstance(call, Malformed):
             return ParsedTurn(Malformed(f"tool call {k + 1}: {call.reason}") if len(starts) > 1 else call, state)
         calls.append(call)
@@ -151,10 +148,13 @@ def parse_hermes(text: str, tools: Collection[str]) -> ParsedTurn:
 
 
 def _hermes_call(text: str, start: int, limit: int, tools: Collection[str]) -> ToolCall | Malformed:
-    """The call in the `<tool_call>` block opening at `start`, which must close before `limit` (the next block)."""
+    """The call in the `<tool_call>` block opening at `start`, which must close before `limit` (the
+    next block, or the end of the turn) with nothing but white space after it."""
     end = text.find(TOOL_CALL_CLOSE, start, limit)
     if end < 0:
         return Malformed(f"{TOOL_CALL_OPEN} is not closed")
+    if text[end + len(TOOL_CALL_CLOSE) : limit].strip():
+        return Malformed(f"text after {TOOL_CALL_CLOSE}; end the turn after the tool calls")
     body = text[start + len(TOOL_CALL_OPEN) : end]
     try:
         call = json.loads(body)
