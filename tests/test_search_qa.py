@@ -67,6 +67,16 @@ def test_corpus_file(task):
     assert len(rows) == 60 and task.corpus_path() == path
 
 
+def test_corpus_file_is_named_by_its_content(task, tmp_path):
+    """Other entities (another seed, size or value range, or another passage format) get another
+    file: a corpus cached by other settings or an older version is never read in its place."""
+    other = SearchQATask(seed=1, num_entities=60, num_eval_entities=10, corpus_dir=task.corpus_dir)
+    assert other.corpus_path() != task.corpus_path()
+    assert other.corpus_path().read_text() != task.corpus_path().read_text()
+    again = SearchQATask(seed=task.seed, num_entities=60, num_eval_entities=10, corpus_dir=task.corpus_dir)
+    assert again.corpus_path() == task.corpus_path()
+
+
 def test_bad_arguments():
     with pytest.raises(TaskError, match="num_eval_entities < num_entities"):
         SearchQATask(num_entities=10, num_eval_entities=10)
@@ -169,7 +179,7 @@ def test_built_from_config(tmp_path):
     task = build_task(cfg)
     assert isinstance(task, SearchQATask) and len(task.entities) == 30 and len(task.eval_problems()) == 7
     assert task.settings.penalty == 0.3 and task.search_args == {"k": 2, "latency_s": 0.0}
-    assert task.corpus_path() == tmp_path / "cache" / "search_qa" / "search_qa_s0_n30_v99.jsonl"
+    assert task.corpus_path().parent == tmp_path / "cache" / "search_qa"
 
 
 class ScriptedEngine:

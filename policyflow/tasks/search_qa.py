@@ -21,6 +21,7 @@ case and surrounding space, numbers as integers).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -153,12 +154,16 @@ class SearchQATask(Task):
         return self._eval
 
     def corpus_path(self) -> Path:
-        """The JSONL corpus, written on first use (atomically, so processes may race)."""
-        path = self.corpus_dir / f"search_qa_s{self.seed}_n{len(self.entities)}_v{self.max_value}.jsonl"
+        """The JSONL corpus, written on first use (atomically, so processes may race).
+
+        Its name holds a digest of its content, so a cache written by other settings or by an
+        older version of this task (another passage format) is never read in its place."""
+        text = "".join(json.dumps(e.passage()) + "\n" for e in self.entities)
+        path = self.corpus_dir / f"search_qa_{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text("".join(json.dumps(e.passage()) + "\n" for e in self.entities))
+            tmp.write_text(text)
             os.replace(tmp, path)
         return path
 
