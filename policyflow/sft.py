@@ -103,7 +103,7 @@ def warm_start(
     on_eval(0, acc)
     while step < cfg.max_steps and acc < cfg.target_accuracy:
         first = SFT_PROBLEM_OFFSET + step * cfg.batch_size
-        problems = [task.train_problem(first + i) for i in range(cfg.batch_size)]
+        problems = [task.sft_problem(first + i) for i in range(cfg.batch_size)]
         prompts = encode_prompts(tokenizer, task, problems, chat_template)
         rows = [row for p, ids in zip(problems, prompts) for row in demonstration_rows(
             tokenizer, ids, task.sft_turns(p), chat_template, context, max_obs_tokens, task.observation_wrap,

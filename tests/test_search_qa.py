@@ -105,6 +105,28 @@ def test_demo_search_fraction_answers_a_share_of_demonstrations_at_once(tmp_path
         SearchQATask(**args, demo_search_fraction=1.5)
 
 
+def test_warm_start_problems_are_about_places_of_their_own(task):
+    """SFT demonstrations ask about fresh made-up places (none in the corpus, so none memorisable):
+    deterministic per index, of both kinds, each demonstration's observations are its own places'
+    passages and its answer their fact."""
+    problems = [task.sft_problem(10_000_000 + k) for k in range(300)]
+    assert problems == [task.sft_problem(10_000_000 + k) for k in range(300)]
+    places = [p for problem in problems for p in task.places(problem)]
+    assert not {n for p in places for n in (p.name, p.capital)} & task.corpus_names
+    assert len({p.name for p in places}) > 0.9 * len(places)  # fresh names, not a small reused set
+    assert {problem.columns["hops"] for problem in problems} == {1, 2}
+    for problem in problems[:40]:
+        first, *rest = task.places(problem)
+        demo = task.sft_turns(problem)
+        assert [text for kind, text in demo if kind == "obs"] == [f"{p.name}: capital {p.capital}, pop {p.pop}" for p in (first, *rest)]
+        assert demo[-1] == ("gen", f"<answer>{problem.answer}</answer>")
+        if problem.prompt.startswith("capital"):
+            assert problem.answer == first.capital
+        else:
+            assert int(problem.answer) == sum(p.pop for p in (first, *rest))
+    assert task.places(task.train_problem(0))[0] is task.entity(task.train_problem(0).columns["entities"][0])
+
+
 async def _play(env: SearchEnv, actions: list[str]) -> tuple[str, list]:
     prompt = await env.initial_observation()
     return prompt, [await env.step(a) for a in actions]

@@ -71,6 +71,11 @@ class Task(ABC):
         """The reference completion used for the supervised warm-start."""
         return problem.answer
 
+    def sft_problem(self, index: int) -> Problem:
+        """The index-th warm-start problem; by default the index-th training problem (`sft.py`
+        asks from index `SFT_PROBLEM_OFFSET` on, so RL starts on problems SFT never showed)."""
+        return self.train_problem(index)
+
     def sft_turns(self, problem: Problem) -> list[tuple[str, str]]:
         """The warm-start demonstration after the prompt as (kind, text) turns: 'gen' turns are
         trained on, 'obs' turns (tool results) are context only. One 'gen' turn by default."""

@@ -117,6 +117,7 @@ class SearchQATask(Task):
         self.seed, self.two_hop_fraction, self.max_value = seed, two_hop_fraction, max_value
         self.demo_search_fraction = demo_search_fraction
         self.entities = make_entities(seed, num_entities, max_value)
+        self.corpus_names = {n for e in self.entities for n in (e.name, e.capital)}
         self.eval_entities = self.entities[:num_eval_entities]
         self.train_entities = self.entities[num_eval_entities:]
         self.corpus_dir = Path(corpus_dir)
@@ -143,6 +144,23 @@ class SearchQATask(Task):
         if rng.random() < 0.5:
             return Problem(problem_id, f"capital of {e.name}?", e.capital, {"hops": 1, "entities": (e.id,)})
         return Problem(problem_id, f"pop of {e.name}?", str(e.pop), {"hops": 1, "entities": (e.id,)})
+
+    def sft_problem(self, index: int) -> Problem:
+        """A warm-start question about two made-up places of its own, in no corpus (their facts
+        ride in `columns["places"]`, for `sft_turns`).
+
+        Demonstrations about corpus places let a model lower its loss by memorising their facts
+        instead of copying them from the search result (with 200 places it did); a place seen in
+        one demonstration only cannot be memorised, so copying is the one way to the answer."""
+        rng = seeded_rng(self.seed, "search_qa", "demo_places", index)
+        places: list[Entity] = []
+        while len(places) < 2:
+            place = Entity(f"demo{len(places)}", _name(rng), _name(rng), rng.randint(10, self.max_value))
+            if place.name != place.capital and not {place.name, place.capital} & self.corpus_names:
+                places.append(place)
+        problem = self._question(rng, places, f"search_qa:demo:{index}")
+        chosen = tuple(next(p for p in places if p.id == i) for i in problem.columns["entities"])
+        return dataclasses.replace(problem, columns={**problem.columns, "places": chosen})
 
     def train_problem(self, index: int) -> Problem:
         """Deterministic in (seed, index); asks only about training places."""
@@ -192,6 +210,10 @@ class SearchQATask(Task):
     def entity(self, entity_id: str) -> Entity:
         return self.entities[int(entity_id[1:])]
 
+    def places(self, problem: Problem) -> tuple[Entity, ...]:
+        """The places `problem` asks about, in order: its own (`sft_problem`) or corpus places."""
+        return problem.columns.get("places") or tuple(self.entity(i) for i in problem.columns["entities"])
+
     def tool_pool(self) -> ToolPool:
         """The process's search tool pool over this task's corpus (index built or loaded once)."""
         if self._pool is None:
@@ -210,7 +232,8 @@ class SearchQATask(Task):
         """A tag-format demonstration as (kind, text) turns, kind 'gen' or 'obs', for the SFT
         warm-start: search each place, keep the first population in `<state>`, answer. A share
         1 − `demo_search_fraction` of problems (drawn from the problem's id) is answered at once
-        instead, as from memory, with no search.
+        instead, as from memory, with no search (for `sft_problem`'s places of their own, a
+        guess: the warm-start learns to answer at once sometimes, and RL that it does not pay).
 
         Each observation is the env's text for a search that finds the place (its passage, as
         the tool formats it, unwrapped); `sft.demonstration_rows` cuts it to agent.max_obs_tokens
@@ -220,9 +243,8 @@ class SearchQATask(Task):
 
         if seeded_rng(self.seed, "search_qa", "demo", problem.id).random() >= self.demo_search_fraction:
             return [("gen", f"<answer>{problem.answer}</answer>")]
-        first = self.entity(problem.columns["entities"][0])
+        first, *second = self.places(problem)
         turns = [("gen", f"<search>{first.name}</search>"), *lookup(first)]
-        if problem.columns["hops"] == 2:
-            second = self.entity(problem.columns["entities"][1])
-            turns += [("gen", f"<state>{first.pop}</state><search>{second.name}</search>"), *lookup(second)]
+        for place in second:  # a two-lookup question
+            turns += [("gen", f"<state>{first.pop}</state><search>{place.name}</search>"), *lookup(place)]
         return turns + [("gen", f"<answer>{problem.answer}</answer>")]
