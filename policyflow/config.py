@@ -49,6 +49,7 @@ class TinyModelConfig(Section):
     num_heads: int = Field(4, ge=1, le=256, description="Attention heads; must divide hidden_size, with an even head size (hidden_size / num_heads) for rotary embeddings.")
     num_kv_heads: int = Field(2, ge=1, le=256, description="Key/value heads (grouped-query attention); must divide num_heads.")
     max_positions: int = Field(256, ge=16, le=1_048_576, description="Longest sequence (prompt + completion).")
+    init_std: float = Field(0.02, gt=0, le=1.0, description="Standard deviation of the initial weights and embeddings (Hugging Face's initializer_range). The search demo uses 0.1: its warm-start then learns to copy from search results within 250-400 steps, where with 0.02 it took from 450 to over 1000 depending on the seed.")
 
     @model_validator(mode="after")
     def _check(self) -> TinyModelConfig:

@@ -58,11 +58,13 @@ def build_tiny_model(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     max_positions: int = 512,
+    init_std: float = 0.02,
     seed: int = 0,
     pad_token_id: int = 0,
     eos_token_id: int = 1,
 ) -> PreTrainedModel:
-    """A Qwen2-style causal LM with tied embeddings, initialised from `seed`."""
+    """A Qwen2-style causal LM with tied embeddings, initialised from `seed`: weight matrices
+    and embeddings from N(0, init_std²) (Hugging Face's `initializer_range`), biases 0, norms 1."""
     config = Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -72,6 +74,7 @@ def build_tiny_model(
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_positions,
         tie_word_embeddings=True,
+        initializer_range=init_std,
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
         bos_token_id=eos_token_id,
