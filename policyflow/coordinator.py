@@ -200,7 +200,8 @@ async def _checkpoint(trainer, pool: RolloutPool, buffer: RolloutBuffer, loop: L
 
 
 def _accuracy_line(label: str, result: dict) -> str:
-    return f"held-out accuracy {label}: greedy {result['accuracy_greedy']:.1%}, sampled {result['accuracy_sampled']:.1%}"
+    splits = ", ".join(f"{k} {v:.1%}" for k, v in result.get("accuracy_sampled_by_split", {}).items())
+    return f"held-out accuracy {label}: greedy {result['accuracy_greedy']:.1%}, sampled {result['accuracy_sampled']:.1%}" + (f" ({splits})" if splits else "")
 
 
 def _write_samples(writer: JsonlWriter, step: int, groups: list[Group], per_step: int = 4) -> None:

@@ -32,12 +32,15 @@ def _scripted_rollouts(greedy: list[str], sampled: list[str]):
     return rollout_groups
 
 
+_SPLIT_BY_ID = SimpleNamespace(eval_split=lambda problem: "odd" if int(problem.id) % 2 else "even")
+
+
 def test_pass_at_k_from_several_samples_per_prompt(monkeypatch) -> None:
     problems = [Problem(str(i), "q", "a") for i in range(3)]
     # 4 samples per problem: problem 0 never right, problem 1 once, problem 2 always.
     sampled = ["x", "x", "x", "x", "a", "x", "x", "x", "a", "a", "a", "a"]
     monkeypatch.setattr(evaluation, "rollout_groups", _scripted_rollouts(["a", "x", "x"], sampled))
-    result = evaluate(_ScriptedRunner(), None, problems, temperature=1.0, samples_per_prompt=4)
+    result = evaluate(_ScriptedRunner(), _SPLIT_BY_ID, problems, temperature=1.0, samples_per_prompt=4)
     assert result.accuracy_greedy == pytest.approx(1 / 3)
     assert result.accuracy_sampled == pytest.approx(5 / 12)  # the unbiased pass@1
     # pass@2 of problem 1: 1 − C(3,2)/C(4,2) = 1/2; pass@4: any of the 4 right.
@@ -47,6 +50,11 @@ def test_pass_at_k_from_several_samples_per_prompt(monkeypatch) -> None:
     metrics = result.as_metrics()
     assert metrics["eval/pass@2"] == pytest.approx(0.5) and metrics["eval/samples_per_prompt"] == 4.0
     assert EvalResult(**{k: v for k, v in vars(result).items()}) == result  # round-trips through checkpoints/summary dicts
+    # Task.eval_split: problems 0 and 2 are "even" (0 + 4 of 8 samples right), problem 1 "odd" (1 of 4)
+    assert result.accuracy_sampled_by_split == pytest.approx({"even": 4 / 8, "odd": 1 / 4})
+    assert metrics["eval/accuracy_sampled/even"] == pytest.approx(0.5) and metrics["eval/accuracy_sampled/odd"] == pytest.approx(0.25)
+    plain = evaluate(_ScriptedRunner(), SimpleNamespace(eval_split=lambda p: None), problems, temperature=1.0, samples_per_prompt=4)
+    assert plain.accuracy_sampled_by_split == {} and not any("/accuracy_sampled/" in k for k in plain.as_metrics())
 
 
 def test_pass_at_ks() -> None:
@@ -67,3 +75,11 @@ def test_sampling_generator_is_on_the_models_device(small_config, monkeypatch) -
     model_device = next(session.model.parameters()).device
     assert [(n, g.device) for n, g in seen if g is not None] == [(2, model_device)]
     assert set(result.pass_at) == {"pass@2"} and result.num_prompts == 4
+
+
+def test_the_accuracy_line_names_each_split() -> None:
+    from policyflow.coordinator import _accuracy_line
+
+    result = {"accuracy_greedy": 0.5, "accuracy_sampled": 0.25, "accuracy_sampled_by_split": {"one_lookup": 0.375, "two_lookups": 0.0}}
+    assert _accuracy_line("after RL", result) == "held-out accuracy after RL: greedy 50.0%, sampled 25.0% (one_lookup 37.5%, two_lookups 0.0%)"
+    assert _accuracy_line("after RL", {"accuracy_greedy": 0.5, "accuracy_sampled": 0.25}) == "held-out accuracy after RL: greedy 50.0%, sampled 25.0%"

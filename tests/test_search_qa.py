@@ -67,6 +67,11 @@ def test_corpus_file(task):
     assert len(rows) == 60 and task.corpus_path() == path
 
 
+def test_eval_splits_are_one_and_two_lookups(task):
+    splits = {task.eval_split(p): p.columns["hops"] for p in task.eval_problems()}
+    assert splits == {"one_lookup": 1, "two_lookups": 2}
+
+
 def test_corpus_file_is_named_by_its_content(task, tmp_path):
     """Other entities (another seed, size or value range, or another passage format) get another
     file: a corpus cached by other settings or an older version is never read in its place."""

@@ -30,10 +30,13 @@ class EvalResult:
     pass_at: dict[str, float] = field(default_factory=dict)  # "pass@k" -> value, for k = 2, 4, ... and n (n > 1)
     mean_turns_sampled: float = 1.0  # engine calls per sampled episode (agents)
     mean_tool_calls_sampled: float = 0.0  # tool calls (e.g. searches) per sampled episode
+    accuracy_sampled_by_split: dict[str, float] = field(default_factory=dict)  # `Task.eval_split` -> accuracy_sampled on its problems
 
     def as_metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        scalars = {f"{prefix}{k}": float(v) for k, v in asdict(self).items() if k != "pass_at"}
-        return scalars | {f"{prefix}{k}": float(v) for k, v in self.pass_at.items()}
+        nested = ("pass_at", "accuracy_sampled_by_split")
+        scalars = {f"{prefix}{k}": float(v) for k, v in asdict(self).items() if k not in nested}
+        splits = {f"{prefix}accuracy_sampled/{k}": float(v) for k, v in self.accuracy_sampled_by_split.items()}
+        return scalars | {f"{prefix}{k}": float(v) for k, v in self.pass_at.items()} | splits
 
 
 def accuracy(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], generator: torch.Generator | None = None) -> tuple[float, float]:
@@ -81,7 +84,8 @@ def evaluate(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], *, 
     Other sampling settings are the runner's. The sampled accuracy is the mean over all samples
     (the unbiased pass@1); with n > 1 samples `pass_at` holds the unbiased pass@k (Chen et al.
     2107.03374, `metrics.pass_at_k_batch`) for k = 2, 4, ... and n. The seeded generator lives
-    on the engine's device (a CPU generator cannot draw on CUDA).
+    on the engine's device (a CPU generator cannot draw on CUDA). Tasks that name splits of
+    their held-out problems (`Task.eval_split`) also get the sampled accuracy of each.
     """
     acc_g, len_g = accuracy(runner.with_params(temperature=0.0), task, problems)
     sampled = runner.with_params(temperature=temperature, top_p=1.0, top_k=0)
@@ -91,7 +95,12 @@ def evaluate(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], *, 
     pass_at = {}
     if problems and n > 1:
         pass_at = {f"pass@{k}": float(pass_at_k_batch([n] * len(problems), scored.correct_P, k).mean()) for k in pass_at_ks(n)}
+    splits: dict[str, list[int]] = {}
+    for problem, correct in zip(problems, scored.correct_P):
+        if (split := task.eval_split(problem)) is not None:
+            splits.setdefault(split, []).append(correct)
     return EvalResult(
         acc_g, sum(scored.correct_P) / max(1, n * len(problems)), len_g, scored.mean("num_gen_tokens"), len(problems), n, pass_at,
         mean_turns_sampled=scored.mean("num_turns"), mean_tool_calls_sampled=scored.mean("num_tool_calls"),
+        accuracy_sampled_by_split={k: sum(v) / (n * len(v)) for k, v in sorted(splits.items())},
     )

@@ -63,6 +63,10 @@ class Task(ABC):
     def eval_problems(self) -> Sequence[Problem]:
         """The fixed held-out set."""
 
+    def eval_split(self, problem: Problem) -> str | None:
+        """The held-out split `problem` belongs to, for a per-split accuracy (`EvalResult`); None: no splits."""
+        return None
+
     def render_prompt(self, problem: Problem) -> str:
         """The text the model is conditioned on."""
         return problem.prompt

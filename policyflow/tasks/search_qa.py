@@ -185,6 +185,9 @@ class SearchQATask(Task):
             os.replace(tmp, path)
         return path
 
+    def eval_split(self, problem: Problem) -> str:
+        return "one_lookup" if problem.columns["hops"] == 1 else "two_lookups"
+
     def render_prompt(self, problem: Problem) -> str:
         return f"Q: {problem.prompt}\n"
 
