@@ -42,7 +42,7 @@ class LoopState:
     version: int = 0
     next_problem: int = 0
     wall_seconds: float = 0.0
-    eval_before: dict[str, float] = field(default_factory=dict)
+    eval_before: dict[str, Any] = field(default_factory=dict)
     consumed_task_ids: list[str] = field(default_factory=list)  # trained, in order
     in_flight_task_ids: list[str] = field(default_factory=list)  # issued, not trained when saved: dropped by a resume
     counters: dict[str, float] = field(default_factory=dict)  # run totals of the cumulative metrics (continued by a resume)

@@ -49,7 +49,7 @@ class TinyModelConfig(Section):
     num_heads: int = Field(4, ge=1, le=256, description="Attention heads; must divide hidden_size, with an even head size (hidden_size / num_heads) for rotary embeddings.")
     num_kv_heads: int = Field(2, ge=1, le=256, description="Key/value heads (grouped-query attention); must divide num_heads.")
     max_positions: int = Field(256, ge=16, le=1_048_576, description="Longest sequence (prompt + completion).")
-    init_std: float = Field(0.02, gt=0, le=1.0, description="Standard deviation of the initial weights and embeddings (Hugging Face's initializer_range). The search demo uses 0.1: its warm-start then learns to copy from search results within 250-400 steps, where with 0.02 it took from 450 to over 1000 depending on the seed.")
+    init_std: float = Field(0.02, gt=0, le=1.0, description="Standard deviation of the initial weights and embeddings (Hugging Face's initializer_range); the search demo uses 0.1 (README 'Search demo').")
 
     @model_validator(mode="after")
     def _check(self) -> TinyModelConfig:
@@ -97,7 +97,7 @@ class SearchQAConfig(Section):
     corpus_dir: str | None = Field(None, description="Folder for the JSONL corpus and its BM25 index; empty = <run.output_dir>/cache/search_qa.")
     tool_format: Literal["tags", "hermes"] = Field("tags", description="tags: <search>…</search> / <answer>…</answer> (tiny models); hermes: <tool_call>{json}</tool_call> with the chat template's tools=.")
     top_k: int = Field(1, ge=1, description="Passages returned per search.")
-    demo_search_fraction: float = Field(1.0, ge=0, le=1, description="Share of SFT demonstrations that search; the rest answer at once from memory (a warm-start that has not learnt to search every time, for RL to discover that searching pays).")
+    demo_search_fraction: float = Field(1.0, ge=0, le=1, description="Share of SFT demonstrations that search; the rest answer at once without searching (a guess; a warm-start that has not learnt to search every time, for RL to discover that searching pays).")
     search_penalty: float = Field(0.1, ge=0, le=1, description="MMSearch-R1 β: a correct answer reached with search earns 1 − β instead of 1.")
     format_weight: float = Field(0.1, ge=0, description="Reward added when every turn of an episode was one well-formed action.")
     search_latency_s: float = Field(0.0, ge=0, description="Injected latency per search (benchmarks of tool waits).")

@@ -30,6 +30,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -260,7 +261,7 @@ class TrainerWorker:
         bar.close()
         return asdict(result)
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> dict[str, Any]:
         return asdict(self.session.evaluate())
 
     def begin_rl(self, run_dir: str) -> None:

@@ -14,7 +14,7 @@ from policyflow.losses import POLICY_LOSSES, sft_loss
 from policyflow.model import ModelLoadError, build_tiny, load_pretrained
 from policyflow.rollout import build_batch, encode_prompts, rollout_groups
 from policyflow.session import open_session
-from policyflow.sft import warm_start
+from policyflow.sft import SFT_PROBLEM_OFFSET, warm_start
 from policyflow.tokens import sft_batch
 from policyflow.trainer import Trainer, sequence_logprobs
 
@@ -70,6 +70,23 @@ def test_sft_lowers_the_loss(small_config) -> None:
     result = warm_start(session.model, session.tokenizer, session.task, cfg.sft, chat_template=False, greedy_accuracy=lambda: 0.0)
     assert result.steps == 30
     assert loss() < 0.7 * first
+
+
+def test_sft_draws_its_problems_from_task_sft_problem(small_config, monkeypatch) -> None:
+    """The warm-start asks `Task.sft_problem` (batch after batch, from SFT_PROBLEM_OFFSET), not train_problem."""
+    cfg = small_config("task.name=arithmetic", "sft.max_steps=2", "sft.batch_size=3", "sft.target_accuracy=1.0", "sft.eval_every=100")
+    session = open_session(cfg)
+    asked: list[int] = []
+    train_problem = session.task.train_problem
+
+    def sft_problem(index: int):
+        asked.append(index)
+        return train_problem(index)
+
+    monkeypatch.setattr(session.task, "sft_problem", sft_problem)
+    monkeypatch.setattr(session.task, "train_problem", lambda index: pytest.fail("SFT asked train_problem"))
+    warm_start(session.model, session.tokenizer, session.task, cfg.sft, chat_template=False, greedy_accuracy=lambda: 0.0)
+    assert asked == [SFT_PROBLEM_OFFSET + k for k in range(6)]
 
 
 def test_checkpoint_loads_with_plain_transformers(tmp_path: Path) -> None:

@@ -68,8 +68,9 @@ def test_corpus_file(task):
 
 
 def test_eval_splits_are_one_and_two_lookups(task):
-    splits = {task.eval_split(p): p.columns["hops"] for p in task.eval_problems()}
-    assert splits == {"one_lookup": 1, "two_lookups": 2}
+    problems = task.eval_problems()
+    assert all(task.eval_split(p) == ("one_lookup" if p.columns["hops"] == 1 else "two_lookups") for p in problems)
+    assert {task.eval_split(p) for p in problems} == {"one_lookup", "two_lookups"}
 
 
 def test_corpus_file_is_named_by_its_content(task, tmp_path):
@@ -117,8 +118,10 @@ def test_warm_start_problems_are_about_places_of_their_own(task):
     problems = [task.sft_problem(10_000_000 + k) for k in range(300)]
     assert problems == [task.sft_problem(10_000_000 + k) for k in range(300)]
     places = [p for problem in problems for p in task.places(problem)]
-    assert not {n for p in places for n in (p.name, p.capital)} & task.corpus_names
+    corpus = {n for e in task.entities for n in (e.name, e.capital)}
+    assert not {n for p in places for n in (p.name, p.capital)} & corpus
     assert len({p.name for p in places}) > 0.9 * len(places)  # fresh names, not a small reused set
+    assert all(p.name != p.capital for p in places)
     assert {problem.columns["hops"] for problem in problems} == {1, 2}
     for problem in problems[:40]:
         first, *rest = task.places(problem)
@@ -130,6 +133,13 @@ def test_warm_start_problems_are_about_places_of_their_own(task):
         else:
             assert int(problem.answer) == sum(p.pop for p in (first, *rest))
     assert task.places(task.train_problem(0))[0] is task.entity(task.train_problem(0).columns["entities"][0])
+    # a corpus holding every name a place can get leaves none for the demonstrations: a clear error, no endless loop
+    from itertools import product
+
+    from policyflow.tasks.search_qa import _CODAS, _ONSETS, _VOWELS
+    task.corpus_names = {(a + b + c + d).capitalize() + e for a, b, c, d, e in product(_ONSETS, _VOWELS, _ONSETS, _VOWELS, _CODAS)}
+    with pytest.raises(TaskError, match="lower task.search.num_entities"):
+        task.sft_problem(0)
 
 
 async def _play(env: SearchEnv, actions: list[str]) -> tuple[str, list]:

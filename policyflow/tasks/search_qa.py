@@ -149,18 +149,22 @@ class SearchQATask(Task):
         """A warm-start question about two made-up places of its own, in no corpus (their facts
         ride in `columns["places"]`, for `sft_turns`).
 
-        Demonstrations about corpus places let a model lower its loss by memorising their facts
-        instead of copying them from the search result (with 200 places it did); a place seen in
-        one demonstration only cannot be memorised, so copying is the one way to the answer."""
+        A safeguard against memorising: demonstrations about corpus places let a model lower
+        its loss by learning their facts instead of copying them from the search result (with a
+        200-place corpus it did); a place seen in one demonstration only cannot be memorised."""
         rng = seeded_rng(self.seed, "search_qa", "demo_places", index)
         places: list[Entity] = []
-        while len(places) < 2:
+        for _ in range(1000):
             place = Entity(f"demo{len(places)}", _name(rng), _name(rng), rng.randint(10, self.max_value))
             if place.name != place.capital and not {place.name, place.capital} & self.corpus_names:
                 places.append(place)
+                if len(places) == 2:
+                    break
+        else:
+            raise TaskError(f"search_qa: the corpus uses nearly every possible name; lower task.search.num_entities ({len(self.entities)})")
         problem = self._question(rng, places, f"search_qa:demo:{index}")
-        chosen = tuple(next(p for p in places if p.id == i) for i in problem.columns["entities"])
-        return dataclasses.replace(problem, columns={**problem.columns, "places": chosen})
+        by_id = {p.id: p for p in places}
+        return dataclasses.replace(problem, columns={**problem.columns, "places": tuple(by_id[i] for i in problem.columns["entities"])})
 
     def train_problem(self, index: int) -> Problem:
         """Deterministic in (seed, index); asks only about training places."""
@@ -235,8 +239,8 @@ class SearchQATask(Task):
         """A tag-format demonstration as (kind, text) turns, kind 'gen' or 'obs', for the SFT
         warm-start: search each place, keep the first population in `<state>`, answer. A share
         1 − `demo_search_fraction` of problems (drawn from the problem's id) is answered at once
-        instead, as from memory, with no search (for `sft_problem`'s places of their own, a
-        guess: the warm-start learns to answer at once sometimes, and RL that it does not pay).
+        instead, with no search (for `sft_problem`'s places of their own, a guess: the
+        warm-start learns to answer at once sometimes, and RL that it does not pay).
 
         Each observation is the env's text for a search that finds the place (its passage, as
         the tool formats it, unwrapped); `sft.demonstration_rows` cuts it to agent.max_obs_tokens
