@@ -5,7 +5,8 @@ a random population in [10, max_value]. The corpus has one short passage per pla
 
     {"id": "e17", "title": "Zesok", "text": "capital Gevon, pop 48"}
 
-and is written, offline and deterministically from the seed, as JSONL (`write_corpus`).
+and is written, offline and deterministically from the seed, as JSONL (`corpus_path`, a file named by
+a digest of its content).
 Questions are short, for a char-level model with 256 positions:
 
 * one lookup: `capital of Zesok?` -> `Gevon`, `pop of Zesok?` -> `48`;
