@@ -84,3 +84,16 @@ def test_search_tool_in_pool_with_latency(corpus, tmp_path):
     assert asyncio.run(threaded.call("search", {"query": "Mirel"})).text == result.text
     slow = ToolPool([search_tool(index, latency_s=1.0)], timeout_s=0.02)
     assert asyncio.run(slow.call("search", {"query": "Mirel"})).error == "timeout"
+
+
+def test_unreadable_corpus_rows_name_file_and_line(tmp_path):
+    """Rows json cannot convert (nested too deep, a number too long) and bytes that are not
+    UTF-8 are a CorpusError naming the file (and line), never a bare RecursionError/ValueError."""
+    bad = tmp_path / "bad.jsonl"
+    for row, match in (("[" * 100_000 + "]" * 100_000, "bad.jsonl:2: not valid JSON"), ('{"id": "b", "text": "x", "n": ' + "9" * 5000 + "}", "bad.jsonl:2: not valid JSON")):
+        bad.write_text('{"id": "a", "text": "ok"}\n' + row + "\n")
+        with pytest.raises(CorpusError, match=match):
+            SearchIndex(bad, tmp_path / "c")
+    bad.write_bytes(b'{"id": "a", "text": "caf\xe9"}\n')
+    with pytest.raises(CorpusError, match="bad.jsonl: not UTF-8"):
+        SearchIndex(bad, tmp_path / "c")

@@ -297,3 +297,11 @@ def test_demonstration_rows(task, context):
     assert single == [(enc("1+2=3") + eos, [0, 0, 0, 0, 1, 1])]
     with pytest.raises(ValueError, match="'gen' or 'obs'"):
         demonstration_rows(tok, enc("?"), [("tool", "x")], False)
+
+
+def test_an_answer_the_model_writes_never_raises(task):
+    """A number too long for int() (over 4300 digits) or a digit int() refuses ('²') is wrong, not a crash."""
+    problem = next(p for p in task.eval_problems() if p.answer.isdigit())
+    for answer in ("9" * 6000, "²", "١٢", " ", "0" * 5000):
+        assert task.is_correct(problem, answer) is False
+    assert task.is_correct(problem, "00" + problem.answer) and task.is_correct(problem, f" {problem.answer} ")

@@ -24,9 +24,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import random
 import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +41,12 @@ from policyflow.tools.search import Passage, SearchIndex, format_passages, searc
 _ONSETS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 _CODAS = ("", "", "k", "l", "m", "n", "r", "s")
+# Every name `_name` can draw; a corpus (two names a place) may use at most half of them, so that
+# drawing its names stays quick and the warm-start's places of their own always find fresh names.
+NAME_SPACE = (len(_ONSETS) * len(_VOWELS)) ** 2 * len(set(_CODAS))
+MAX_ENTITIES = NAME_SPACE // 4
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,8 +87,19 @@ def make_entities(seed: int, count: int, max_value: int) -> list[Entity]:
             used.add(name)
             names.append(name)
     if len(names) < 2 * count:
-        raise TaskError(f"could not draw {2 * count} distinct names; lower task.num_entities")
+        raise TaskError(f"could not draw {2 * count} distinct names; lower task.search.num_entities")
     return [Entity(f"e{i}", names[2 * i], names[2 * i + 1], rng.randint(10, max_value)) for i in range(count)]
+
+
+def _write_corpus(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a uniquely named temporary file and one rename: readers see all of it or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class SearchQATask(Task):
@@ -108,7 +126,12 @@ class SearchQATask(Task):
         tool_concurrency: int = 16,
     ):
         if not 2 <= num_eval_entities < num_entities:
-            raise TaskError(f"search_qa needs 2 <= num_eval_entities < num_entities, got {num_eval_entities} and {num_entities}")
+            raise TaskError(f"search_qa needs 2 <= num_eval_entities < num_entities, got task.search.num_eval_entities={num_eval_entities} and task.search.num_entities={num_entities}")
+        if num_entities > MAX_ENTITIES:
+            raise TaskError(f"task.search.num_entities={num_entities} is more places than search_qa can name: at most {MAX_ENTITIES} (two names each, half of the {NAME_SPACE} names it draws from); lower task.search.num_entities")
+        questions = 2 * num_eval_entities * (two_hop_fraction < 1) + num_eval_entities * (num_eval_entities - 1) * (two_hop_fraction > 0)
+        if num_eval > questions:
+            raise TaskError(f"task.num_eval={num_eval} is more than the {questions} distinct held-out questions task.search.num_eval_entities={num_eval_entities} places give (task.search.two_hop_fraction={two_hop_fraction}); lower task.num_eval or raise task.search.num_eval_entities")
         if not 0.0 <= two_hop_fraction <= 1.0:
             raise TaskError(f"search_qa needs 0 <= two_hop_fraction <= 1, got {two_hop_fraction}")
         if max_value < 10:
@@ -177,17 +200,27 @@ class SearchQATask(Task):
         return self._eval
 
     def corpus_path(self) -> Path:
-        """The JSONL corpus, written on first use (atomically, so processes may race).
+        """The JSONL corpus, written on first use (atomically, so processes may race) and checked on every use.
 
         Its name holds a digest of its content, so a cache written by other settings or by an
-        older version of this task (another passage format) is never read in its place."""
-        text = "".join(json.dumps(e.passage()) + "\n" for e in self.entities)
-        path = self.corpus_dir / f"search_qa_{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
+        older version of this task (another passage format) is never read in its place. The
+        content is known here, so it is the check: a file under that name that does not hold
+        exactly those bytes (cut short, even to valid JSONL; edited; damaged) is rewritten with
+        one warning line, never used."""
+        data = "".join(json.dumps(e.passage()) + "\n" for e in self.entities).encode()
+        path = self.corpus_dir / f"search_qa_{hashlib.sha256(data).hexdigest()[:16]}.jsonl"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            _write_corpus(path, data)
+            return path
+        try:
+            found = path.read_bytes()
+            if found == data:
+                return path
+            why = f"{len(found)} bytes, expected {len(data)}" if len(found) != len(data) else "its bytes differ from the corpus"
+        except OSError as err:
+            why = f"unreadable: {err.strerror or type(err).__name__}"
+        log.warning("search_qa corpus cache %s is damaged (%s); rewriting it", path, why)
+        _write_corpus(path, data)
         return path
 
     def eval_split(self, problem: Problem) -> str:
@@ -202,11 +235,13 @@ class SearchQATask(Task):
         return found[-1].strip() if found else None
 
     def is_correct(self, problem: Problem, answer: str | None) -> bool:
-        """Numbers compare as integers, names ignoring case and surrounding space."""
+        """Numbers compare as integers (ASCII digits, leading zeros ignored: compared as text, so
+        no answer the model writes is too long to convert), names ignoring case and surrounding space."""
         if answer is None:
             return False
         if problem.answer.isdigit():
-            return answer.strip().isdigit() and int(answer) == int(problem.answer)
+            digits = answer.strip()
+            return digits.isascii() and digits.isdigit() and digits.lstrip("0") == problem.answer.lstrip("0")
         return answer.strip().lower() == problem.answer.lower()
 
     def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> Score:

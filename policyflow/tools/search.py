@@ -2,7 +2,8 @@
 
 The corpus is a JSONL file of `{"id", "title", "text"}` rows. The index is built once per
 corpus content: it is saved under `<cache_dir>/<sha256 of the corpus file>[:16]/` and loaded
-from there on later runs (and by every other process reading the same corpus). No server and
+from there on later runs (and by every other process reading the same corpus), after checking
+it against its manifest (`tools/cache.py`: a damaged cache is rebuilt, never used). No server and
 no downloads: tokenization is bm25s's regex splitter with its bundled English stopword list,
 without stemming.
 
@@ -16,15 +17,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import bm25s
 
 from policyflow.tools.base import Tool
+from policyflow.tools.cache import CacheError, load_or_build
 
 _STOPWORDS = "en"
 _INDEX_FORMAT = "bm25s-en-nostem-v1"  # part of the cache key: change it when tokenization changes
@@ -44,63 +43,76 @@ class Passage:
 
 def read_corpus(path: Path) -> list[Passage]:
     """The passages of a JSONL corpus, in file order; every row needs string `id` and `text`."""
+    return parse_corpus(path, Path(path).read_bytes())
+
+
+def parse_corpus(path: Path, data: bytes) -> list[Passage]:
+    """The passages in `data`, the bytes of the corpus file `path` (named in every error, with the line)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"{path}: not UTF-8 (byte {err.start}); a corpus is UTF-8 JSONL") from None
     passages = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(row.get("text"), str):
-                raise CorpusError(f"{path}:{line_no}: a corpus row needs string fields 'id' and 'text' (and optionally 'title')")
-            passages.append(Passage(id=row["id"], title=str(row.get("title", "")), text=row["text"]))
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CorpusError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+        except (ValueError, RecursionError) as err:  # nested too deep, or a number too long to convert
+            raise CorpusError(f"{path}:{line_no}: not valid JSON ({type(err).__name__}: {str(err)[:120]})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(row.get("text"), str):
+            raise CorpusError(f"{path}:{line_no}: a corpus row needs string fields 'id' and 'text' (and optionally 'title')")
+        passages.append(Passage(id=row["id"], title=str(row.get("title", "")), text=row["text"]))
     if not passages:
         raise CorpusError(f"{path}: the corpus has no rows")
     return passages
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256(_INDEX_FORMAT.encode())
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+def _digest(data: bytes) -> str:
+    """The sha256 (hex) of the index format and the corpus bytes: what an index is built from."""
+    return hashlib.sha256(_INDEX_FORMAT.encode() + data).hexdigest()
 
 
 def _terms(texts: list[str]) -> list[list[str]]:
     return bm25s.tokenize(texts, stopwords=_STOPWORDS, return_ids=False, show_progress=False)
 
 
+def _build_index(passages: list[Passage], folder: Path) -> None:
+    """Index `passages` (title and text) with BM25 and save the index files into `folder`."""
+    retriever = bm25s.BM25()
+    retriever.index(_terms([f"{p.title} {p.text}" for p in passages]), show_progress=False)
+    retriever.save(str(folder), show_progress=False)
+
+
 class SearchIndex:
-    """A BM25 index over one corpus file. `built` says whether this load built it (else: cache hit)."""
+    """A BM25 index over one corpus file. `built` says whether this load built it (else: cache hit).
+
+    The index cache (`<cache_dir>/<digest[:16]>/`) is checked, not trusted (`tools/cache.py`):
+    its manifest, written last, holds the corpus digest, the passage count and the size and
+    sha256 of every index file. A cache that is missing any of it, does not match it, or fails
+    to load is rebuilt with one warning line and never used; concurrent builds are safe.
+    """
 
     def __init__(self, corpus_path: str | Path, cache_dir: str | Path | None = None):
         self.corpus_path = Path(corpus_path)
-        self.passages = read_corpus(self.corpus_path)
+        data = self.corpus_path.read_bytes()  # read once: the passages and the cache key come from the same bytes
+        self.passages = parse_corpus(self.corpus_path, data)
         cache_root = Path(cache_dir) if cache_dir is not None else self.corpus_path.parent / ".bm25_cache"
-        self.index_dir = cache_root / _file_digest(self.corpus_path)
-        self.built = not (self.index_dir / "params.index.json").exists()
-        if self.built:
-            self._build(cache_root)
-        self._bm25 = bm25s.BM25.load(str(self.index_dir), show_progress=False)
+        digest = _digest(data)
+        self.index_dir = cache_root / digest[:16]
+        key = {"format": _INDEX_FORMAT, "corpus_sha256": digest, "passages": len(self.passages)}
+        self._bm25, self.built = load_or_build(
+            self.index_dir, key, lambda tmp: _build_index(self.passages, tmp), self._load, "search index cache"
+        )
 
-    def _build(self, cache_root: Path) -> None:
-        """Index the corpus into a temporary folder, then move it into place in one rename, so
-        processes building the same index at once never see a half-written one."""
-        cache_root.mkdir(parents=True, exist_ok=True)
-        retriever = bm25s.BM25()
-        retriever.index(_terms([f"{p.title} {p.text}" for p in self.passages]), show_progress=False)
-        tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=".building-"))
-        try:
-            retriever.save(str(tmp), show_progress=False)
-            os.replace(tmp, self.index_dir)
-        except OSError:
-            if not (self.index_dir / "params.index.json").exists():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    def _load(self, folder: Path) -> bm25s.BM25:
+        """The index saved in `folder`, read whole into memory; CacheError unless it has one document per passage."""
+        bm25 = bm25s.BM25.load(str(folder), show_progress=False)
+        if bm25.scores.get("num_docs") != len(self.passages):
+            raise CacheError(f"the index has {bm25.scores.get('num_docs')} documents for {len(self.passages)} passages")
+        return bm25
 
     def search(self, query: str, k: int) -> list[tuple[Passage, float]]:
         """Up to `k` passages sharing a term with `query`, best first, with their BM25 scores."""
