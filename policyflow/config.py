@@ -2,20 +2,28 @@
 
 Defaults live here and only here. Presets in `configs/*.yaml` override them, and command-line
 overrides `section.key=value` override presets. Any error becomes a one-line `ConfigError`
-naming the field, the value, and what is allowed.
+naming the field, the value, and what is allowed. Values mean what they say: true/false is not
+a number and a number is not true/false, and an integer field takes only whole numbers
+(`Section`, `_exact`: `agent.max_turns=true` is refused, not read as 1). YAML is read by
+`yamlfile.YamlLoader`, which refuses a key given twice and YAML 1.1's octal and base-60 numbers.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
+import math
+import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from policyflow.losses import POLICY_LOSSES, allowed_hyper
+from policyflow.yamlfile import DuplicateKeyError, load_yaml
 
 
 LOG = logging.getLogger("policyflow")
@@ -26,8 +34,71 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    # allow_inf_nan=False: every float field refuses inf and nan (`train.lr=.inf` is a config error).
+    """A config section. Values mean what they say: pydantic's lax conversions that change a value's
+    kind are refused (`_exact`); allow_inf_nan=False: every float field refuses inf and nan."""
+
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _values_mean_what_they_say(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields[info.field_name]
+        return _exact(field.annotation, value, field.default)
+
+
+def _exact(annotation: Any, value: Any, default: Any) -> Any:
+    """`value` for a field typed `annotation`, or a PydanticCustomError where pydantic's lax mode would change its meaning.
+
+    Refused: a bool in a number field (`agent.max_turns=true` is not 1), anything but true/false
+    in a bool field (`run.progress=1`), a fractional number in an integer field, and an integral
+    float too large to be exact (`1.0e+30`). Kept: int → float (`train.lr=1`), numeric text →
+    number (YAML 1.1 reads `1e-4` as text, and `train.steps=1e3` is 1000), an integral float in
+    an integer field (`train.steps=3.0` is 3), YAML lists for tuple fields (checked item by item).
+    """
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _exact(args[0], value, default)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        items = (args[0],) * len(value) if args[-1:] == (Ellipsis,) else args
+        return [_exact(a, v, default) for a, v in zip(items, value)] if len(items) == len(value) else value
+    members = args if origin in (Union, UnionType) else (annotation,)
+    kinds = [a for a in members if a in (bool, int, float)]
+    if value is None or len(kinds) != 1:
+        return value
+    kind = kinds[0]
+    example = f"e.g. {_shown(default)}, the default" if isinstance(default, (int, float, tuple)) else "or null for none" if type(None) in members else "e.g. 1"
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise _refused(value, "it takes true or false")
+        return value
+    if isinstance(value, bool):
+        raise _refused(value, f"it takes {'a whole number' if kind is int else 'a number'} ({example}), not true/false")
+    if kind is not int or not isinstance(value, (float, str)):
+        return value
+    try:
+        number = float(value)  # text such as `1e3` (YAML 1.1 reads it as text) is judged as the number it spells
+    except ValueError:
+        return value  # not a number: pydantic says so
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return value  # all digits: pydantic reads it exactly
+    if not math.isfinite(number) or not number.is_integer():
+        raise _refused(value, f"it takes a whole number ({example})")
+    if abs(number) >= 2 ** sys.float_info.mant_dig:
+        raise _refused(value, "it is too large to be exact as a floating-point number; write all its digits")
+    return int(number)
+
+
+def _refused(value: Any, why: str) -> PydanticCustomError:
+    return PydanticCustomError("exact_type", "{why}", {"why": why, "shown": _shown(value)})
+
+
+def _shown(value: Any) -> str:
+    """A value as YAML spells it: true, null, 0.9, 'text', [0.9, 0.99]."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 class RunConfig(Section):
@@ -71,6 +142,7 @@ class LoRAConfig(Section):
     alpha: float = Field(16.0, gt=0, description="LoRA scale: the weight update is (alpha / rank)·B·A.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input while training; > 0 makes the trainer's log-probs differ from the engine's (on-policy ratio ≠ 1), so RL usually keeps 0.")
     target_modules: tuple[str, ...] = Field(("all-linear",), description="Linear layers to adapt (peft target_modules, e.g. [q_proj, v_proj]); all-linear = every linear layer but the output head.")
+    lr_multiplier: float = Field(10.0, gt=0, le=1000, description="With rank > 0 RL trains the adapter at train.lr × lr_multiplier: LoRA's best lr is about 10× full fine-tuning's (README 'LoRA', measured on the demo for 3 seeds); 1 = train.lr as it is.")
 
     @model_validator(mode="after")
     def _check(self) -> LoRAConfig:
@@ -104,6 +176,14 @@ class SearchQAConfig(Section):
     tool_timeout_s: float = Field(10.0, gt=0, description="A search running longer becomes an error observation.")
     tool_concurrency: int = Field(16, ge=1, description="Searches in flight at once per process.")
 
+    @model_validator(mode="after")
+    def _check(self) -> SearchQAConfig:
+        if self.num_eval_entities >= self.num_entities:
+            raise ValueError(f"task.search.num_eval_entities={self.num_eval_entities} leaves no place for training questions in task.search.num_entities={self.num_entities}; keep it below num_entities")
+        if self.search_latency_s >= self.tool_timeout_s:
+            raise ValueError(f"task.search.search_latency_s={self.search_latency_s} is not below task.search.tool_timeout_s={self.tool_timeout_s}: every search would time out; lower the latency or raise the timeout")
+        return self
+
 
 class TaskConfig(Section):
     name: Literal["arithmetic", "countdown", "jsonl", "search_qa"] = Field("arithmetic", description="Which task supplies prompts and rewards.")
@@ -131,6 +211,8 @@ class TaskConfig(Section):
             raise ValueError(f"task.min_digits={self.min_digits} exceeds task.max_digits={self.max_digits}")
         if self.name == "jsonl" and not self.path:
             raise ValueError("task.path is required when task.name=jsonl (a local .jsonl file with prompt/answer columns)")
+        if self.prompt_column == self.answer_column:
+            raise ValueError(f"task.prompt_column and task.answer_column are both {self.prompt_column!r}: the reference answer would be the prompt itself; name two different columns")
         return self
 
 
@@ -292,7 +374,7 @@ class Config(Section):
         eta = pipeline.get("max_staleness")
         if eta is None:
             eta = MODE_DEFAULTS.get(pipeline.get("mode", "sync"), (0,))[0]
-        if isinstance(eta, int) and eta > 0 and raw.get("loss", {}).get("name") is None:
+        if isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta > 0 and raw.get("loss", {}).get("name") is None:
             raw = {**raw, "loss": {**raw.get("loss", {}), "name": "decoupled_ppo"}}
         return raw
 
@@ -337,17 +419,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file as a dict; every way it cannot be read is a ConfigError naming the file."""
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"config file {str(file)!r} is a folder; give a YAML file (e.g. configs/demo.yaml)")
     if not file.is_file():
         presets = ", ".join(sorted(p.name for p in Path("configs").glob("*.yaml"))) or "none found in ./configs"
         raise ConfigError(f"config file {str(file)!r} not found (presets: {presets})")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        raw = file.read_bytes()
+        data = load_yaml(raw.decode("utf-8")) or {}
+    except OSError as err:
+        raise ConfigError(f"config file {str(file)!r} cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"config file {str(file)!r} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); save it as UTF-8") from None
+    except DuplicateKeyError as err:
+        raise ConfigError(f"config file {str(file)!r}: {err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(file)!r} is not valid YAML: {str(err).splitlines()[0]}") from err
+        raise ConfigError(f"config file {str(file)!r} is not valid YAML: {_yaml_problem(err)}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {str(file)!r} is nested too deeply to read") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(file)!r} must hold a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's complaint in one line, with its line number."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        mark = err.problem_mark
+        return f"{err.problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else err.problem
+    return str(err).splitlines()[0]
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -356,8 +459,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
+        value = load_yaml(text) if text.strip() else None
+    except (yaml.YAMLError, RecursionError):
         value = text
     *parents, leaf = key.split(".")
     node = raw
@@ -389,10 +492,19 @@ def _describe(error: dict[str, Any]) -> str:
         allowed = _literal_values(loc)
         hint = difflib.get_close_matches(str(value), allowed, n=1)
         did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-        return f"{field}={value!r} is not allowed{did_you_mean}; allowed: {', '.join(allowed)}"
+        return f"{field}={_shown(value)} is not allowed{did_you_mean}; allowed: {', '.join(allowed)}"
     if kind == "value_error":  # our own validators: their message already names the fields
         return str(error.get("ctx", {}).get("error", error["msg"]))
-    return f"{field}={value!r} is invalid: {error['msg'].lower()}"
+    if kind == "exact_type":  # Section._values_mean_what_they_say
+        return f"{field}={error['ctx']['shown']} is not allowed: {error['msg']}"
+    shown = _shown(value)
+    shown = shown if len(shown) <= 80 else shown[:60] + "..."
+    if kind == "string_type" and isinstance(value, (int, float)):
+        read = "true/false (YAML 1.1 also reads yes, no, on, off so)" if isinstance(value, bool) else "a number"
+        return f"{field}={shown} is invalid: it takes text, and YAML read the value as {read}; quote it to mean text (in a file: {loc[-1]}: \"...\")"
+    if kind == "tuple_type":
+        return f"{field}={shown} is invalid: it takes a list (e.g. {field}=[{shown}])"
+    return f"{field}={shown} is invalid: {error['msg'].lower()}"
 
 
 def _model_at(loc: list[str]) -> type[BaseModel] | None:

@@ -47,8 +47,8 @@ class ArithmeticTask(Task):
         keys = operands * (operands + 1) // 2
         if num_eval > keys // 2:
             raise TaskError(
-                f"num_eval={num_eval} would hold out more than half of the {keys} distinct problems with "
-                f"{min_digits}-{max_digits} digit operands; lower num_eval to at most {keys // 2} or raise max_digits"
+                f"task.num_eval={num_eval} would hold out more than half of the {keys} distinct problems with "
+                f"{min_digits}-{max_digits} digit operands; lower task.num_eval to at most {keys // 2} or raise task.max_digits"
             )
         pairs = sample_distinct(self._draw, _operand_key, num_eval, seeded_rng(seed, "arithmetic", "eval"), "sums")
         self._held_out_keys = frozenset(_operand_key(p) for p in pairs)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import random
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -12,6 +14,10 @@ if TYPE_CHECKING:
     from policyflow.tasks.length import PromptFit
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+# A long preparation (drawing held-out problems, reading and fitting a task's rows) logs how far it
+# is this often; a quick one says nothing.
+PROGRESS_EVERY_S = 10.0
 
 
 class TaskError(ValueError):
@@ -120,20 +126,35 @@ def seeded_rng(seed: int, *labels: object) -> random.Random:
     return random.Random("/".join(str(part) for part in (seed, *labels)))
 
 
+class Progress:
+    """Notes on how far a long preparation is: one log line every PROGRESS_EVERY_S seconds, none for a quick one."""
+
+    def __init__(self, what: str, total: int | None = None):
+        self.what, self.total = what, total
+        self._next = time.monotonic() + PROGRESS_EVERY_S
+
+    def __call__(self, done: int) -> None:
+        if time.monotonic() >= self._next:
+            self._next = time.monotonic() + PROGRESS_EVERY_S
+            logger.warning("note: %s: %s%s done so far", self.what, f"{done:,}", f" of {self.total:,}" if self.total else "")
+
+
 def sample_distinct(draw: Callable[[random.Random], T], key: Callable[[T], Hashable], count: int, rng: random.Random, what: str) -> list[T]:
     """`count` draws with pairwise different keys (the held-out set of a synthetic task)."""
     chosen: list[T] = []
     seen: set[Hashable] = set()
+    progress = Progress(f"drawing {count:,} distinct held-out {what} (task.num_eval)", count)
     for _ in range(100 * count + 1000):
         if len(chosen) == count:
             return chosen
+        progress(len(chosen))
         item = draw(rng)
         if key(item) not in seen:
             seen.add(key(item))
             chosen.append(item)
     if len(chosen) == count:
         return chosen
-    raise TaskError(f"could not draw {count} distinct held-out {what} (got {len(chosen)}); lower num_eval or widen the problem space")
+    raise TaskError(f"could not draw {count} distinct held-out {what} (got {len(chosen)}); lower task.num_eval or widen the problem space")
 
 
 def sample_excluding(draw: Callable[[random.Random], T], key: Callable[[T], Hashable], excluded: frozenset[Hashable] | set[Hashable], rng: random.Random, what: str) -> T:
@@ -142,4 +163,4 @@ def sample_excluding(draw: Callable[[random.Random], T], key: Callable[[T], Hash
         item = draw(rng)
         if key(item) not in excluded:
             return item
-    raise TaskError(f"could not draw a training {what} outside the held-out set; lower num_eval or widen the problem space")
+    raise TaskError(f"could not draw a training {what} outside the held-out set; lower task.num_eval or widen the problem space")

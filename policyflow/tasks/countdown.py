@@ -24,6 +24,7 @@ Answers are checked by a small recursive-descent parser, never `eval`:
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -258,6 +259,13 @@ class CountdownTask(Task):
             )
         if not 0.0 <= format_reward < 1.0:
             raise TaskError(f"countdown format_reward must be in [0, 1) so a correct answer earns more; got {format_reward}")
+        if max_number >= 10**MAX_LITERAL_DIGITS:
+            raise TaskError(f"task.max_number={max_number} gives numbers an answer cannot write (countdown reads numbers of at most {MAX_LITERAL_DIGITS} digits); lower task.max_number")
+        if 2 * num_numbers - 1 > max_expression_chars:
+            raise TaskError(f"task.num_numbers={num_numbers} numbers need an expression of at least {2 * num_numbers - 1} characters, more than the {max_expression_chars} an answer may have; lower task.num_numbers")
+        problems = math.comb(max_number + num_numbers - 1, num_numbers) * max_target  # number multisets × targets: an upper bound
+        if num_eval > problems:
+            raise TaskError(f"task.num_eval={num_eval} is more than the at most {problems} distinct countdown problems task.num_numbers={num_numbers}, task.max_number={max_number} and task.max_target={max_target} allow; lower task.num_eval")
         self.seed = seed
         self.num_numbers = num_numbers
         self.max_number = max_number
@@ -281,7 +289,10 @@ class CountdownTask(Task):
             solution = render_tree(tree)
             if value.denominator == 1 and 1 <= value <= self.max_target and len(solution) <= self.max_expression_chars:
                 return CountdownInstance(numbers, int(value), solution)
-        raise TaskError("could not generate a countdown problem; raise max_target or max_expression_chars")
+        raise TaskError(
+            f"could not generate a countdown problem with task.num_numbers={self.num_numbers}, task.max_number={self.max_number} and "
+            f"task.max_target={self.max_target} whose solution fits {self.max_expression_chars} characters; lower task.num_numbers or task.max_number, or raise task.max_target"
+        )
 
     @staticmethod
     def _problem(instance: CountdownInstance, problem_id: str) -> Problem:

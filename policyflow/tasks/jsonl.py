@@ -2,11 +2,14 @@
 
 Each non-blank line is a JSON object such as `{"prompt": "2+2=", "answer": "4", "topic": "math"}`
 (column names are configurable). The file is read line by line, not through `datasets`, so that
-each malformed row (bad JSON or UTF-8, not an object, a missing or non-string or empty prompt, a
-missing answer, an answer that is not a string or number, or under `reward="numeric"` one that
-is not a number) is reported with its line number. `on_bad_row="error"` raises on the first;
-`"skip"` logs each one and lists their line numbers in `bad_rows` (`eval_bad_rows` for
-`eval_path`). Nothing is dropped silently. Blank lines are not rows.
+each malformed row is reported as `file:line`: bad JSON or UTF-8; what JSON readers accept but
+would change silently (a key given twice, NaN or Infinity, a float too large to be finite, an
+integer of more digits than Python reads); a lone UTF-16 surrogate (`"\\ud800"`, not text); not
+an object; a missing or non-string or empty prompt; a missing or null answer, one that is not a
+string or number, an empty one under a built-in reward, or under `reward="numeric"` one that is
+not a number. `on_bad_row="error"` raises on the first; `"skip"` logs each one and lists their
+line numbers in `bad_rows` (`eval_bad_rows` for `eval_path`). Nothing is dropped silently. Blank
+lines are not rows; a UTF-8 BOM and CRLF line ends are fine.
 
 Rewards: `"exact"` (the final answer equals the reference, both stripped), `"numeric"` (the last
 number in the final answer equals the reference number within a tolerance), or a user function
@@ -25,12 +28,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
+import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from policyflow.tasks.base import Problem, Score, Task, TaskError, check_batch, seeded_rng
+from policyflow.tasks.base import Problem, Progress, Score, Task, TaskError, check_batch, seeded_rng
 from policyflow.tasks.length import PromptFit
 from policyflow.tasks.reward_fn import (
     BUILTIN_REWARDS,
@@ -49,6 +56,8 @@ logger = logging.getLogger(__name__)
 # Argument names of a reward function; row fields with these names are not passed as columns.
 _RESERVED_COLUMNS = frozenset({"prompts", "completions"})
 _EXAMPLE_ROW = '{"prompt": "2+2=", "answer": "4"}'
+# A JSON escape of a UTF-16 surrogate (`\ud800`-`\udfff`): only rows holding one are checked for lone halves.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class _BadRow(Exception):
@@ -57,11 +66,11 @@ class _BadRow(Exception):
 
 @dataclass(frozen=True)
 class RowFormat:
-    """How rows are read: which columns hold the prompt and answer, and whether answers must be numbers."""
+    """How rows are read: which columns hold the prompt and answer, and the reward that reads the answer."""
 
     prompt_column: str
     answer_column: str
-    numeric: bool
+    reward: str = "exact"
 
 
 @dataclass(frozen=True)
@@ -79,11 +88,46 @@ def _check_file(path: Path, role: str) -> None:
         raise TaskError(f"jsonl task: {role} path {str(path)!r} is not a file; give the .jsonl file itself")
 
 
+def _json_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+        raise _BadRow(f"a number of {len(text)} characters is more than Python reads as an integer ({sys.get_int_max_str_digits()} digits); write it as a string") from None
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadRow(f"the number {text[:40]} is too large for a float (it would read as {value}); write it as a string")
+    return value
+
+
+def _json_constant(name: str) -> float:
+    raise _BadRow(f"{name} is not JSON (JSON has no NaN or Infinity); write a number or a string")
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        twice = next(key for key, n in Counter(key for key, _ in pairs).items() if n > 1)
+        raise _BadRow(f"key {twice!r} is given twice (a JSON reader keeps only the last)")
+    return obj
+
+
+def _check_text(row: dict[str, Any]) -> None:
+    """Raise _BadRow if a column holds a lone surrogate (`"\\ud800"`): JSON accepts one, but it is not text."""
+    for key, value in row.items():
+        try:
+            json.dumps([key, value], ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise _BadRow(f"column {key!r} holds a lone surrogate {err.object[err.start]!r} (half of a UTF-16 pair), which is not text") from None
+
+
 def parse_row(raw: bytes, line_no: int, source: str, fmt: RowFormat) -> Problem:
     """One line as a Problem with id `"<file name>:<line>"`; raises _BadRow."""
     try:
         text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-        row = json.loads(text)
+        row = json.loads(text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant, object_pairs_hook=_json_object)
     except UnicodeDecodeError as err:
         raise _BadRow(f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
@@ -92,20 +136,34 @@ def parse_row(raw: bytes, line_no: int, source: str, fmt: RowFormat) -> Problem:
         raise _BadRow("invalid JSON: nested too deeply") from None
     if not isinstance(row, dict):
         raise _BadRow(f"expected a JSON object, got {type(row).__name__}")
+    if _SURROGATE_ESCAPE.search(raw):
+        _check_text(row)
     if fmt.prompt_column not in row:
         raise _BadRow(f"missing the prompt column {fmt.prompt_column!r} (row has {sorted(row)})")
     prompt = row[fmt.prompt_column]
     if not isinstance(prompt, str) or not prompt.strip():
-        raise _BadRow(f"prompt column {fmt.prompt_column!r} must be a non-empty string, got {prompt!r:.80}")
-    if row.get(fmt.answer_column) is None:
+        raise _BadRow(f"prompt column {fmt.prompt_column!r} must be a non-empty string, got {_clip(prompt)}")
+    if fmt.answer_column not in row:
         raise _BadRow(f"missing the answer column {fmt.answer_column!r} (row has {sorted(row)})")
     answer = answer_to_text(row[fmt.answer_column])
     if answer is None:
-        raise _BadRow(f"answer column {fmt.answer_column!r} must be a string or number, got {type(row[fmt.answer_column]).__name__}")
-    if fmt.numeric and parse_number(answer) is None:
-        raise _BadRow(f"answer {answer!r:.80} is not a number, which reward='numeric' needs")
+        raise _BadRow(f"answer column {fmt.answer_column!r} must be a string or number, got {_json_type(row[fmt.answer_column])}")
+    if fmt.reward in BUILTIN_REWARDS and not answer.strip():
+        raise _BadRow(f"answer column {fmt.answer_column!r} is empty, so reward={fmt.reward!r} would reward an empty completion")
+    if fmt.reward == "numeric" and parse_number(answer) is None:
+        raise _BadRow(f"answer {_clip(answer)} is not a number (or one too large for a float), which reward='numeric' needs")
     columns = {k: v for k, v in row.items() if k != fmt.prompt_column}
     return Problem(id=f"{source}:{line_no}", prompt=prompt, answer=answer, columns=columns)
+
+
+def _clip(value: Any) -> str:
+    """A cell for a message: its repr, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + "..."
+
+
+def _json_type(value: Any) -> str:
+    return {type(None): "null", bool: "true/false", dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
 
 
 def read_rows(path: Path, fmt: RowFormat, on_bad_row: str, role: str) -> LoadedRows:
@@ -113,17 +171,22 @@ def read_rows(path: Path, fmt: RowFormat, on_bad_row: str, role: str) -> LoadedR
     _check_file(path, role)
     problems: list[Problem] = []
     bad_lines: list[int] = []
-    with path.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                problems.append(parse_row(raw, line_no, path.name, fmt))
-            except _BadRow as err:
-                if on_bad_row == "error":
-                    raise TaskError(f"{path}:{line_no}: {err}. Fix or remove this row, or set on_bad_row='skip' to skip malformed rows (each is logged)") from None
-                logger.warning("%s:%d: skipping malformed row: %s", path, line_no, err)
-                bad_lines.append(line_no)
+    progress = Progress(f"reading the {role} rows of {path} (lines)")
+    try:
+        with path.open("rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                progress(line_no)
+                if not raw.strip():
+                    continue
+                try:
+                    problems.append(parse_row(raw, line_no, path.name, fmt))
+                except _BadRow as err:
+                    if on_bad_row == "error":
+                        raise TaskError(f"{path}:{line_no}: {err}. Fix or remove this row, or set on_bad_row='skip' to skip malformed rows (each is logged)") from None
+                    logger.warning("%s:%d: skipping malformed row: %s", path, line_no, err)
+                    bad_lines.append(line_no)
+    except OSError as err:
+        raise TaskError(f"jsonl task: cannot read the {role} file {str(path)!r}: {err.strerror or err}") from None
     if bad_lines:
         logger.warning("%s: skipped %d malformed rows, at lines %s", path, len(bad_lines), bad_lines)
     if not problems:
@@ -178,7 +241,7 @@ class JsonlTask(Task):
         self.reward_timeout_s = reward_timeout_s
         self.answer_column = answer_column
         self._reward_fn = resolve_reward_fn(reward, answer_column=answer_column)
-        fmt = RowFormat(prompt_column, answer_column, numeric=reward == "numeric")
+        fmt = RowFormat(prompt_column, answer_column, reward)
         loaded = read_rows(self.path, fmt, on_bad_row, "training")
         self.bad_rows: list[int] = loaded.bad_lines
         self.eval_bad_rows: list[int] = []

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from policyflow.tasks.base import Problem, TaskError
+from policyflow.tasks.base import Problem, Progress, TaskError
 
 logger = logging.getLogger(__name__)
 ON_LONG_PROMPT = ("error", "truncate", "skip")
@@ -82,7 +82,11 @@ class PromptFit:
 
     def fit_all(self, problems: Sequence[Problem], render: Callable[[Problem], str], what: str) -> list[Problem]:
         """`fit` over a list; dropped and truncated rows are counted in a warning."""
-        fitted = [self.fit(p, render) for p in problems]
+        progress = Progress(f"fitting {what} to the context", len(problems))
+        fitted: list[Problem | None] = []
+        for problem in problems:
+            progress(len(fitted))
+            fitted.append(self.fit(problem, render))
         dropped = sum(1 for q in fitted if q is None)
         cut = sum(1 for p, q in zip(problems, fitted) if q is not None and q.prompt != p.prompt)
         if dropped or cut:

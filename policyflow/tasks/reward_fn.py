@@ -33,6 +33,7 @@ import numbers
 import re
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -143,11 +144,14 @@ def load_reward_fn(path: str) -> RewardFn:
     try:
         target: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
+        if err.name and err.name != module_name and not module_name.startswith(err.name + "."):
+            raise TaskError(f"reward {path!r}: module {module_name!r} imports {err.name!r} ({_raised_at(err)}), which is not installed; install it") from err
         raise TaskError(
             f"reward {path!r}: cannot import module {module_name!r} ({err}); install it or put its folder on PYTHONPATH"
         ) from err
     except Exception as err:
-        raise TaskError(f"reward {path!r}: importing module {module_name!r} failed: {err!r}") from err
+        message = err.msg if isinstance(err, SyntaxError) else repr(err)
+        raise TaskError(f"reward {path!r}: importing module {module_name!r} failed at {_raised_at(err)}: {message}") from err
     for part in attr_path.split("."):
         if not hasattr(target, part):
             raise TaskError(f"reward {path!r}: {module_name!r} has no attribute {attr_path!r}; check the name after the ':'")
@@ -155,6 +159,18 @@ def load_reward_fn(path: str) -> RewardFn:
     if not callable(target):
         raise TaskError(f"reward {path!r}: {attr_path!r} is a {type(target).__name__}, not a function")
     return target
+
+
+def _raised_at(err: BaseException) -> str:
+    """`file:line` where an import failed: the bad line of a SyntaxError, else the user's line that
+    began it (the first frame past the import machinery), and where it was raised if elsewhere."""
+    if isinstance(err, SyntaxError) and err.filename:
+        return f"{err.filename}:{err.lineno}"
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith("<frozen") and "importlib" not in f.filename and f.filename != __file__]
+    if not frames:
+        return "an unknown place"
+    first, last = (f"{f.filename}:{f.lineno}" for f in (frames[0], frames[-1]))
+    return first if first == last else f"{first} (raised in {last})"
 
 
 def check_reward_signature(fn: RewardFn, spec: str, columns: Mapping[str, Any]) -> None:
