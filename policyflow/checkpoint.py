@@ -8,7 +8,18 @@ every file) last, and only then renamed to `step-N/`, so a folder named `step-N`
 A write that fails removes the temporary folder and raises one `CheckpointError` line; the
 previous checkpoints are untouched. Every load checks the files against the manifest; a resume
 whose newest checkpoint fails the check moves it aside (`step-N.corrupt`) and uses the one
-before, saying so.
+before, saying so. Only damage moves a checkpoint: one that is intact but cannot be used (its
+LoRA base is missing, it was written by an incompatible version) is never renamed or deleted.
+
+One field is a pointer, not content: `base_model_name_or_path` in a LoRA checkpoint's
+`adapter_config.json` names the base folder, and a user who moves the base may edit it. The
+manifest's digest of that file leaves the field out (`POINTER_FIELDS`), so such an edit is not
+damage.
+
+Folders written for the user (`policyflow export`, `policyflow sft`) go through
+`check_destination` first: a non-empty destination is refused unless the user says
+`--overwrite` (and even then only a model folder is replaced, never a folder of other files),
+and nothing is ever written inside a checkpoint or the folder being read.
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ from policyflow.model import save_pretrained
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
+# file name -> JSON fields left out of its manifest digest (pointers a user may edit when moving files)
+POINTER_FIELDS = {"adapter_config.json": ("base_model_name_or_path",)}
 
 
 class CheckpointError(RuntimeError):
@@ -151,11 +164,42 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _json_digest(path: Path, leave_out: tuple[str, ...]) -> str:
+    """sha256 of a JSON object file's content without the `leave_out` fields (canonical key order)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    kept = {k: v for k, v in data.items() if k not in leave_out}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def _manifest_entry(path: Path) -> dict[str, Any]:
+    leave_out = POINTER_FIELDS.get(path.name)
+    if leave_out:  # the size changes with an edited pointer: only the rest of the content is checked
+        return {"json_sha256": _json_digest(path, leave_out), "leaves_out": list(leave_out)}
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
 def write_manifest(folder: Path) -> None:
     """`manifest.json`: size and sha256 of every file in `folder` (written after them)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    entries = {str(p.relative_to(folder)): _manifest_entry(p) for p in files}
     (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
+
+
+def _damage(path: Path, entry: dict[str, Any]) -> str | None:
+    """Why `path` does not match its manifest entry, or None when it does."""
+    if "json_sha256" in entry:
+        try:
+            same = _json_digest(path, tuple(entry["leaves_out"])) == entry["json_sha256"]
+        except (ValueError, UnicodeDecodeError) as err:
+            return f"is not readable JSON ({err})"
+        return None if same else f"differs from the manifest in more than {', '.join(entry['leaves_out'])}"
+    if path.stat().st_size != entry["bytes"]:
+        return f"has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+    if _sha256(path) != entry["sha256"]:
+        return "does not match its sha256 in the manifest"
+    return None
 
 
 def verify_checkpoint(folder: Path, only: tuple[str, ...] | None = None) -> None:
@@ -171,10 +215,9 @@ def verify_checkpoint(folder: Path, only: tuple[str, ...] | None = None) -> None
         path, entry = folder / name, entries.get(name)
         if entry is None or not path.is_file():
             raise CheckpointError(f"checkpoint {folder} is corrupt: {name} is missing")
-        if path.stat().st_size != entry["bytes"]:
-            raise CheckpointError(f"checkpoint {folder} is corrupt: {name} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}")
-        if _sha256(path) != entry["sha256"]:
-            raise CheckpointError(f"checkpoint {folder} is corrupt: {name} does not match its sha256 in the manifest")
+        why = _damage(path, entry)
+        if why:
+            raise CheckpointError(f"checkpoint {folder} is corrupt: {name} {why}")
 
 
 def is_checkpoint(folder: Path) -> bool:
@@ -210,8 +253,52 @@ def latest_good_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
 
 
 def load_state(folder: Path) -> dict[str, Any]:
-    """The non-weight part of a checkpoint: loop state, optimizer state, RNG state (verified against the manifest)."""
+    """The non-weight part of a checkpoint: loop state, optimizer state, RNG state (verified against the manifest).
+
+    An intact file this version cannot read is a `CheckpointError` that names the checkpoint;
+    the checkpoint is left where it is.
+    """
     verify_checkpoint(folder, only=(STATE_FILE,))
-    blob = torch.load(folder / STATE_FILE, weights_only=False)
-    blob["loop"] = LoopState(**blob["loop"])
+    try:
+        blob = torch.load(folder / STATE_FILE, weights_only=False)
+        blob["loop"] = LoopState(**blob["loop"])
+    except Exception as err:
+        raise CheckpointError(
+            f"checkpoint {folder} is intact but this version of policyflow cannot read its {STATE_FILE} ({_reason(err)}); "
+            "resume it with the policyflow and torch versions that wrote it (the checkpoint was left as it is)"
+        ) from err
     return blob
+
+
+def _part_of_a_run(folder: Path) -> bool:
+    """A training checkpoint (`trainer_state.pt`), or a run's `checkpoints/` (and anything in it), `base/` or `reference/`."""
+    if (folder / STATE_FILE).is_file():
+        return True
+    run_part = folder.name in ("checkpoints", "base", "reference") and (folder.parent / "config.yaml").is_file()
+    return run_part or (folder.parent.name == "checkpoints" and (folder.parent.parent / "config.yaml").is_file())
+
+
+def check_destination(out: Path, *, reads: Path | None = None, overwrite: bool = False, how: str = "--overwrite") -> None:
+    """Refuse to write the folder `out` where that would destroy something (a `CheckpointError` line).
+
+    - never inside (or as) a checkpoint, nor inside or around `reads`, the folder being read;
+    - a non-empty `out` only with `overwrite` (`how` names the switch), and even then only a
+      model folder (config.json, adapter_config.json or manifest.json in it), never a folder of
+      other files, which `write_folder`'s final rename would delete.
+    """
+    out = out.expanduser()
+    target = out.resolve()
+    for part in [target, *target.parents]:
+        if _part_of_a_run(part):
+            raise CheckpointError(f"will not write {out}: {part} is a checkpoint (or a run's base or reference), and nothing is ever written inside one; choose a new folder")
+    if reads is not None:
+        source = reads.expanduser().resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise CheckpointError(f"will not write {out}: it overlaps {reads}, the folder being read; choose a new folder")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"will not write {out}: it is a file; choose a new folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise CheckpointError(f"will not write {out}: the folder is not empty; choose a new folder, or pass {how} to replace it")
+        if not any((out / name).is_file() for name in ("config.json", "adapter_config.json", MANIFEST)):
+            raise CheckpointError(f"will not write {out}: it holds files that are not a model folder, which {how} would delete; choose a new folder")

@@ -7,8 +7,13 @@ Overrides are `section.key=value` words after the options, e.g.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from policyflow.config import ConfigError, describe_fields, load_config
@@ -37,24 +42,46 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a LoRA checkpoint as one merged Hugging Face folder", description="write a LoRA checkpoint as one merged Hugging Face folder")
     export.add_argument("--merge", action="store_true", required=True, help="merge the adapter into its base model (the only export)")
     export.add_argument("checkpoint", type=Path, help="a LoRA checkpoint folder (runs/<name>/checkpoints/step-N)")
-    export.add_argument("out", type=Path, help="the folder to write")
+    export.add_argument("out", type=Path, help="the folder to write (new or empty; see --overwrite)")
+    export.add_argument("--overwrite", action="store_true", help="replace `out` when it already holds a model folder (never a folder of other files)")
     export.add_argument("--debug", action="store_true", help="show the full traceback of an error (normally one line)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 2 a config or usage error, 1 any other failure, 130 interrupted (Ctrl-C)."""
+    """Exit status: 0 done, 2 a config or usage error, 1 any other failure, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
     args = _parser().parse_args(argv)
+    previous = _terminate_like_ctrl_c()
     try:
         return _run(args)
     except KeyboardInterrupt as err:  # the coordinator's RunInterrupted says where the run stopped
         print(f"policyflow: {str(err) or 'interrupted at once; checkpoints already written are intact'}", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(err, "signum", signal.SIGINT))
     except Exception as err:
         if args.debug:
             raise
         print(_one_line(err), file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the RL loop (which stops at a step boundary instead: rundir.StopOnCtrlC)."""
+
+    signum = signal.SIGTERM
+
+
+def _terminate_like_ctrl_c():
+    """SIGTERM (a scheduler's stop) raises RunInterrupted as Ctrl-C does, in every command; returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise Terminated("terminated (SIGTERM) at once; checkpoints already written are intact")
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def _one_line(err: Exception) -> str:
@@ -67,19 +94,20 @@ def _one_line(err: Exception) -> str:
 
 
 # Errors whose message already says what to do; others get a hint to rerun with --debug.
-_EXPLAINED = {"ModelLoadError", "TaskError", "CheckpointError", "RunLockedError"}
+_EXPLAINED = {"ModelLoadError", "TaskError", "CheckpointError", "RunLockedError", "PolicyMismatch"}
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from policyflow.lora import export_merged
 
-        print(f"merged model written to {export_merged(args.checkpoint, args.out)}")
+        print(f"merged model written to {export_merged(args.checkpoint, args.out, overwrite=args.overwrite)}")
         return 0
-    if args.command == "train" and args.resume is not None and args.config is None:
-        from policyflow.rundir import saved_config_path
+    if args.command == "train" and args.resume is not None:
+        from policyflow.rundir import resume_location, saved_config_path
 
-        args.config = saved_config_path(args.resume)  # refused when missing: never the defaults
+        args.config = args.config or saved_config_path(args.resume)  # refused when missing: never the defaults
+        args.overrides = [*resume_location(args.resume), *args.overrides]  # the folder as it is now, copied or moved
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
         print("\n".join(describe_fields()) if args.fields else json.dumps(cfg.model_dump(mode="json"), indent=2))
@@ -91,8 +119,26 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "sft":
         coordinator.run_sft(cfg)
     else:
-        print(json.dumps(coordinator.run_eval(cfg, args.model), indent=2))
+        with stdout_to_stderr():  # scripts parse stdout: the summary and nothing else
+            summary = coordinator.run_eval(cfg, args.model)
+        print(json.dumps(summary))
     return 0
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout meanwhile to stderr: Python's prints and the C-level
+    writes of libraries alike (file descriptor 1 itself is pointed at 2)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 if __name__ == "__main__":

@@ -27,20 +27,20 @@ import yaml
 
 from policyflow.agent.context import context_policy
 from policyflow.buffer import RolloutBuffer
-from policyflow.checkpoint import LoopState
+from policyflow.checkpoint import LoopState, check_destination, save_model_folder
 from policyflow.config import Config
 from policyflow.evaluate import EvalResult
 from policyflow.logging import JsonlWriter, Progress, RunTotals, plot_run
 from policyflow.pool import RolloutPool, task_index
 from policyflow.rollout import episode_record
 from policyflow.runtime import make_runtime
-from policyflow.rundir import RunFolder, RunInterrupted, StopOnCtrlC, open_run_folder
+from policyflow.rundir import RunFolder, RunInterrupted, RunLock, StopOnCtrlC, open_run_folder
 from policyflow.session import open_session, pick_device
 from policyflow.sft import warm_start
 from policyflow.threads import configure_threads, thread_share
 from policyflow.types import Group
 from policyflow.weights import FileSnapshotStore, SnapshotStore
-from policyflow.workers import RolloutWorker, TrainerWorker
+from policyflow.workers import RolloutWorker, TrainerWorker, check_probe
 
 
 def train(cfg: Config, *, resume: Path | None = None, log=print) -> dict:
@@ -95,7 +95,8 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
             refill_limit=cfg.train.max_resample_rounds * B, start_version=loop.version,
         )
         pool = RolloutPool(runtime, cfg, store, buffer, next_index=loop.next_problem, worker_cls=worker_cls, rng_states=worker_rng, cpus=threads)
-        await pool.start()
+        await pool.start(before_producing=lambda: _probe_engines(trainer, pool, loop.version, cfg))  # a bad weight hand-over stops the run here
+        probed_trained = False  # engines are probed again once one holds a version this run trained (LoRA's B is 0 before)
 
         progress = Progress(cfg.train.steps, loop.step, cfg.run.progress)
         wall_start = time.perf_counter() - loop.wall_seconds
@@ -132,6 +133,10 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
             # 4. Engines take the new weights (eagerly, or when they lag more than max_lag), then
             #    the admission window moves one batch.
             await pool.update_weights(loop.version)
+            if not probed_trained:  # before new groups start (sync: the engines are idle)
+                gap = await _probe_engines(trainer, pool, loop.version, cfg)
+                probed_trained = gap is not None
+                metrics |= {"async/probe_logprob_gap": gap} if probed_trained else {}
             buffer.set_version(loop.version)
             # 5. Metrics: this batch, the buffer (staleness, waste), the engines, the clock.
             pool_metrics = pool.metrics()
@@ -157,7 +162,7 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
                 metrics_log.write(pending)
             if checkpointed_at != loop.step:
                 await _checkpoint(trainer, pool, buffer, loop, run_dir, totals)
-            raise RunInterrupted(f"interrupted at step {loop.step}; resume with `policyflow train --resume {run_dir}`")
+            raise RunInterrupted(f"interrupted at step {loop.step}; resume with `policyflow train --resume {run_dir}`", stop.signum)
         await pool.stop()
 
         eval_after = await trainer.call("evaluate")
@@ -190,6 +195,16 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
     return summary
 
 
+async def _probe_engines(trainer, pool: RolloutPool, version: int, cfg: Config) -> float | None:
+    """The engines holding `version` continue a prompt greedily and the trainer recomputes the
+    log-probs (`workers.check_probe`): a `PolicyMismatch` line when they disagree beyond the
+    dtype's tolerance. Returns the largest gap seen, or None when no engine holds `version`."""
+    gaps = []
+    for sample in await pool.probes(version):
+        gaps.append(check_probe(sample, await trainer.call("probe_logprobs", sample), getattr(torch, cfg.model.dtype)))
+    return max(gaps) if gaps else None
+
+
 async def _checkpoint(trainer, pool: RolloutPool, buffer: RolloutBuffer, loop: LoopState, run_dir: Path, totals: RunTotals) -> str:
     """Weights, optimizer, RNG (trainer and engines) and the loop state; in-flight groups are recorded as dropped."""
     ledger = buffer.ledger()
@@ -211,18 +226,31 @@ def _write_samples(writer: JsonlWriter, step: int, groups: list[Group], per_step
 
 
 def run_sft(cfg: Config, log=print) -> Path:
-    """Warm-start only; the model is saved in Hugging Face format to runs/<name>/sft."""
-    from policyflow.model import save_pretrained
+    """Warm-start only; the model is saved in Hugging Face format to runs/<name>/sft.
 
+    An existing runs/<name>/sft is refused before any work unless run.overwrite=true; the run
+    folder is locked meanwhile, and the model is written beside it and renamed into place.
+    """
+    out = cfg.run_dir / "sft"
+    pick_device(cfg)  # run.device=cuda without a GPU fails here, before anything is written
+    check_destination(out, overwrite=cfg.run.overwrite, how="run.overwrite=true")
     configure_threads(cfg.run.threads)
-    session = open_session(cfg, master_weights=True)
-    result = warm_start(
-        session.model, session.tokenizer, session.task, cfg.sft, chat_template=cfg.model.chat_template,
-        greedy_accuracy=session.greedy_accuracy, compute_dtype=getattr(torch, cfg.model.dtype),
-        context=context_policy(cfg.agent.context), max_obs_tokens=cfg.agent.max_obs_tokens,
-        on_eval=lambda step, accuracy: log(f"SFT step {step}: greedy held-out accuracy {accuracy:.1%}"),
-    )
-    folder = save_pretrained(session.model, session.tokenizer, cfg.run_dir / "sft")
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(cfg.run_dir)
+    note = lock.acquire()
+    if note:
+        log(note)
+    try:
+        session = open_session(cfg, master_weights=True)
+        result = warm_start(
+            session.model, session.tokenizer, session.task, cfg.sft, chat_template=cfg.model.chat_template,
+            greedy_accuracy=session.greedy_accuracy, compute_dtype=getattr(torch, cfg.model.dtype),
+            context=context_policy(cfg.agent.context), max_obs_tokens=cfg.agent.max_obs_tokens,
+            on_eval=lambda step, accuracy: log(f"SFT step {step}: greedy held-out accuracy {accuracy:.1%}"),
+        )
+        folder = save_model_folder(out, session.model, session.tokenizer, "the SFT model")
+    finally:
+        lock.release()
     log(f"SFT: {result.steps} steps, loss {result.final_loss:.3f}, greedy held-out accuracy {result.accuracy_greedy:.1%}; saved to {folder}")
     return folder
 

@@ -95,8 +95,15 @@ def build_tiny(seed: int = 0, **sizes) -> tuple[PreTrainedModel, PreTrainedToken
     return model, tokenizer
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Load a causal LM and its tokenizer from a local folder (never from a hub)."""
+# A complete model folder: config.json, tokenizer_config.json, one of each group below.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_folder(path: str | Path, *, weights: bool = True) -> Path:
+    """`path` as a Path when it is a complete local model folder, else a ModelLoadError naming the
+    folder and the missing file. Without tokenizer_config.json transformers would still build a
+    tokenizer from tokenizer.json, but with other special tokens and decoding: refused, never guessed."""
     folder = Path(path).expanduser()
     if not folder.exists():
         raise ModelLoadError(f"model path {str(folder)!r} does not exist; give a local folder saved with save_pretrained")
@@ -105,6 +112,17 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
             f"model path {str(folder)!r} has no config.json; point model.path at a Hugging Face model folder "
             "(the one holding config.json and the weights)"
         )
+    groups = [("tokenizer_config.json",), TOKENIZER_FILES] + ([WEIGHT_FILES] if weights else [])
+    for names in groups:
+        if not any((folder / name).is_file() for name in names):
+            missing = names[0] if len(names) == 1 else f"one of {', '.join(names)}"
+            raise ModelLoadError(f"model folder {str(folder)!r} is incomplete: {missing} is missing; copy the whole folder written by save_pretrained")
+    return folder
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load a causal LM and its tokenizer from a complete local folder (never from a hub)."""
+    folder = check_model_folder(path)
     try:
         tokenizer = _load_tokenizer(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
@@ -121,7 +139,11 @@ def _load_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     is loaded as exactly that: AutoTokenizer would pick the class of the model type (Qwen2's),
     whose own pre-tokenizer drops spaces and newlines the char vocabulary has no byte form for."""
     config = folder / "tokenizer_config.json"
-    saved_class = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    try:
+        saved = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    except (ValueError, OSError) as err:
+        raise ModelLoadError(f"{config} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]}); copy it again from the model's source") from None
+    saved_class = saved.get("tokenizer_class") if isinstance(saved, dict) else None
     if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
         return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -131,7 +153,10 @@ def save_pretrained(model: PreTrainedModel, tokenizer, folder: str | Path) -> Pa
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     hf_logging.disable_progress_bar()  # a per-checkpoint "Writing model shards" bar would drown the run's own
-    model.save_pretrained(folder, safe_serialization=True)
+    # A peft adapter never holds embeddings here (only linear layers are adapted): peft need not
+    # look for the base's config (a path relative to the checkpoint) to decide whether to save them.
+    extra = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+    model.save_pretrained(folder, safe_serialization=True, **extra)
     tokenizer.save_pretrained(folder)
     return folder
 

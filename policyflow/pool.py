@@ -26,6 +26,7 @@ from policyflow.config import Config
 from policyflow.runtime import Handle, Runtime, WorkerDied
 from policyflow.session import build_task
 from policyflow.tasks.base import Problem
+from policyflow.types import Sample
 from policyflow.weights import should_update
 from policyflow.workers import GroupSpec, RolloutWorker
 
@@ -72,9 +73,12 @@ class RolloutPool:
         self._replaced = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
-    async def start(self) -> None:
+    async def start(self, before_producing: Callable[[], Awaitable[Any]] | None = None) -> None:
+        """Spawn the workers, await `before_producing()` (if given: the engines are idle then), start producing."""
         n = self.cfg.pipeline.rollout_workers
         self.slots = list(await asyncio.gather(*(self._spawn(i, generation=0) for i in range(n))))
+        if before_producing is not None:
+            await before_producing()
         self._tasks = [asyncio.create_task(self._produce(), name="producer")]
         self._tasks += [asyncio.create_task(self._collect(i), name=f"collector-{i}") for i in range(n)]
 
@@ -108,6 +112,20 @@ class RolloutPool:
             if isinstance(result, BaseException):
                 raise result
             slot.version = result
+
+    async def probes(self, version: int) -> list[Sample]:
+        """A greedy probe continuation (`RolloutWorker.probe`) from each live worker whose engine holds `version`."""
+        held = [s for s in self.slots if s.handle.alive and s.version == version]
+        results = await asyncio.gather(*(s.handle.call("probe") for s in held), return_exceptions=True)
+        samples = []
+        for result in results:
+            if isinstance(result, WorkerDied):
+                continue  # its collector replaces it
+            if isinstance(result, BaseException):
+                raise result
+            if set(result.versions) == {version}:
+                samples.append(result)
+        return samples
 
     async def rng_states(self) -> list[Any]:
         states = []

@@ -9,15 +9,18 @@
   else in the folder, such as `sft/` from `policyflow sft`, is left alone).
 - A resume continues the run recorded in the folder: `config.yaml` must be there, and only
   settings in `RESUMABLE` may change (how long to train, logging, evaluation, checkpoints,
-  where it runs). Anything else (task, model, sampling, loss, batch shape, pipeline) would make
+  where it runs, where the same model now lies). The folder may have been copied or moved:
+  `run.output_dir` and `run.name` are taken from where it is now (`resume_location`), and
+  nothing inside it names it by an absolute path. Anything else (task, model, sampling, loss, batch shape, pipeline) would make
   the checkpoint continue a different experiment, and is refused. Allowed changes are recorded
   as a `{"resumed_at_step": ...}` line in metrics.jsonl. Lines written after the checkpoint's
   step (by a run that stopped before its next checkpoint) are dropped from metrics.jsonl and
   samples.jsonl, so no step is ever logged twice.
 - Snapshot files (`snapshots/`, the process runtime's weight hand-over) are removed when the
   run ends, however it ends.
-- Ctrl-C (`StopOnCtrlC`) stops the RL loop at a step boundary; the coordinator then records
-  the last completed step and raises `RunInterrupted` (the CLI exits 130).
+- Ctrl-C or SIGTERM (what a cluster scheduler sends before preemption; `StopOnCtrlC`) stops
+  the RL loop at a step boundary; the coordinator then records the last completed step,
+  checkpoints it and raises `RunInterrupted` (the CLI exits 128 + the signal: 130 or 143).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from policyflow.checkpoint import latest_checkpoint, latest_good_checkpoint
 from policyflow.config import Config, ConfigError, read_yaml, validate_config
@@ -46,7 +50,7 @@ RUN_MARKERS = ("metrics.jsonl", "samples.jsonl", "summary.json", "checkpoints")
 # Settings a resume may change (a trailing ".*" covers a whole section); every other change is refused.
 RESUMABLE = (
     "train.steps", "train.time_budget_s", "run.log_every", "run.samples_every", "run.progress", "run.threads",
-    "run.device", "run.overwrite", "eval.*", "checkpoint.*",
+    "run.device", "run.overwrite", "run.output_dir", "run.name", "model.path", "eval.*", "checkpoint.*",
 )
 
 
@@ -55,7 +59,14 @@ class RunLockedError(RuntimeError):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped the run at a step boundary; the message says where and how to resume."""
+    """Ctrl-C or SIGTERM stopped the run; the message says where and how to resume. `signum` is the signal."""
+
+    def __init__(self, message: str = "", signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
 class RunLock:
@@ -182,13 +193,18 @@ def _prepare_resume(cfg: Config, folder: RunFolder) -> None:
     folder.checkpoint, notes = latest_good_checkpoint(folder.path)
     folder.notes += notes
     if folder.checkpoint is None:
-        why = "none of them passed verification" if notes else "none was written"
-        raise ConfigError(f"--resume {str(folder.path)!r}: no checkpoint under {folder.path / 'checkpoints'} to resume from ({why}); start the run again with run.overwrite=true")
+        why = "none of them passed verification (they were moved to step-N.corrupt)" if notes else "none was written"
+        raise ConfigError(f"--resume {str(folder.path)!r}: no checkpoint under {folder.path / 'checkpoints'} to resume from ({why}); start a new run with another run.name")
     step = int(folder.checkpoint.name[5:])
     for name in ("metrics.jsonl", "samples.jsonl"):
         dropped = drop_lines_after(folder.path / name, step)
         if dropped:
             folder.notes.append(f"{name}: dropped {dropped} line(s) written after step {step} (they are run again)")
+
+
+def resume_location(run_dir: Path) -> list[str]:
+    """Overrides that place a resumed run where its folder is now (it may have been copied or moved)."""
+    return [f"run.output_dir={json.dumps(str(run_dir.parent))}", f"run.name={json.dumps(run_dir.name)}"]
 
 
 def saved_config_path(run_dir: Path) -> Path:
@@ -254,40 +270,41 @@ def drop_lines_after(path: Path, step: int) -> int:
 
 
 class StopOnCtrlC:
-    """Ctrl-C during the RL loop stops it at the next step boundary; otherwise Ctrl-C stops at once.
+    """Ctrl-C or SIGTERM during the RL loop stops it at the next step boundary; otherwise at once.
 
-    Once `graceful` (set by the coordinator when the RL loop starts), the first press sets
-    `requested` and says so: a wait for the next batch is abandoned, a step in progress
-    finishes and is recorded. Before that (model loading, SFT warm-start, the first
-    evaluation), or on a second press, KeyboardInterrupt is raised wherever the program is,
-    even inside a long synchronous call; checkpoints already on disk are intact (written
-    atomically). Installed only in the main thread.
+    Once `graceful` (set by the coordinator when the RL loop starts), the first signal sets
+    `requested` (and `signum`) and says so: a wait for the next batch is abandoned, a step in
+    progress finishes and is recorded and checkpointed. Before that (model loading, SFT
+    warm-start, the first evaluation), or on a second signal, `RunInterrupted` is raised wherever
+    the program is, even inside a long synchronous call; checkpoints already on disk are intact
+    (written atomically). Installed only in the main thread.
     """
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.graceful = False
         self.requested = False
+        self.signum = signal.SIGINT
         self._event = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._previous = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopOnCtrlC:
         if threading.current_thread() is threading.main_thread():
             self._loop = asyncio.get_running_loop()
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._previous = {s: signal.signal(s, self._on_signal) for s in SIGNAL_NAMES}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._loop is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
-    def _on_sigint(self, signum, frame) -> None:
+    def _on_signal(self, signum, frame) -> None:
         if self.requested or not self.graceful:
-            raise RunInterrupted(self._at_once())
-        self.requested = True
+            raise RunInterrupted(self._at_once(), signum)
+        self.requested, self.signum = True, signum
         self._loop.call_soon_threadsafe(self._event.set)
-        print("policyflow: Ctrl-C: stopping after the current step (press again to stop at once)", file=sys.stderr, flush=True)
+        print(f"policyflow: {SIGNAL_NAMES[signum]}: stopping after the current step and writing a checkpoint (signal again to stop at once)", file=sys.stderr, flush=True)
 
     def _at_once(self) -> str:
         latest = latest_checkpoint(self.run_dir)

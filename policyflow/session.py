@@ -17,7 +17,7 @@ from policyflow.config import Config, ConfigError
 from policyflow.engine import AsyncEngine, SamplingParams
 from policyflow.evaluate import EvalResult, accuracy, evaluate
 from policyflow.lora import is_adapter_folder, load_merged
-from policyflow.model import ModelLoadError, build_char_tokenizer, build_tiny, load_pretrained
+from policyflow.model import ModelLoadError, build_char_tokenizer, build_tiny, check_model_folder, load_pretrained
 from policyflow.tasks import make_task
 from policyflow.tasks.base import Problem, Task
 from policyflow.tasks.length import PromptFit
@@ -108,8 +108,7 @@ def _tokenizer_and_context(cfg: Config):
     """The tokenizer and context length of model.path (config only, no weights), or of the tiny model."""
     if not cfg.model.path:
         return build_char_tokenizer(), cfg.model.tiny.max_positions
-    if not (Path(cfg.model.path) / "config.json").is_file():
-        raise ModelLoadError(f"model path {cfg.model.path!r} is not a local model folder (one holding config.json); point model.path at a Hugging Face model folder")
+    check_model_folder(cfg.model.path, weights=False)  # only the tokenizer and config are read here
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
         return tokenizer, model_context(AutoConfig.from_pretrained(cfg.model.path, local_files_only=True))

@@ -38,16 +38,17 @@ from policyflow.agent.context import context_policy
 from policyflow.agent.env import group_builder
 from policyflow.checkpoint import LoopState, load_state, rng_state, save_checkpoint, save_model_folder, set_rng_state, verify_checkpoint
 from policyflow.config import Config
-from policyflow.engine import AsyncEngine
+from policyflow.engine import AsyncEngine, SamplingParams
 from policyflow.logging import JsonlWriter, Progress
-from policyflow.lora import adapter_base_path, attach_lora, is_adapter_folder, is_lora, load_adapter, lora_weights
+from policyflow.lora import RUN_BASE_REF, adapter_base_path, attach_lora, is_adapter_folder, is_lora, load_adapter, lora_weights
 from policyflow.model import load_pretrained, num_parameters
 from policyflow.rollout import build_batch, rollout_metrics, shape_overlong
 from policyflow.session import build_task, episode_runner, load_policy, model_context, open_session, pick_device, sampling_params
 from policyflow.sft import warm_start
 from policyflow.tasks.base import Problem
-from policyflow.trainer import Trainer
-from policyflow.types import Group
+from policyflow.tokens import render_prompt
+from policyflow.trainer import Trainer, compute_precision, sequence_logprobs
+from policyflow.types import Group, Sample
 
 
 REFERENCE_DIR = "reference"  # <run_dir>/reference/: the KL reference (HF format), written once per run
@@ -145,6 +146,17 @@ class RolloutWorker:
     def held_version(self) -> int:
         return self.engine.version
 
+    async def probe(self) -> Sample:
+        """A greedy continuation (`PROBE_TOKENS`, EOS ignored) of the first held-out prompt by the
+        engine as it is now: its log-probs are the engine's T=1 log-softmax, which the trainer
+        recomputes (`TrainerWorker.probe_logprobs`) to check both run the same policy. Greedy
+        draws no random numbers, so the sampling of the run itself is not changed."""
+        problem = self.task.eval_problems()[0]
+        prompt = render_prompt(self.tokenizer, problem.prompt, self.cfg.model.chat_template)
+        room = (self.engine.max_positions or len(prompt) + PROBE_TOKENS) - len(prompt)
+        params = SamplingParams(temperature=0.0, max_new_tokens=max(1, min(PROBE_TOKENS, room)), ignore_eos=True)
+        return await self.engine.generate(prompt, params)
+
     def rng_state(self) -> torch.Tensor:
         return self.engine.generator.get_state()
 
@@ -230,7 +242,10 @@ class TrainerWorker:
         if model is not s.model:  # the evaluation engine must run the adapter: a fresh one over the wrapped modules
             s.engine.close()
             s.model, s.engine = model, AsyncEngine(model.get_base_model(), s.tokenizer)
-        self.trainer = Trainer(model, self.cfg.train, self.cfg.loss, self.cfg.sampling, compute_dtype=self.compute_dtype)
+        train = self.cfg.train
+        if is_lora(model):  # the adapter's own lr: train.lr × model.lora.lr_multiplier
+            train = train.model_copy(update={"lr": train.lr * self.cfg.model.lora.lr_multiplier})
+        self.trainer = Trainer(model, train, self.cfg.loss, self.cfg.sampling, compute_dtype=self.compute_dtype)
 
     def describe(self) -> str:
         s = self.session
@@ -275,9 +290,12 @@ class TrainerWorker:
         """
         lora = self.cfg.model.lora
         if lora.rank > 0:
-            unchanged = self.cfg.model.path and self._sft_steps == 0
-            base = Path(self.cfg.model.path) if unchanged else self._save_once(Path(run_dir) / BASE_DIR, "the LoRA base")
-            self._use_model(attach_lora(self.session.model, lora, base))
+            if self.cfg.model.path and self._sft_steps == 0:  # outside the run: named by its absolute path
+                base_ref = str(Path(self.cfg.model.path).expanduser().resolve())
+            else:  # the run's own copy, named relative to each checkpoint (<run>/checkpoints/step-N)
+                self._save_once(Path(run_dir) / BASE_DIR, "the LoRA base")
+                base_ref = RUN_BASE_REF
+            self._use_model(attach_lora(self.session.model, lora, base_ref))
         elif self.cfg.train.kl_coef > 0:
             self._save_once(Path(run_dir) / REFERENCE_DIR, "the KL reference")
         if self.cfg.train.kl_coef > 0:
@@ -342,3 +360,34 @@ class TrainerWorker:
 
     def rng_state(self) -> dict:
         return rng_state()
+
+    @torch.no_grad()
+    def probe_logprobs(self, sample: Sample) -> list[float]:
+        """log π(token | context) of a probe sample's tokens under the policy being trained (T=1, dropout off)."""
+        s = self.session
+        ids_BT = torch.tensor([[*sample.prompt_ids, *sample.token_ids]], device=s.device)
+        s.model.eval()
+        with compute_precision(s.device, self.compute_dtype):
+            logprobs_BT = sequence_logprobs(s.model, ids_BT, torch.ones_like(ids_BT))
+        return logprobs_BT[0, len(sample.prompt_ids):].float().tolist()
+
+
+PROBE_TOKENS = 8  # tokens of the start-up probe (engines vs trainer)
+
+
+class PolicyMismatch(RuntimeError):
+    """An engine's log-probs differ from the trainer's: RL would train on another policy's samples."""
+
+
+def check_probe(sample: Sample, trainer_logprobs: list[float], dtype: torch.dtype) -> float:
+    """The largest |engine − trainer| log-prob over a probe's tokens; a `PolicyMismatch` line when it
+    exceeds the dtype's tolerance, max(1e-3, 64·eps): 1e-3 in float32, 0.06 in float16, 0.5 in bfloat16."""
+    tolerance = max(1e-3, 64 * torch.finfo(dtype).eps)
+    gap = max(abs(a - b) for a, b in zip(sample.logprobs, trainer_logprobs))
+    if not gap <= tolerance:  # nan fails too
+        raise PolicyMismatch(
+            f"the rollout engine's log-probs differ from the trainer's by up to {gap:.3g} at version {sample.versions[0]} "
+            f"(tolerance {tolerance:.3g} in {str(dtype).removeprefix('torch.')}): the engines do not run the policy being trained, "
+            "so RL would learn from another policy's samples; stopped before that (a LoRA placement or weight loading the engine cannot represent?)"
+        )
+    return gap

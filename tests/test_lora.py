@@ -176,8 +176,10 @@ def test_checkpoint_is_peft_format_and_exports_merged(small_config, tmp_path: Pa
     summary = coordinator.train(cfg, **QUIET)
     checkpoint = Path(summary["final_checkpoint"])
     assert not (checkpoint / "config.json").exists()  # the adapter alone, no second copy of the base
-    base_dir = json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert Path(base_dir) == (cfg.run_dir / "base").resolve()
+    base_ref = json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base_ref == "../../base"  # relative to the checkpoint: the run folder can be moved
+    base_dir = (checkpoint / base_ref).resolve()
+    assert base_dir == (cfg.run_dir / "base").resolve()
     # Plain peft and transformers: no policyflow code.
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), checkpoint).eval()
     assert cli.main(["export", "--merge", str(checkpoint), str(tmp_path / "merged")]) == 0

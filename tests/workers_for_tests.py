@@ -44,3 +44,31 @@ class AlwaysDead(RolloutWorker):
         from policyflow.runtime import WorkerDied
 
         raise WorkerDied("simulated: this worker died")
+
+
+def _perturb(model) -> None:
+    """Shift every floating weight by a fixed pattern: a hand-over that loads the wrong numbers."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.add_(0.05 * torch.cos(torch.arange(p.numel(), dtype=p.dtype, device=p.device)).view_as(p))
+
+
+class WrongWeightsAfterUpdate(RolloutWorker):
+    """Each weight update loads the published weights, then runs slightly different ones (the start is right)."""
+
+    def _load_latest(self, mode: str) -> None:
+        super()._load_latest(mode)
+        _perturb(self.engine.core.model)
+        self.engine.core.backend.refresh()
+
+
+class WrongWeightsFromStart(RolloutWorker):
+    """Runs slightly different weights than published from the first version on."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _perturb(self.engine.core.model)
+        self.engine.core.backend.refresh()

@@ -46,7 +46,8 @@ def _serve(conn, cls: type, args: tuple, kwargs: dict, threads: int) -> None:
     import torch
     from tqdm import tqdm
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops its components
+    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and a scheduler's SIGTERM are the parent's to handle: it stops its components
+        signal.signal(signum, signal.SIG_IGN)
     torch.set_num_threads(max(1, threads))
     # tqdm's default lock is a multiprocessing semaphore that is never released, and the
     # resource tracker warns about it at exit; progress bars in one process need a thread lock.
