@@ -258,3 +258,25 @@ def test_lora_trains_at_its_own_learning_rate(small_config) -> None:
     lora.begin_rl(str(cfg.run_dir))
     assert lora.trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * cfg.model.lora.lr_multiplier)
     assert cfg.model.lora.lr_multiplier == 10.0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_probe_covers_other_architectures(small_config, tmp_path: Path, arch: str) -> None:
+    """GPT-2 runs on the engine's generic decoder, Llama (untied head, LoRA) on the fast one: both are probed."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from policyflow.model import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    ids = {"vocab_size": len(tokenizer), "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, **ids))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                             intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=False, **ids))
+    model.save_pretrained(tmp_path / arch)
+    tokenizer.save_pretrained(tmp_path / arch)
+    cfg = small_config(f"model.path={tmp_path / arch}", "sft.max_steps=0", "eval.every=0", f"run.name={arch}", *(LORA if arch == "llama" else ()))
+    coordinator.train(cfg, **QUIET)
+    gaps = [line["async/probe_logprob_gap"] for line in _lines(cfg.run_dir) if "async/probe_logprob_gap" in line]
+    assert len(gaps) == 1 and gaps[0] < 1e-3
