@@ -251,7 +251,8 @@ class TrainerWorker:
         s = self.session
         trained = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
         rank = self.cfg.model.lora.rank
-        lora = f" (LoRA rank {rank}: {trained:,} trained)" if is_lora(s.model) else f" (LoRA rank {rank} added when RL starts)" if rank else ""
+        lr = f"RL lr {self.cfg.train.lr:g} × {self.cfg.model.lora.lr_multiplier:g}"
+        lora = f" (LoRA rank {rank}, {lr}: {trained:,} trained)" if is_lora(s.model) else f" (LoRA rank {rank} added when RL starts, {lr})" if rank else ""
         return f"model: {num_parameters(s.model):,} parameters{lora} on {s.device}; task: {s.task.name}"
 
     def warm_start(self, metrics_path: str | None = None) -> dict[str, float]:

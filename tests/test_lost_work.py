@@ -257,7 +257,7 @@ def test_lora_trains_at_its_own_learning_rate(small_config) -> None:
     lora = TrainerWorker(cfg, store=None)
     lora.begin_rl(str(cfg.run_dir))
     assert lora.trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * cfg.model.lora.lr_multiplier)
-    assert cfg.model.lora.lr_multiplier == 10.0
+    assert cfg.model.lora.lr_multiplier == 4.0
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
