@@ -270,6 +270,12 @@ def load_state(folder: Path) -> dict[str, Any]:
     return blob
 
 
+def protected_folder(path: Path) -> Path | None:
+    """The checkpoint (or a run's checkpoints/, base/, reference/) that `path` is or lies in, if any."""
+    path = path.expanduser().resolve()
+    return next((part for part in [path, *path.parents] if _part_of_a_run(part)), None)
+
+
 def _part_of_a_run(folder: Path) -> bool:
     """A training checkpoint (`trainer_state.pt`), or a run's `checkpoints/` (and anything in it), `base/` or `reference/`."""
     if (folder / STATE_FILE).is_file():
@@ -288,9 +294,9 @@ def check_destination(out: Path, *, reads: Path | None = None, overwrite: bool =
     """
     out = out.expanduser()
     target = out.resolve()
-    for part in [target, *target.parents]:
-        if _part_of_a_run(part):
-            raise CheckpointError(f"will not write {out}: {part} is a checkpoint (or a run's base or reference), and nothing is ever written inside one; choose a new folder")
+    protected = protected_folder(target)
+    if protected is not None:
+        raise CheckpointError(f"will not write {out}: {protected} is a checkpoint (or a run's base or reference), and nothing is ever written inside one; choose a new folder")
     if reads is not None:
         source = reads.expanduser().resolve()
         if target == source or source in target.parents or target in source.parents:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from policyflow.checkpoint import latest_checkpoint, latest_good_checkpoint
+from policyflow.checkpoint import latest_checkpoint, latest_good_checkpoint, protected_folder
 from policyflow.config import Config, ConfigError, read_yaml, validate_config
 
 LOCK_FILE = "run.lock"
@@ -126,7 +126,10 @@ class RunFolder:
 
 
 def check_output_dir(run_dir: Path) -> None:
-    """A ConfigError when a part of the run folder's path is a file."""
+    """A ConfigError when a part of the run folder's path is a file, or the folder lies in a checkpoint."""
+    protected = protected_folder(run_dir)
+    if protected is not None:
+        raise ConfigError(f"run folder {str(run_dir)!r} lies in {protected}, a checkpoint (or a run's base or reference) that a run must never write into; point run.output_dir elsewhere")
     for part in [run_dir, *run_dir.parents]:
         if part.exists():
             if not part.is_dir():

@@ -280,3 +280,16 @@ def test_the_probe_covers_other_architectures(small_config, tmp_path: Path, arch
     coordinator.train(cfg, **QUIET)
     gaps = [line["async/probe_logprob_gap"] for line in _lines(cfg.run_dir) if "async/probe_logprob_gap" in line]
     assert len(gaps) == 1 and gaps[0] < 1e-3
+
+
+def test_no_command_writes_a_run_or_sft_model_inside_a_checkpoint(lora_run, small_config) -> None:
+    from policyflow.config import ConfigError
+
+    cfg, checkpoint = lora_run
+    before = _snapshot(checkpoint)
+    inside = (f"run.output_dir={checkpoint.parent}", f"run.name={checkpoint.name}")
+    with pytest.raises(ConfigError, match="a checkpoint .* that a run must never write into"):
+        coordinator.train(small_config(*inside, "run.overwrite=true"), **QUIET)
+    with pytest.raises(CheckpointError, match="nothing is ever written inside one"):
+        coordinator.run_sft(small_config(*inside, "run.overwrite=true"), log=lambda *_: None)
+    assert _snapshot(checkpoint) == before
