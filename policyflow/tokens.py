@@ -10,6 +10,7 @@ not (MEM1 pruning) starts a new row — and `collate` pads the rows of many epis
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +23,9 @@ def _chat_ids(tokenizer, messages: list[dict], *, generation_prompt: bool, tools
         raise ValueError("model.chat_template=true but the tokenizer has no chat template; set model.chat_template=false")
     ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=True)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+CUT_MARGIN_TOKENS = 32  # tokens a cut prefix holds beyond the kept ones (at least): ample for the word a cut falls in
 
 
 def _plain_ids(tokenizer, text: str) -> list[int]:
@@ -37,12 +41,70 @@ def render_prompt(tokenizer, text: str, chat_template: bool, tools: list[dict] |
 
 
 def cut_observation(tokenizer, text: str, max_tokens: int | None) -> tuple[list[int], str]:
-    """The first `max_tokens` token ids of `text` (all of them when None) and the text they decode to."""
+    """The first `max_tokens` token ids of `text` (all of them when None) and the text they decode to.
+
+    The work is bounded by `max_tokens`, not by the text (a tool may return megabytes): only a
+    prefix of the text is tokenized. It must yield `need` = `max_tokens` + a margin of
+    max(`max_tokens`, `CUT_MARGIN_TOKENS`) tokens, so it starts at `need` × the longest
+    vocabulary piece in characters (no token covers more, unless the tokenizer drops characters
+    before splitting) and doubles while it yields fewer (the whole text at most). The ids are
+    then the first `max_tokens` of the whole text's ids whenever cutting a text changes only its
+    last `margin` tokens, which holds for pre-tokenized BPE, WordPiece and SentencePiece (only
+    the tokens of the word the cut falls in change). A typical token is much shorter than the
+    longest piece, so the prefix nearly always holds far more than `need` tokens.
+
+    A character that is not text (a lone surrogate, say from a tool echoing model-written JSON)
+    is shown as "?": tokenizers refuse such strings.
+    """
+    if max_tokens is None:
+        text = _unicode_text(text)
+        return _plain_ids(tokenizer, text), text
+    need = max_tokens + max(max_tokens, CUT_MARGIN_TOKENS)
+    longest = _longest_piece(tokenizer)
+    budget = need * longest if longest else len(text)
+    while budget < len(text):
+        ids = _plain_ids(tokenizer, _unicode_text(text[:budget]))
+        if len(ids) >= need:
+            return ids[:max_tokens], tokenizer.decode(ids[:max_tokens])
+        budget *= 2
+    text = _unicode_text(text)
     ids = _plain_ids(tokenizer, text)
-    if max_tokens is not None and len(ids) > max_tokens:
+    if len(ids) > max_tokens:
         ids = ids[:max_tokens]
         text = tokenizer.decode(ids)
     return ids, text
+
+
+def _unicode_text(text: str) -> str:
+    """`text` with every character UTF-8 cannot encode (lone surrogates) replaced by "?"."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+_LONGEST_PIECE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (vocabulary size, longest piece)
+
+
+def _longest_piece(tokenizer) -> int | None:
+    """Characters in the tokenizer's longest vocabulary piece, added tokens included (None when
+    the tokenizer lists no vocabulary): no token covers more characters of a text than that,
+    unless the tokenizer drops characters before it splits. Remembered per tokenizer."""
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    try:
+        known = _LONGEST_PIECE.get(tokenizer)
+    except TypeError:  # not weakly referable or not hashable: compute every time
+        known = None
+    if known is not None and known[0] == size:
+        return known[1]
+    vocab = getattr(tokenizer, "get_vocab", None)
+    longest = max(map(len, vocab()), default=0) if callable(vocab) else 0
+    try:
+        _LONGEST_PIECE[tokenizer] = (size, longest or None)
+    except TypeError:
+        pass
+    return longest or None
 
 
 def render_observation(

@@ -63,6 +63,20 @@ def test_tags_malformed(text, reason):
     assert parse_tags(text, TAGS).action == Malformed(reason)
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [  # the last <state> decides, read in one pass: its block, or "not closed" (then no earlier one matters)
+        ("<state>a<state>b</state><answer>x</answer>", ParsedTurn(FinalAnswer("x"), "b")),
+        ("<state>a</state><state>b<answer>x</answer>", ParsedTurn(Malformed("<state> is not closed"))),
+        ("<state>" * 1000 + "s</state><search>q</search>", ParsedTurn(ToolCalls((ToolCall("search", {"query": "q"}),)), "s")),
+    ],
+)
+def test_state_blocks_nested_or_unclosed(text, expected):
+    assert parse_tags(text, TAGS) == expected
+    hermes = parse_hermes(text.replace("<search>q</search>", '<tool_call>{"name": "search", "arguments": {"query": "q"}}</tool_call>'), ["search"])
+    assert hermes == expected
+
+
 def test_tags_keep_state_when_action_is_unclosed():
     assert parse_tags("<state>x</state><answer>4", TAGS) == ParsedTurn(Malformed("<answer> is not closed"), "x")
 

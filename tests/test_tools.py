@@ -1,8 +1,11 @@
-"""Tool pool: argument checks, error containment (raise, hang, bad result), concurrency limit."""
+"""Tool pool: argument checks, error containment (raise, hang, bad result), concurrency limit,
+tools run off the event loop (tests/test_model_output.py: a tool that blocks the thread it runs on)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 
@@ -102,20 +105,25 @@ def test_failures_become_counted_observations():
 
 
 def test_concurrency_limit_is_respected():
+    """12 calls through 3 slots: the tools (each in its own thread) meet in rounds of exactly 3 at
+    a barrier, which a fourth concurrent call would break and fewer could never pass."""
     limit, calls = 3, 12
     state = {"now": 0, "peak": 0}
+    lock, barrier = threading.Lock(), threading.Barrier(limit)
 
-    async def slow(text: str) -> str:
-        state["now"] += 1
-        state["peak"] = max(state["peak"], state["now"])
-        await asyncio.sleep(0.01)
-        state["now"] -= 1
+    async def meet(text: str) -> str:
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        barrier.wait(timeout=60)  # blocking on purpose: tools run off the loop
+        with lock:
+            state["now"] -= 1
         return text
 
-    pool = ToolPool([_tool("slow", slow)], max_concurrency=limit, timeout_s=5.0)
+    pool = ToolPool([_tool("meet", meet)], max_concurrency=limit, timeout_s=60)
 
     async def run():
-        return await asyncio.gather(*(pool.call("slow", {"text": str(i)}) for i in range(calls)))
+        return await asyncio.gather(*(pool.call("meet", {"text": str(i)}) for i in range(calls)))
 
     results = asyncio.run(run())
     assert [r.text for r in results] == [str(i) for i in range(calls)]
@@ -127,6 +135,7 @@ def test_concurrency_limit_is_respected():
 
 
 def test_cancelling_the_caller_cancels_the_tool():
+    """The tool's coroutine (on its own loop, in its own thread) is cancelled with the caller, so its thread ends."""
     pool = ToolPool([_tool("hang", _hang)], timeout_s=60)
 
     async def run():
@@ -138,18 +147,28 @@ def test_cancelling_the_caller_cancels_the_tool():
 
     asyncio.run(run())
     assert pool.stats.errors == 0 and pool._in_flight == 0
+    assert _eventually(lambda: pool.threads == 0) and pool.overrunning == 0
 
 
-def test_an_instant_tool_does_not_yield_to_the_event_loop():
-    """A call whose tool never awaits completes without giving the loop a turn (the engine's
-    decode steps run between loop turns, so every yield would cost an episode a decode step)."""
-    pool = ToolPool([_tool("echo", _echo)], timeout_s=1.0)
+def test_a_timed_out_tool_is_cancelled_and_gives_its_slot_back():
+    """A tool that awaits (here: forever) is cancelled at the timeout; its thread ends and its slot
+    is free again, so a one-slot pool keeps serving."""
+    pool = ToolPool([_tool("hang", _hang), _tool("echo", _echo)], max_concurrency=1, timeout_s=0.05)
 
     async def run():
-        other_ran = []
-        asyncio.get_running_loop().call_soon(other_ran.append, True)
-        result = await pool.call("echo", {"text": "x"})
-        return result, list(other_ran)  # a copy: the loop runs the callback while it shuts down
+        hung = await pool.call("hang", {"text": "x"})
+        assert _eventually(lambda: pool.threads == 0)
+        return hung, await pool.call("echo", {"text": "y"})
 
-    result, other_ran = asyncio.run(run())
-    assert result.text == "x" and other_ran == []
+    hung, echoed = asyncio.run(run())
+    assert hung.error == "timeout" and echoed.text == "y" and pool.overrunning == 0
+
+
+def _eventually(condition, guard_s: float = 30.0) -> bool:
+    """Whether `condition()` holds within `guard_s` (a hang guard, polled; not a timing assertion)."""
+    deadline = time.monotonic() + guard_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True

@@ -11,12 +11,16 @@ Envs speak **text**; the episode runner (`agent/episode.py`) owns the tokens:
 * the runner samples a completion and hands its decoded text to `step(action)`. The text is
   what the model wrote, cut after a stop string (`stop` below); the generated token ids are
   kept by the runner and never re-derived from text.
+* `step` takes any text: it is model output, and nothing in it may make `step` raise (a
+  malformed turn is an error observation, counted). An env that raises is a bug in it, and
+  stops the worker loudly.
 * `step` returns a `StepResult`. When the episode goes on, `observation` is the text to show
-  next (a tool result, an error message...), unwrapped. The runner tokenizes it exactly once,
-  cuts it to `agent.max_obs_tokens` tokens and wraps it (`tokens.render_observation`): in the
-  chat template's tool-role markers for chat models, in the env's `observation_wrap` (e.g.
-  `<info>`…`</info>`) for plain models; the wrapper is never cut. The ids are appended with
-  loss mask 0. History is never re-tokenized.
+  next (a tool result, an error message...), unwrapped. The runner tokenizes it exactly once
+  (only a prefix of a long one, so a megabyte result costs what a short one does:
+  `tokens.cut_observation`), cuts it to `agent.max_obs_tokens` tokens and wraps it
+  (`tokens.render_observation`): in the chat template's tool-role markers for chat models, in
+  the env's `observation_wrap` (e.g. `<info>`…`</info>`) for plain models; the wrapper is
+  never cut. The ids are appended with loss mask 0. History is never re-tokenized.
 
 An env is single-use and async: `step` may await tools (a tool pool, a sandbox, a search index);
 while it does, the episode holds no decode slot in the engine. Rewards are named parts summed by
@@ -40,14 +44,17 @@ task. Tasks that do not (arithmetic, countdown, jsonl) get `SingleTurnGroupBuild
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from policyflow.tasks.base import Problem, Task
+from policyflow.tasks.base import Problem, Score, Task
 from policyflow.types import Segment, ToolStats, Trajectory
 
+logger = logging.getLogger(__name__)
+_LOGGED_CHARS = 200  # an exception message in a log line is clipped to this
 ContextPolicy = Callable[[Sequence[Segment]], tuple[int, ...]]
 
 
@@ -162,6 +169,8 @@ class SingleTurnEnv(Env):
 
 
 class SingleTurnGroupBuilder(EnvGroupBuilder):
+    """The G single-turn episodes of one problem, scored together by the task."""
+
     def __init__(self, task: Task, problem: Problem) -> None:
         self.task, self.problem = task, problem
 
@@ -169,8 +178,33 @@ class SingleTurnGroupBuilder(EnvGroupBuilder):
         return [SingleTurnEnv(self.task, self.problem) for _ in range(n)]
 
     async def score_group(self, trajectories: Sequence[Trajectory]) -> GroupScore:
-        score = self.task.score([self.problem] * len(trajectories), [t.completion_text for t in trajectories])
-        parts = [{"correct": float(score.correct[j])} | {name: values[j] for name, values in score.parts.items()} for j in range(len(trajectories))]
+        """The task's scores for the group's completions, which are model output: nothing they
+        hold may end the run. When the batch `task.score` raises, each completion is scored
+        alone; one whose scoring raises gets reward 0 and is counted in `errors` (logged once
+        per group, with the first exception)."""
+        completions = [t.completion_text for t in trajectories]
+        try:
+            return self._group_score(self.task.score([self.problem] * len(completions), completions), len(completions))
+        except Exception:  # deliberate containment, narrowed to the failing completions below
+            pass
+        rewards, parts, errors, first = [], [], 0, None
+        for completion in completions:
+            try:
+                one = self._group_score(self.task.score([self.problem], [completion]), 1)
+            except Exception as err:
+                first = first or err
+                one = GroupScore([0.0], [{"correct": 0.0}], errors=1)
+            rewards += one.rewards
+            parts += one.parts
+            errors += one.errors
+        if first is not None:
+            logger.warning("task %r raised scoring completions of problem %s (%s: %s); they get reward 0", self.task.name, self.problem.id, type(first).__name__, str(first)[:_LOGGED_CHARS])
+        return GroupScore(rewards, parts, errors)
+
+    def _group_score(self, score: Score, n: int) -> GroupScore:
+        if len(score.rewards) != n or len(score.correct) != n:
+            raise ValueError(f"task {self.task.name!r}: score() returned {len(score.rewards)} rewards for {n} completions")
+        parts = [{"correct": float(score.correct[j])} | {name: values[j] for name, values in score.parts.items()} for j in range(n)]
         return GroupScore(list(score.rewards), parts, score.errors)
 
 

@@ -21,13 +21,24 @@ at once and answers with one tool message per call, in order. A `<state>…</sta
 (MEM1's internal state) may come before the action; the last one is returned with it. A turn
 that is not one well-formed action (or, in Hermes, well-formed calls only) becomes
 `Malformed(reason)`, which the env answers with an error observation (and counts).
+
+Model output is untrusted input: both parsers are total. Whatever the text (any length, NUL
+bytes, nested or unbalanced tags, JSON nested thousands deep, numbers with thousands of digits,
+`NaN`), they return a `ParsedTurn` and never raise, and their work grows linearly with the text
+(no regex that backtracks, no search that restarts from every tag). A tool call's JSON must be
+standard JSON with finite numbers and strings that are text (no lone surrogates), nested at
+most `MAX_ARGUMENT_DEPTH` deep (deeper values would reach Python's recursion limit where the
+episode is logged or sent between processes); anything else is a malformed turn. Model text
+quoted in a reason is clipped to `MAX_ECHO_CHARS`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +48,8 @@ ANSWER_TAG = "answer"
 STATE_TAG = "state"
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 TOOL_FORMATS = ("tags", "hermes")
+MAX_ARGUMENT_DEPTH = 32  # nesting of a tool call's JSON (the call object is level 1): far above any tool's schema, far below the recursion limit
+MAX_ECHO_CHARS = 80  # model text quoted in a malformed turn's reason (an unknown tool's name) is clipped to this
 
 
 @dataclass(frozen=True)
@@ -87,16 +100,38 @@ def _block(text: str, name: str, start: int) -> tuple[str, int] | None:
 
 
 def _last_state(text: str) -> tuple[str | None, str | None]:
-    """(the last `<state>` content, an error) for the text before the action."""
-    state = None
-    for start, _ in _open_tags(text, [STATE_TAG]):
-        block = _block(text, STATE_TAG, start)
-        if block is None:
-            return None, f"<{STATE_TAG}> is not closed"
-        state = block[0].strip()
-    return state, None
+    """(the last `<state>` content, an error) for the text before the action: the error when
+    the last `<state>` is not closed (then none before it is either). One pass over the text."""
+    opens = _open_tags(text, [STATE_TAG])
+    if not opens:
+        return None, None
+    block = _block(text, STATE_TAG, opens[-1][0])
+    if block is None:
+        return None, f"<{STATE_TAG}> is not closed"
+    return block[0].strip(), None
 
 
+def _clip(value: object) -> str:
+    """`repr(value)`, clipped to `MAX_ECHO_CHARS` characters."""
+    text = repr(value)
+    return text if len(text) <= MAX_ECHO_CHARS else text[: MAX_ECHO_CHARS - 3] + "..."
+
+
+def _total(parse: Callable[..., ParsedTurn]) -> Callable[..., ParsedTurn]:
+    """Make a parser of model output total: anything it raises (it should raise nothing; this is
+    the net for what was not foreseen) becomes a malformed turn naming the exception type."""
+
+    @functools.wraps(parse)
+    def parse_or_malformed(text: str, tools: Any) -> ParsedTurn:
+        try:
+            return parse(text, tools)
+        except Exception as err:  # deliberate containment: model output never ends a run
+            return ParsedTurn(Malformed(f"the turn could not be read ({type(err).__name__})"))
+
+    return parse_or_malformed
+
+
+@_total
 def parse_tags(text: str, tools: Mapping[str, str]) -> ParsedTurn:
     """Read a tag-format turn. `tools` maps each tool's tag to the argument its content fills
     (`{"search": "query"}` turns `<search>q</search>` into `ToolCall("search", {"query": "q"})`)."""
@@ -121,6 +156,7 @@ def parse_tags(text: str, tools: Mapping[str, str]) -> ParsedTurn:
     return ParsedTurn(ToolCalls((ToolCall(name, {tools[name]: content}),)), state)
 
 
+@_total
 def parse_hermes(text: str, tools: Collection[str]) -> ParsedTurn:
     """Read a Hermes/Qwen turn: each `<tool_call>{"name", "arguments"}</tool_call>` is a tool call
     (several make parallel calls); a turn without one is the final answer (the content of
@@ -157,14 +193,61 @@ def _hermes_call(text: str, start: int, limit: int, tools: Collection[str]) -> T
         return Malformed(f"text after {TOOL_CALL_CLOSE}; end the turn after the tool calls")
     body = text[start + len(TOOL_CALL_OPEN) : end]
     try:
-        call = json.loads(body)
+        call = json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError as err:
         return Malformed(f"tool call is not valid JSON ({err.msg} at char {err.pos})")
+    except RecursionError:
+        return Malformed(f"tool call JSON is nested deeper than {MAX_ARGUMENT_DEPTH} levels")
+    except ValueError as err:  # a non-finite number, or an integer over Python's digit limit
+        return Malformed(f"tool call JSON has a number that is not a finite JSON number ({str(err)[:MAX_ECHO_CHARS]})")
     if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(call.get("arguments", {}), dict):
         return Malformed('a tool call must be {"name": <string>, "arguments": <object>}')
+    problem = _json_problem(call)
+    if problem:
+        return Malformed(problem)
     if call["name"] not in tools:
-        return Malformed(f"unknown tool {call['name']!r}; available: {sorted(tools)}")
+        return Malformed(f"unknown tool {_clip(call['name'])}; available: {sorted(tools)}")
     return ToolCall(call["name"], dict(call.get("arguments", {})))
+
+
+def _refuse_constant(name: str) -> Any:
+    """`json.loads(parse_constant=...)`: `NaN`, `Infinity` and `-Infinity` are not JSON."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(literal: str) -> float:
+    """`json.loads(parse_float=...)`: a float literal, refused when it overflows (`1e999`)."""
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ValueError(f"{literal[:MAX_ECHO_CHARS]} overflows a float")
+    return value
+
+
+def _json_problem(value: Any) -> str | None:
+    """What makes parsed JSON unfit for a tool call (None: nothing): lists/objects nested more
+    than `MAX_ARGUMENT_DEPTH` deep, or a string holding a lone surrogate (`"\\ud800"` is valid
+    JSON but not text: it cannot be encoded, logged as UTF-8 or tokenized). Iterative, so no
+    depth reaches the recursion limit."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not _encodable(item):
+                return "tool call JSON holds a lone surrogate (a \\ud800-\\udfff escape not in a pair), which is not text"
+        elif isinstance(item, (dict, list)):
+            if depth > MAX_ARGUMENT_DEPTH:
+                return f"tool call JSON is nested deeper than {MAX_ARGUMENT_DEPTH} levels"
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def tag_arguments(tools: Sequence[Tool]) -> dict[str, str]:
@@ -192,11 +275,12 @@ def stop_strings(tool_format: str, tools: Sequence[Tool]) -> tuple[str, ...]:
 
 
 def parse_turn(tool_format: str, text: str, tools: Sequence[Tool]) -> ParsedTurn:
-    """Parse `text` in `tool_format` ('tags' or 'hermes') against `tools`."""
+    """Parse `text` in `tool_format` ('tags' or 'hermes') against `tools`; never raises for any
+    `text` (a bad `tool_format` or tool definition raises: those are configuration errors)."""
     if tool_format not in TOOL_FORMATS:
         raise ValueError(f"unknown tool format {tool_format!r}; choose one of {list(TOOL_FORMATS)}")
     if tool_format == "tags":
-        return parse_tags(text, tag_arguments(tools))
+        return parse_tags(text, tag_arguments(tools))  # tag_arguments outside the parser's net: a bad tool is the user's error, loud
     return parse_hermes(text, [t.name for t in tools])
 
 

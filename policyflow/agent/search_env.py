@@ -6,7 +6,9 @@ the passages as the next observation (one per call, in order), or an answer,
 which ends the episode with MMSearch-R1's reward (`rewards.search_penalty_reward`): 1 for a
 correct answer, β less if the episode searched, plus γ when every turn was well formed. A
 malformed turn, or a search that fails, is answered with an error observation and counted;
-the episode goes on (until `agent.max_turns`).
+the episode goes on (until `agent.max_turns`). Nothing the model writes makes `step` raise: the
+parser is total (`agent/parse.py`), the tool pool turns every failure into an observation
+(`tools/base.py`), and an answer the task's check cannot read (one it raises on) is wrong.
 
 Observations are returned unwrapped: the env takes the task's `observation_wrap`
 (`<info>`…`</info>` in the tag format, none in the Hermes format, where chat models get the
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 
 from policyflow.agent.env import Env, EnvGroupBuilder, StepResult
-from policyflow.agent.parse import FinalAnswer, Malformed, ToolCalls, parse_turn, stop_strings
+from policyflow.agent.parse import MAX_ECHO_CHARS, FinalAnswer, Malformed, ToolCalls, parse_turn, stop_strings
 from policyflow.rewards import search_penalty_reward
 from policyflow.tasks.base import Problem
 from policyflow.tasks.search_qa import SearchQATask, SearchSettings
@@ -58,13 +60,22 @@ class SearchEnv(Env):
             observations = tuple(r.text for r in results)
             return StepResult(observation=observations[0] if len(observations) == 1 else observations, tools=tool_stats(results), info=info)
         assert isinstance(turn, FinalAnswer)
-        correct = self.task.is_correct(self.problem, turn.text)
+        correct = self._is_correct(turn.text, info)
         parts = search_penalty_reward(
             torch.tensor(float(correct), dtype=torch.float64), torch.tensor(self.searches), torch.tensor(self.malformed == 0),
             penalty=self.settings.penalty, format_weight=self.settings.format_weight,
         )
         reward_parts = {name: float(value) for name, value in parts.items()}
         return StepResult(done=True, reward=sum(reward_parts.values()), reward_parts=reward_parts, info=info | {"answer": turn.text})
+
+    def _is_correct(self, answer: str, info: dict[str, Any]) -> bool:
+        """The task's verdict on `answer`; False, noted in `info["answer_error"]`, when the check
+        raises on it (model text the check did not foresee must not end the run)."""
+        try:
+            return bool(self.task.is_correct(self.problem, answer))
+        except Exception as err:  # deliberate containment: the answer is model output
+            info["answer_error"] = f"{type(err).__name__}: {err}"[:MAX_ECHO_CHARS]
+            return False
 
 
 class SearchGroupBuilder(EnvGroupBuilder):

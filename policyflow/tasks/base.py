@@ -111,6 +111,20 @@ class Task(ABC):
             strict.fit(problem, self.render_prompt)
 
 
+def last_tagged(text: str, tag: str) -> str | None:
+    """The content of the last complete `<tag>…</tag>` in `text` (the first closing tag after
+    each opening one, pairs taken left to right), or None. One pass: a regex `<tag>(.*?)</tag>`
+    with findall is quadratic on text repeating the opening tag, which a model can write."""
+    opening, closing = f"<{tag}>", f"</{tag}>"
+    last, pos = None, 0
+    while (start := text.find(opening, pos)) >= 0:
+        end = text.find(closing, start + len(opening))
+        if end < 0:
+            break
+        last, pos = text[start + len(opening):end], end + len(closing)
+    return last
+
+
 def check_batch(problems: Sequence[Problem], completions: Sequence[str]) -> None:
     """Raise ValueError unless there is exactly one completion per problem."""
     if len(problems) != len(completions):

@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from policyflow.tasks.base import TaskError
+from policyflow.tasks.base import TaskError, last_tagged
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ NUMERIC_REL_TOL = 1e-6
 NUMERIC_ABS_TOL = 1e-6
 _CLIP_CHARS = 200
 _LOGGED_FAILURES = 5
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _NUMBER = r"[-+]?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?(?:/[0-9]+)?"
 _NUMBER_RE = re.compile(_NUMBER)
 
@@ -68,8 +67,8 @@ def answer_to_text(value: Any) -> str | None:
 def extract_final_answer(completion: str) -> str:
     """The content of the last `<answer>...</answer>` tag if there is one, else the whole
     completion; stripped of surrounding whitespace."""
-    tagged = _ANSWER_TAG.findall(completion)
-    return (tagged[-1] if tagged else completion).strip()
+    tagged = last_tagged(completion, "answer")
+    return (completion if tagged is None else tagged).strip()
 
 
 def _number_value(token: str) -> float | None:

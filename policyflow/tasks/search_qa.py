@@ -27,14 +27,13 @@ import json
 import logging
 import os
 import random
-import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from policyflow.agent.parse import TOOL_FORMATS
-from policyflow.tasks.base import Problem, Score, Task, TaskError, check_batch, sample_distinct, seeded_rng
+from policyflow.tasks.base import Problem, Score, Task, TaskError, check_batch, last_tagged, sample_distinct, seeded_rng
 from policyflow.tools.base import ToolPool
 from policyflow.tools.search import Passage, SearchIndex, format_passages, search_tool
 
@@ -45,7 +44,6 @@ _CODAS = ("", "", "k", "l", "m", "n", "r", "s")
 # drawing its names stays quick and the warm-start's places of their own always find fresh names.
 NAME_SPACE = (len(_ONSETS) * len(_VOWELS)) ** 2 * len(set(_CODAS))
 MAX_ENTITIES = NAME_SPACE // 4
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 log = logging.getLogger(__name__)
 
 
@@ -231,8 +229,8 @@ class SearchQATask(Task):
 
     def extract_answer(self, completion: str) -> str | None:
         """The content of the last `<answer>…</answer>`, stripped, or None."""
-        found = _ANSWER.findall(completion)
-        return found[-1].strip() if found else None
+        found = last_tagged(completion, "answer")
+        return None if found is None else found.strip()
 
     def is_correct(self, problem: Problem, answer: str | None) -> bool:
         """Numbers compare as integers (ASCII digits, leading zeros ignored: compared as text, so

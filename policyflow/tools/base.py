@@ -10,14 +10,30 @@ step is the same record summed over the step's episodes (`Trajectory.tools`, fil
 step's `ToolResult`s by `tool_stats`), so the counts travel with the episodes to the trainer
 in every runtime.
 
-Cancelling the caller (an aborted episode) still cancels the tool: `asyncio.CancelledError`
-is not a tool failure and propagates.
+Tools run off the event loop. Each call's coroutine runs on its own event loop in its own
+(daemon) thread, and the caller's loop only waits for its result under `asyncio.timeout`, so
+every tool is bounded by the pool's timeout, even one that blocks without ever awaiting (an
+`async def` calling `time.sleep`, a slow index lookup), and the loop (every other episode's
+decoding) never waits behind a tool. The price is one loop turn and one thread per call, and
+one rule for tool authors: a tool must not await objects bound to the caller's loop (a client
+session, lock or queue made there); make them inside the call, or use thread-safe clients.
+
+A thread cannot be killed. At the timeout the caller gets its error observation at once and the
+tool's coroutine is cancelled at its next `await`; a tool blocked in a call keeps its thread
+until that call returns. Such a thread keeps its slot, so at most `max_concurrency` threads ever
+run tools, and `ToolPool.overrunning` counts the threads still running calls that timed out.
+While every slot is held by one of them, a call is not run: it fails as a timeout (within one
+`timeout_s` of waiting) instead of waiting for ever.
+
+Cancelling the caller (an aborted episode) still cancels the tool (at its next `await`):
+`asyncio.CancelledError` is not a tool failure and propagates.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +42,7 @@ from typing import Any, Literal
 from policyflow.types import ToolStats
 
 _MAX_ERROR_CHARS = 200  # an exception message in an observation is clipped to this
+_MAX_VALUE_CHARS = 80  # an argument's name or value quoted in an error is clipped to this
 ToolErrorKind = Literal["unknown_tool", "bad_arguments", "raised", "bad_result", "timeout"]
 
 # JSON-schema type name -> the Python types that satisfy it (bool is not an integer or number here).
@@ -86,7 +103,7 @@ def argument_errors(tool: Tool, arguments: Any) -> list[str]:
     props = tool.parameters["properties"]
     errors = [f"missing required argument {key!r}" for key in tool.parameters.get("required", ()) if key not in arguments]
     if tool.parameters.get("additionalProperties", True) is False:
-        errors += [f"unknown argument {key!r}; allowed {sorted(props)}" for key in arguments if key not in props]
+        errors += [f"unknown argument {_clip(key)}; allowed {sorted(props)}" for key in arguments if key not in props]
     for key, value in arguments.items():
         if key not in props:
             continue
@@ -94,8 +111,14 @@ def argument_errors(tool: Tool, arguments: Any) -> list[str]:
         if names and not any(_is_json_type(value, n) for n in names):
             errors.append(f"argument {key!r} must be {' or '.join(names)}, got {type(value).__name__}")
         if "enum" in props[key] and value not in props[key]["enum"]:
-            errors.append(f"argument {key!r} must be one of {list(props[key]['enum'])}, got {value!r}")
+            errors.append(f"argument {key!r} must be one of {list(props[key]['enum'])}, got {_clip(value)}")
     return errors
+
+
+def _clip(value: Any) -> str:
+    """`repr(value)` clipped to `_MAX_VALUE_CHARS` characters (arguments are model output)."""
+    text = repr(value)
+    return text if len(text) <= _MAX_VALUE_CHARS else text[: _MAX_VALUE_CHARS - 3] + "..."
 
 
 def _is_json_type(value: Any, type_name: str) -> bool:
@@ -117,11 +140,68 @@ class ToolResult:
         return self.error is None
 
 
+class _ThreadCall:
+    """One tool call run to completion on its own event loop, in its own daemon thread.
+
+    `future` (on the caller's loop) gets `(True, result)` or `(False, exception)`; `cancel()`
+    cancels the tool's coroutine at its next `await`. `on_exit(self)` runs in the thread when it
+    ends, whether or not anyone still waits for the result.
+    """
+
+    def __init__(self, fn: Callable[..., Awaitable[str]], arguments: Mapping[str, Any], on_exit: Callable[[_ThreadCall], None]) -> None:
+        self._fn, self._arguments, self._on_exit = fn, dict(arguments), on_exit
+        self._caller = asyncio.get_running_loop()
+        self.future: asyncio.Future[tuple[bool, Any]] = self._caller.create_future()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._cancelled = False
+        self.timed_out = False  # set by the pool (under its lock) when the caller stopped waiting at the timeout
+        self.ended = False  # set by the pool (under its lock) when the thread is done
+
+    def start(self, name: str) -> None:
+        threading.Thread(target=self._run, name=f"tool-{name}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            outcome: tuple[bool, Any] = (True, asyncio.run(self._main()))
+        except BaseException as err:  # everything the tool raised goes back to the caller, as data
+            outcome = (False, err)
+        self._on_exit(self)
+        try:
+            self._caller.call_soon_threadsafe(self._deliver, outcome)
+        except RuntimeError:  # the caller's loop is closed: nobody waits for this result
+            pass
+
+    async def _main(self) -> Any:
+        with self._lock:
+            self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+            if self._cancelled:
+                self._task.cancel()
+        return await self._fn(**self._arguments)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            if self._loop is not None and self._task is not None:
+                try:
+                    self._loop.call_soon_threadsafe(self._task.cancel)
+                except RuntimeError:  # its loop has finished: the tool already returned
+                    pass
+
+    def _deliver(self, outcome: tuple[bool, Any]) -> None:
+        if not self.future.done():
+            self.future.set_result(outcome)
+
+
 class ToolPool:
-    """Runs tool calls with at most `max_concurrency` in flight and `timeout_s` per call.
+    """Runs tool calls with at most `max_concurrency` in flight and `timeout_s` per call, each
+    off the event loop in a thread of its own (see the module docstring).
 
     `seconds` in a result is the time the tool itself ran (after it got a slot), so queueing
-    for a slot is not charged to the tool and does not count towards its timeout.
+    for a slot is not charged to the tool and does not count towards its timeout. A slot is
+    held until the tool's thread ends, which for a blocking tool that timed out is after the
+    caller got its timeout error: `overrunning` is the number of such threads right now.
     """
 
     def __init__(self, tools: Sequence[Tool], *, max_concurrency: int = 16, timeout_s: float = 30.0):
@@ -136,10 +216,13 @@ class ToolPool:
         self.timeout_s = timeout_s
         self.stats = ToolStats()
         self.max_concurrency = max_concurrency
-        self.max_in_flight = 0  # the most calls ever running at once
+        self.max_in_flight = 0  # the most tool threads ever running at once (never above max_concurrency)
+        self.threads = 0  # tool threads running now, timed-out ones included
+        self.overrunning = 0  # tool threads still running a call whose caller got a timeout error
+        self._lock = threading.Lock()  # guards the counts above and the slots' identity: threads end off the loop
         self._slots: asyncio.Semaphore | None = None
         self._slots_loop: asyncio.AbstractEventLoop | None = None
-        self._in_flight = 0
+        self._in_flight = 0  # callers waiting for a tool's result now
 
     def schemas(self) -> list[dict[str, Any]]:
         """Every tool's function schema, for a chat template's `tools=`."""
@@ -149,36 +232,88 @@ class ToolPool:
         """Run one call; every failure comes back as an error observation, counted in `stats`."""
         tool = self.tools.get(name)
         if tool is None:
-            return self._fail("unknown_tool", f"unknown tool {name!r}; available: {sorted(self.tools)}", 0.0)
+            return self._fail("unknown_tool", f"unknown tool {_clip(name)}; available: {sorted(self.tools)}", 0.0)
         problems = argument_errors(tool, arguments)
         if problems:
             return self._fail("bad_arguments", f"bad arguments for {name}: " + "; ".join(problems), 0.0)
-        async with self._loop_slots():
-            self._in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self._in_flight)
-            start = time.perf_counter()
-            try:
-                async with asyncio.timeout(self.timeout_s):  # unlike wait_for, no extra task: a tool
-                    text = await tool.fn(**arguments)  # that never awaits finishes without yielding
-            except TimeoutError:
-                return self._fail("timeout", f"{name} timed out after {self.timeout_s:g} s", time.perf_counter() - start)
-            except Exception as err:  # deliberate containment: a tool's bug becomes an observation
-                detail = f"{type(err).__name__}: {err}"[:_MAX_ERROR_CHARS]
-                return self._fail("raised", f"{name} failed: {detail}", time.perf_counter() - start)
-            finally:
-                self._in_flight -= 1
+        if not await self._take_slot():
+            return self._fail("timeout", f"{name} not run: all {self.max_concurrency} tool slots are held by calls still running past their {self.timeout_s:g} s timeout", 0.0)
+        run = _ThreadCall(tool.fn, arguments, self._thread_ended)
+        with self._lock:
+            self.threads += 1
+            self.max_in_flight = max(self.max_in_flight, self.threads)
+        try:
+            run.start(name)
+        except RuntimeError as err:  # the system has no thread to give
+            self._thread_ended(run)
+            return self._fail("raised", f"{name} could not start: {err}"[:_MAX_ERROR_CHARS], 0.0)
+        self._in_flight += 1
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                ok, value = await run.future
+        except TimeoutError:
+            self._stop_waiting(run)
+            return self._fail("timeout", f"{name} timed out after {self.timeout_s:g} s", time.perf_counter() - start)
+        except BaseException:  # the caller was cancelled: stop the tool too
+            self._stop_waiting(run, timed_out=False)
+            raise
+        finally:
+            self._in_flight -= 1
         seconds = time.perf_counter() - start
-        if not isinstance(text, str):
-            return self._fail("bad_result", f"{name} returned {type(text).__name__}, expected text", seconds)
+        if not ok:
+            detail = f"{type(value).__name__}: {value}"[:_MAX_ERROR_CHARS]
+            return self._fail("raised", f"{name} failed: {detail}", seconds)
+        if not isinstance(value, str):
+            return self._fail("bad_result", f"{name} returned {type(value).__name__}, expected text", seconds)
         self.stats.count(None, seconds)
-        return ToolResult(text=text, error=None, seconds=seconds)
+        return ToolResult(text=value, error=None, seconds=seconds)
+
+    async def _take_slot(self) -> bool:
+        """Wait for a free slot (False: every slot is held by a thread overrunning its timeout).
+
+        The wait is re-checked every `timeout_s`, so a call queued behind calls that then got
+        stuck fails within one `timeout_s` instead of waiting for ever."""
+        slots = self._loop_slots()
+        while self.overrunning < self.max_concurrency:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    await slots.acquire()
+                return True
+            except TimeoutError:
+                continue
+        return False
+
+    def _stop_waiting(self, run: _ThreadCall, *, timed_out: bool = True) -> None:
+        """The caller stops waiting for `run`: cancel its tool, and count its thread as
+        overrunning (after a timeout) until it ends."""
+        run.cancel()
+        with self._lock:
+            if timed_out and not run.ended:
+                run.timed_out = True
+                self.overrunning += 1
+
+    def _thread_ended(self, run: _ThreadCall) -> None:
+        """In the tool's thread, as it ends: give its slot back to the current loop's slots."""
+        with self._lock:
+            run.ended = True
+            self.threads -= 1
+            self.overrunning -= int(run.timed_out)
+            loop, slots = self._slots_loop, self._slots
+        if loop is not None and slots is not None:
+            try:
+                loop.call_soon_threadsafe(slots.release)
+            except RuntimeError:  # that loop is closed: the next loop's slots start without this thread
+                pass
 
     def _loop_slots(self) -> asyncio.Semaphore:
-        """The semaphore of the running event loop (a pool may outlive a loop, e.g. across `asyncio.run`)."""
+        """The slots of the running event loop (a pool may outlive a loop, e.g. across
+        `asyncio.run`): a new loop's slots start with the threads still running taken."""
         loop = asyncio.get_running_loop()
-        if self._slots is None or self._slots_loop is not loop:
-            self._slots, self._slots_loop = asyncio.Semaphore(self.max_concurrency), loop
-        return self._slots
+        with self._lock:
+            if self._slots is None or self._slots_loop is not loop:
+                self._slots, self._slots_loop = asyncio.Semaphore(self.max_concurrency - self.threads), loop
+            return self._slots
 
     def _fail(self, kind: ToolErrorKind, message: str, seconds: float) -> ToolResult:
         self.stats.count(kind, seconds)

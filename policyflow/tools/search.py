@@ -139,14 +139,13 @@ SEARCH_SCHEMA = {
 }
 
 
-def search_tool(index: SearchIndex, *, k: int = 3, latency_s: float = 0.0, in_thread: bool = False, name: str = "search") -> Tool:
+def search_tool(index: SearchIndex, *, k: int = 3, latency_s: float = 0.0, name: str = "search") -> Tool:
     """A `Tool` returning the top-`k` passages for a query, one per line (`format_passages`).
 
     The result is not cut here: the episode runner cuts every observation, whatever tool made
     it, to `agent.max_obs_tokens` tokens of the model's tokenizer (`tokens.render_observation`).
-    `latency_s` > 0 sleeps that long per call (without blocking the event loop) to imitate a
-    remote search engine. `in_thread` runs retrieval in a worker thread, for indexes large
-    enough that a search would stall the event loop (and the engine's decoding) noticeably.
+    `latency_s` > 0 sleeps that long per call to imitate a remote search engine. Retrieval is
+    synchronous here: `ToolPool` runs every tool in a thread of its own, off the event loop.
     """
     if k < 1 or latency_s < 0:
         raise ValueError(f"search_tool needs k >= 1 and latency_s >= 0; got k={k}, latency_s={latency_s}")
@@ -154,9 +153,7 @@ def search_tool(index: SearchIndex, *, k: int = 3, latency_s: float = 0.0, in_th
     async def search(query: str) -> str:
         if latency_s:
             await asyncio.sleep(latency_s)
-        # in the loop by default: a small index answers in about a millisecond, and a thread hop
-        # costs the episode loop iterations, each of which may wait for an engine decode step
-        hits = await asyncio.to_thread(index.search, query, k) if in_thread else index.search(query, k)
+        hits = index.search(query, k)
         return format_passages([p for p, _ in hits])
 
     return Tool(name=name, description="Search the local corpus; returns the best matching passages.", parameters=SEARCH_SCHEMA, fn=search)
