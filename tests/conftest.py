@@ -2,6 +2,7 @@
 tests run in seconds and every group has reward variance (a random model scores 0 on arithmetic)."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,13 @@ def small_config(tmp_path: Path, jsonl_file: Path):
         return load_config(None, [*SMALL, f"run.output_dir={tmp_path / 'runs'}", *dense, *overrides])
 
     return make
+
+
+def eventually(condition, guard_s: float = 30.0) -> bool:
+    """Whether `condition()` holds within `guard_s` (polled; a hang guard, not a timing assertion)."""
+    deadline = time.monotonic() + guard_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True

@@ -8,9 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from policyflow.cli import main
 from policyflow.lora import attach_lora
 from policyflow.model import ModelLoadError, build_tiny, load_pretrained
 from policyflow.workers import PolicyMismatch, TrainerWorker
+from tests.test_run_safety import _ctrl_c_cli, _steps
 
 QUIET = {"log": lambda *_: None}
 LORA = ("model.lora.rank=4",)
@@ -211,19 +209,9 @@ def test_sigterm_checkpoints_the_step_and_says_how_to_resume(tmp_path: Path, jso
     run = tmp_path / "runs" / "t"
     args = [*SMALL, f"run.output_dir={tmp_path / 'runs'}", "task.name=jsonl", f"task.path={jsonl_file}",
             "task.reward=tests.rewards_for_tests:dense", "run.name=t", "train.steps=500", "eval.every=0"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "policyflow", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not ((run / "metrics.jsonl").is_file() and len(_lines(run)) >= 3):
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143, err
-    steps = [line["step"] for line in _lines(run) if "step" in line]
+    returncode, err = _ctrl_c_cli(args, lambda: (run / "metrics.jsonl").is_file() and max(_steps(run), default=0) >= 2, signal.SIGTERM)
+    assert returncode == 143, err
+    steps = _steps(run)
     last = steps[-1]
     assert steps == list(range(last + 1)) and last >= 1
     assert "SIGTERM: stopping after the current step" in err

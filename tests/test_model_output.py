@@ -20,7 +20,6 @@ import random
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +35,7 @@ from policyflow.tasks.search_qa import SearchQATask
 from policyflow.tokens import cut_observation, render_observation
 from policyflow.tools import Tool, ToolPool, ToolStats
 from policyflow.tools.search import SearchIndex, search_tool
+from tests.conftest import eventually
 from policyflow.types import Trajectory
 from tests.envs_for_tests import ScriptedEnv
 
@@ -325,7 +325,7 @@ def test_a_tool_that_blocks_its_thread_times_out_while_the_loop_runs_on() -> Non
     assert echoed.ok and echoed.text == "y"
     assert refused.error == "timeout" and "all 2 tool slots are held by calls still running past their 0.2 s timeout" in refused.text
     assert overrunning == 2 and pool.stats.timeouts == 3
-    assert _eventually(lambda: pool.threads == 0) and pool.overrunning == 0  # released: the threads end and are uncounted
+    assert eventually(lambda: pool.threads == 0) and pool.overrunning == 0  # released: the threads end and are uncounted
     assert asyncio.run(pool.call("echo", {"text": "v"})).text == "v"
 
 
@@ -344,14 +344,6 @@ def test_the_search_tool_runs_off_the_event_loop(search_tasks) -> None:
     assert result.ok and result.text != "no results" and seen and seen[0] is not loop_thread
 
 
-def _eventually(condition, guard_s: float = HANG_GUARD_S) -> bool:
-    """Whether `condition()` holds within `guard_s` (polled; a hang guard, not a timing assertion)."""
-    deadline = time.monotonic() + guard_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 # -- observations are cut by characters before they are tokenized ------------------------------------

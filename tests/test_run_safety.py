@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from policyflow import coordinator
 from policyflow.cli import main
 from policyflow.config import ConfigError
 from policyflow.rundir import RunLock, RunLockedError, open_run_folder
-from tests.conftest import SMALL
+from tests.conftest import SMALL, eventually
 
 QUIET = {"log": lambda *_: None}
 
@@ -275,20 +276,14 @@ def test_metrics_never_repeat_a_step_and_counters_continue(small_config) -> None
 # ---- Ctrl-C --------------------------------------------------------------------------------
 
 
-def _ctrl_c_cli(args: list[str], ready) -> tuple[int, str]:
-    """Run `policyflow train *args` in a subprocess, send SIGINT once `ready()` (polled, 120 s at
+def _ctrl_c_cli(args: list[str], ready, signum: int = signal.SIGINT) -> tuple[int, str]:
+    """Run `policyflow train *args` in a subprocess, send `signum` once `ready()` (polled, 120 s at
     most), and return its exit status and stderr."""
-    import signal
-    import time
-
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "policyflow", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not ready():
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        assert eventually(lambda: ready() or proc.poll() is not None, guard_s=120) and proc.poll() is None, proc.communicate()
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 
 from policyflow.tools import Tool, ToolPool, argument_errors, tool_stats
+from tests.conftest import eventually
 
 ECHO_SCHEMA = {
     "type": "object",
@@ -147,7 +147,7 @@ def test_cancelling_the_caller_cancels_the_tool():
 
     asyncio.run(run())
     assert pool.stats.errors == 0 and pool._in_flight == 0
-    assert _eventually(lambda: pool.threads == 0) and pool.overrunning == 0
+    assert eventually(lambda: pool.threads == 0) and pool.overrunning == 0
 
 
 def test_a_timed_out_tool_is_cancelled_and_gives_its_slot_back():
@@ -157,18 +157,10 @@ def test_a_timed_out_tool_is_cancelled_and_gives_its_slot_back():
 
     async def run():
         hung = await pool.call("hang", {"text": "x"})
-        assert _eventually(lambda: pool.threads == 0)
+        assert eventually(lambda: pool.threads == 0)
         return hung, await pool.call("echo", {"text": "y"})
 
     hung, echoed = asyncio.run(run())
     assert hung.error == "timeout" and echoed.text == "y" and pool.overrunning == 0
 
 
-def _eventually(condition, guard_s: float = 30.0) -> bool:
-    """Whether `condition()` holds within `guard_s` (a hang guard, polled; not a timing assertion)."""
-    deadline = time.monotonic() + guard_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
