@@ -32,6 +32,7 @@ test-slow: install
 bench: install
 	$(PY) benchmarks/sampler_throughput.py
 	$(PY) benchmarks/rl_iteration.py
+	$(PY) benchmarks/sandbox.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
