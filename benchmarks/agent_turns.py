@@ -2,13 +2,13 @@
 
 One search episode per (context policy, number of turns) on the real pieces: the async engine
 decoding the tiny model (`model.build_tiny`), the `EpisodeRunner` with the context policy under
-test, and `SearchEnv` calling the BM25 `search_tool` through a `ToolPool` over the search_qa
+test, and `ToolEnv` (search_qa's configuration) calling the BM25 `search_tool` through a `ToolPool` over the search_qa
 corpus (`tasks/search_qa.py`, 200 made-up places).
 
 The policy is scripted (`benchmarks/scripted_search.py`), because an untrained model would
 answer, or write malformed turns, at random: every turn the model samples exactly
 `--new-tokens` tokens (ignore_eos, no stop strings) into the episode as its `gen` segment, and
-`ScriptedSearchEnv` hands the real `SearchEnv` the scripted action
+`ScriptedSearchEnv` hands the real `ToolEnv` the scripted action
 `<state>k</state><search>NAME_k</search>` (turn k searches place k) in place of the model's
 text; it never answers, so every episode runs `turns` turns, or stops
 `truncated` when the next call would pass `agent.max_total_tokens`. Token counts per turn are

@@ -2,7 +2,7 @@
 
 The engine has no forced decoding, so the script sits between the model and the env: the model
 samples its turn as usual (the tokens, log-probs and timing are real, and so is what the context
-policy keeps of them), and `ScriptedSearchEnv` hands the real `SearchEnv` a scripted action in
+policy keeps of them), and `ScriptedSearchEnv` hands the real `ToolEnv` a scripted action in
 place of the model's text: `<state>k</state><search>NAME_k</search>` at turn k (place k of the
 corpus), then, after `searches` searches, `<answer>…</answer>` (correct when it searched at all).
 With `searches=None` it never answers. The BM25 tool, its pool, its latency, the observation
@@ -27,7 +27,7 @@ from policyflow.workers import RolloutWorker
 
 
 class ScriptedSearchEnv(Env):
-    """`inner` (a `SearchEnv`) driven by the script above, whatever the model wrote."""
+    """`inner` (search_qa's `ToolEnv`) driven by the script above, whatever the model wrote."""
 
     stop = ()  # the model writes its full max_new_tokens every turn
 

@@ -185,8 +185,23 @@ class SearchQAConfig(Section):
         return self
 
 
+class CodeConfig(Section):
+    """The code tool (`<code>…</code>` / a `python` tool call, run in the sandbox; tools/python_tool.py), task.name=multiply, and reward=code_tests."""
+
+    tool_format: Literal["tags", "hermes"] = Field("tags", description="tags: <code>…</code> / <answer>…</answer> (tiny models); hermes: a python tool call <tool_call>{json}</tool_call> with the chat template's tools=.")
+    timeout_s: float = Field(5.0, gt=0, le=600, description="Wall-clock seconds of one sandboxed run (a code call, or one completion's hidden tests under reward=code_tests), sandbox start included; past it the run is killed and counts as an error.")
+    memory_mb: int = Field(512, ge=32, description="Address space per sandboxed process, MiB.")
+    packages: tuple[str, ...] = Field((), description="Importable packages mounted read-only into the sandbox (e.g. [numpy, sympy]); the standard library is always there.")
+    isolation: Literal["namespaces", "none"] = Field("namespaces", description="namespaces: the isolated sandbox (README 'Sandbox'); none: a plain subprocess with the same limits and no isolation (warned once per process).")
+    stateful: bool = Field(False, description="One interpreter per episode as the model sees it: each call replays the episode's earlier successful cells (output discarded) before the new one, so variables survive; earlier side effects (random draws, files) happen again.")
+    concurrency: int = Field(16, ge=1, description="Code runs in flight at once per process.")
+    demo_code_fraction: float = Field(1.0, ge=0, le=1, description="multiply: share of SFT demonstrations that run code; the rest answer at once (a guess), so RL has a choice to learn.")
+    code_penalty: float = Field(0.0, ge=0, le=1, description="multiply: a correct answer reached with code earns 1 − code_penalty (MMSearch-R1's tool penalty).")
+    format_weight: float = Field(0.1, ge=0, description="multiply: reward added when every turn of an episode was one well-formed action.")
+
+
 class TaskConfig(Section):
-    name: Literal["arithmetic", "countdown", "jsonl", "search_qa"] = Field("arithmetic", description="Which task supplies prompts and rewards.")
+    name: str = Field("arithmetic", description="Which task supplies prompts and rewards: a registered task (policyflow.tasks.TASKS; a wrong name lists them) or a Task class of yours as package.module:Class, importable (installed or on PYTHONPATH) and built as Class(**task.options) (README 'Tasks and your own data', examples/my_task.py).")
     seed: int = Field(0, description="Seed of the synthetic problem generator and of the jsonl held-out split.")
     num_eval: int = Field(200, ge=1, description="Held-out problems (synthetic tasks).")
     min_digits: int = Field(1, ge=1, le=9, description="arithmetic: fewest digits per operand.")
@@ -199,11 +214,25 @@ class TaskConfig(Section):
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="jsonl: held-out fraction when eval_path is empty.")
     prompt_column: str = Field("prompt", description="jsonl: the prompt column.")
     answer_column: str = Field("answer", description="jsonl: the reference answer column.")
-    reward: str = Field("exact", description="jsonl: 'exact', 'numeric', or an import path 'module:function' called as fn(prompts, completions, **columns) -> list[float].")
+    reward: str = Field("exact", description="jsonl: 'exact', 'numeric', 'code_tests' (the completion's code run in the sandbox against the row's hidden tests, column 'tests': a list of assert statements or a test source; reward = fraction passed; sandbox settings in task.code), or an import path 'module:function' called as fn(prompts, completions, **columns) -> list[float].")
     on_bad_row: Literal["skip", "error"] = Field("error", description="jsonl: what a malformed row does (reported with its line number either way).")
     reward_timeout_s: float = Field(10.0, gt=0, description="Seconds a reward function may take per batch before its samples are counted as errors.")
     search: SearchQAConfig = Field(default_factory=SearchQAConfig, description="search_qa: corpus, tool and reward settings.")
+    code: CodeConfig = Field(default_factory=CodeConfig, description="The code tool and sandbox (multiply; jsonl with reward=code_tests: timeout_s, memory_mb, packages, isolation).")
     on_long_prompt: Literal["error", "truncate", "skip"] = Field("error", description="A prompt longer than the model's context minus sampling.max_new_tokens (checked when the task loads): error = refuse naming the row; truncate = keep its last tokens (left truncation); skip = drop the row (jsonl; generated tasks always refuse).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the task's constructor beyond its task.* settings: all of a user task's (task.name=package.module:Class is built as Class(**options)), or a registered task's others (e.g. {format_reward: 0.1} for countdown). YAML mapping, e.g. task.options={max_value: 50}.")
+
+    @field_validator("name")
+    @classmethod
+    def _registered_or_user_class(cls, name: str) -> str:
+        """A name in the task registry, or an import path package.module:Class (loaded with the task)."""
+        from policyflow.tasks.registry import TASKS, USER_TASK  # imported here: the registry imports every task module
+
+        if name in TASKS or USER_TASK.fullmatch(name):
+            return name
+        hint = difflib.get_close_matches(name, list(TASKS), n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ValueError(f"task.name={name!r} is not allowed{did_you_mean}; allowed: {', '.join(TASKS)}, or a Task class of yours as package.module:Class (e.g. my_task:CalculatorTask with examples/ on PYTHONPATH)")
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
@@ -217,11 +246,18 @@ class TaskConfig(Section):
 
 
 class SamplingConfig(Section):
-    temperature: float = Field(1.0, ge=0, le=10, description="Sampling temperature for RL rollouts; 0 = greedy (at most 10: hotter is uniform noise).")
+    temperature: float = Field(1.0, ge=0, le=10, description="Sampling temperature for RL rollouts, > 0 (greedy tokens carry no policy gradient: see agent.code_temperature; greedy evaluation is eval's); at most 10: hotter is uniform noise.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass for RL rollouts (the trainer recomputes the same truncated, renormalised log-probs).")
     top_k: int = Field(0, ge=0, description="Sample only from the k most probable tokens, before top_p (0 = off); the trainer recomputes the same log-probs.")
     max_new_tokens: int = Field(8, ge=1, le=1_048_576, description="Longest completion; longer ones are truncated (finish reason 'length').")
     stop: tuple[str, ...] = Field((), description="Extra stop strings (the task may add its own).")
+
+    @field_validator("temperature")
+    @classmethod
+    def _sampled(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("sampling.temperature=0: RL rollouts at temperature 0 are greedy, and greedy tokens carry no policy gradient (they are left out of the loss), so RL would learn nothing; use a temperature > 0 (greedy evaluation: eval.temperature is separate; greedy code only: agent.code_temperature=0)")
+        return value
 
 
 class SFTConfig(Section):
@@ -348,6 +384,15 @@ class AgentConfig(Section):
     max_total_tokens: int | None = Field(None, ge=2, description="Most tokens one engine call may see and write (its context + its completion), so also the longest training row; a call's max_new_tokens is cut to fit, and an episode with no room left ends 'truncated'; empty = no cap beyond sampling.max_new_tokens per call.")
     max_obs_tokens: int = Field(256, ge=1, description="Content tokens kept of each observation (each tool result), counted with the model's tokenizer; the episode runner cuts every env's observations, and SFT demonstrations the same way. The wrapper around it (the task's observation_wrap, e.g. <info>...</info>, or the chat template's tool-role markers) is added whole on top and does not count.")
     context: Literal["full", "mem1"] = Field("full", description="What each call sees: full (the whole history) or mem1 (the prompt, the latest turn with its <state>, the latest observation).")
+    code_temperature: float | None = Field(0.0, ge=0, le=10, description="GRPO-ATS (Thyme): the temperature of code, the text between code_open and code_close (top_p and top_k as sampling's); 0 = greedy, as in the paper: greedy tokens are left out of the loss (they carry no policy gradient) and stay as context; > 0: sampled and trained under that temperature; empty = off (code is sampled like the text).")
+    code_open: str = Field("<code>", min_length=1, description="The text that opens a code segment (code_temperature applies from the next token); e.g. '\"name\": \"python\"' for a Hermes python tool call.")
+    code_close: str = Field("</code>", min_length=1, description="The text that closes a code segment (its tokens are still code; sampling.temperature applies from the next token); e.g. </tool_call> for a Hermes tool call.")
+
+    @model_validator(mode="after")
+    def _check(self) -> AgentConfig:
+        if self.code_open == self.code_close:
+            raise ValueError(f"agent.code_open and agent.code_close are both {self.code_open!r}: one marker cannot say where code starts and where it ends; give two different markers (e.g. <code> and </code>)")
+        return self
 
 
 class Config(Section):
@@ -395,8 +440,6 @@ class Config(Section):
         positions = self.model.tiny.max_positions
         if self.model.path is None and self.sampling.max_new_tokens >= positions:
             raise ValueError(f"sampling.max_new_tokens={self.sampling.max_new_tokens} leaves no room for a prompt in the tiny model's model.tiny.max_positions={positions}; lower it or raise max_positions")
-        if self.task.name == "search_qa" and self.task.search.tool_format == "hermes" and self.sft.max_steps > 0:
-            raise ValueError("task.search.tool_format=hermes with sft.max_steps > 0: the SFT demonstrations are written in the tag format only, so RL would parse every turn as malformed; set sft.max_steps=0 (a chat checkpoint) or task.search.tool_format=tags")
         return self
 
     @property

@@ -2,7 +2,9 @@
 
 `policy_log_distribution` is the one definition of the sampling policy (temperature, top-k,
 top-p): the engine draws tokens from it and records their log-probs, and the trainer recomputes
-the same log-probs with `policy_logprobs` / `shifted_token_logprobs`.
+the same log-probs with `policy_logprobs` / `shifted_token_logprobs`. The policy is per-token
+data (DESIGN.md §6): each of temperature, top_p and top_k is one number for every token (the
+cheap path) or a tensor with one value per row / per token.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 
 ScalarOrRows = float | int | torch.Tensor  # one value for every row, or one per row [N]
+ScalarOrTokens = float | int | torch.Tensor  # one value for every token, or one per token (the targets' shape)
 
 
 def masked_sum(values_BT: torch.Tensor, mask_BT: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -101,7 +104,8 @@ def _truncate(logp_NV: torch.Tensor, top_p: ScalarOrRows, top_k: ScalarOrRows, i
 
 
 def policy_logprobs(
-    logits_NV: torch.Tensor, targets_N: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0
+    logits_NV: torch.Tensor, targets_N: torch.Tensor, temperature: ScalarOrTokens = 1.0, top_p: ScalarOrTokens = 1.0,
+    top_k: ScalarOrTokens = 0,
 ) -> torch.Tensor:
     """log π(target) under `policy_log_distribution` (any leading shape: [..., V] logits, [...] targets).
 
@@ -113,23 +117,42 @@ def policy_logprobs(
     Without truncation this is z[target] − logsumexp(z), computed without a [.., V] log-softmax;
     with top_p < 1 or top_k > 0 it sorts the vocabulary at every position (a few times the
     memory of the logits: use train.minibatches to bound it).
+
+    `temperature`, `top_p` and `top_k` are numbers (one policy for every token: the cheap path)
+    or tensors of the targets' shape (token n drawn from its own policy: GRPO-ATS's greedy code
+    next to sampled text). A token with temperature ≤ 0 (greedy) gets the untruncated
+    temperature-1 log-softmax, as the engine records it.
     """
     logits_NV = logits_NV if logits_NV.dtype == torch.float64 else logits_NV.float()
-    if temperature <= 0 or (top_p >= 1 and top_k <= 0):
-        scale = 1.0 if temperature <= 0 else temperature
-        return token_logprobs(logits_NV if scale == 1 else logits_NV / scale, targets_N)
+    if not any(isinstance(v, torch.Tensor) for v in (temperature, top_p, top_k)):
+        if temperature <= 0 or (top_p >= 1 and top_k <= 0):
+            scale = 1.0 if temperature <= 0 else temperature
+            return token_logprobs(logits_NV if scale == 1 else logits_NV / scale, targets_N)
+        flat_NV, flat_N = logits_NV.reshape(-1, logits_NV.shape[-1]), targets_N.reshape(-1)
+        logp_NV = policy_log_distribution(flat_NV, temperature, top_p, top_k, include_N=flat_N)
+        return logp_NV.gather(-1, flat_N[:, None]).reshape(targets_N.shape)
+    per_token = lambda v, dtype: torch.as_tensor(v, dtype=dtype, device=logits_NV.device).expand(targets_N.shape)  # noqa: E731
+    temperature_N = per_token(temperature, logits_NV.dtype)
+    top_p_N, top_k_N = per_token(top_p, logits_NV.dtype), per_token(top_k, torch.long)
+    sampled_N = temperature_N > 0
+    if not bool((sampled_N & ((top_p_N < 1) | (top_k_N > 0))).any()):  # no token is truncated: z[target] − logsumexp(z)
+        scale_N = torch.where(sampled_N, temperature_N, torch.ones_like(temperature_N))
+        return token_logprobs(logits_NV / scale_N[..., None], targets_N)
     flat_NV, flat_N = logits_NV.reshape(-1, logits_NV.shape[-1]), targets_N.reshape(-1)
-    logp_NV = policy_log_distribution(flat_NV, temperature, top_p, top_k, include_N=flat_N)
+    logp_NV = policy_log_distribution(flat_NV, temperature_N.reshape(-1), top_p_N.reshape(-1), top_k_N.reshape(-1), include_N=flat_N)
     return logp_NV.gather(-1, flat_N[:, None]).reshape(targets_N.shape)
 
 
 def shifted_token_logprobs(
-    logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0
+    logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, temperature: ScalarOrTokens = 1.0, top_p: ScalarOrTokens = 1.0,
+    top_k: ScalarOrTokens = 0,
 ) -> torch.Tensor:
     """Per-position log π(token t | tokens < t) aligned with `input_ids`; position 0 gets 0.
 
     π is the sampling policy at (temperature, top_p, top_k) (`policy_logprobs`); the defaults
-    give the model's own log-softmax.
+    give the model's own log-softmax. Each is a number or a [B, T] tensor aligned with
+    `input_ids` (position t: the policy token t was drawn from; position 0 is not read).
     """
-    lp = policy_logprobs(logits_BTV[:, :-1], input_ids_BT[:, 1:], temperature, top_p, top_k)
+    token = lambda v: v[:, 1:] if isinstance(v, torch.Tensor) else v  # noqa: E731
+    lp = policy_logprobs(logits_BTV[:, :-1], input_ids_BT[:, 1:], token(temperature), token(top_p), token(top_k))
     return torch.nn.functional.pad(lp, (1, 0), value=0.0)

@@ -20,12 +20,13 @@ from policyflow.config import Config
 from policyflow.engine import run_blocking, using_generator
 from policyflow.rewards import overlong_penalty
 from policyflow.tasks.base import Problem, Task
-from policyflow.tokens import collate, render_prompt
+from policyflow.tokens import collate, task_prompt_ids
 from policyflow.types import Group, ToolStats, TrainBatch, Trajectory
 
 
 def encode_prompts(tokenizer, task: Task, problems: Sequence[Problem], chat_template: bool) -> list[list[int]]:
-    return [render_prompt(tokenizer, task.render_prompt(p), chat_template) for p in problems]
+    """The problems' prompt ids exactly as RL renders them, the task's tools included (`tokens.task_prompt_ids`)."""
+    return [task_prompt_ids(tokenizer, task, p, chat_template) for p in problems]
 
 
 async def run_groups(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], group_size: int, task_ids: Sequence[str] | None = None) -> tuple[list[Group], int]:
@@ -99,7 +100,7 @@ def build_batch(groups: list[Group], cfg: Config, pad_id: int) -> tuple[TrainBat
 
 
 def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:
-    """Reward, correctness, length, truncation (`rollout/…`), turns, context and tools (`agent/…`,
+    """Reward, correctness, length, truncation, greedy (GRPO-ATS code) tokens (`rollout/…`), turns, context and tools (`agent/…`,
     `perf/tool_seconds`: `ToolStats.metrics` of the episodes' summed tool counts) of the trajectories in `groups`.
 
     The trainer computes these from the groups of its batch, which carry every count with them
@@ -114,9 +115,15 @@ def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:
         "rollout/correct_mean": sum(t.reward_parts.get("correct", 0.0) for t in trajectories) / n,
         "rollout/response_tokens_mean": sum(t.num_gen_tokens for t in trajectories) / n,
         "rollout/truncated_fraction": sum(t.status == "truncated" for t in trajectories) / n,
+        "rollout/greedy_token_fraction": _greedy_tokens(trajectories) / max(1, sum(t.num_gen_tokens for t in trajectories)),
         "agent/turns_mean": sum(t.num_turns for t in trajectories) / n,
         "agent/context_tokens_max": float(max((t.context_tokens_max for t in trajectories), default=0)),
     } | tools.metrics(len(trajectories)) | reward_part_means(trajectories)
+
+
+def _greedy_tokens(trajectories: Sequence[Trajectory]) -> int:
+    """Generated tokens drawn greedily (GRPO-ATS code at `agent.code_temperature` 0): out of the loss, in the context."""
+    return sum(p.temperature <= 0 for t in trajectories for s in t.segments if s.policies for p in s.policies)
 
 
 def reward_part_means(trajectories: Sequence[Trajectory]) -> dict[str, float]:

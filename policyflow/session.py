@@ -18,7 +18,7 @@ from policyflow.engine import AsyncEngine, SamplingParams
 from policyflow.evaluate import EvalResult, accuracy, evaluate
 from policyflow.lora import is_adapter_folder, load_merged
 from policyflow.model import ModelLoadError, build_char_tokenizer, build_tiny, check_model_folder, load_pretrained
-from policyflow.tasks import make_task
+from policyflow.tasks import configured_task
 from policyflow.tasks.base import Problem, Task
 from policyflow.tasks.length import PromptFit
 from policyflow.tokens import render_prompt
@@ -54,40 +54,27 @@ def load_policy(cfg: Config, model_path: Path | str | None = None, *, master_wei
 
 
 def build_task(cfg: Config, tokenizer=None, context: int | None = None) -> Task:
-    """The task named by the config, its prompts fitted to the model's context (task.on_long_prompt).
+    """The task named by the config (a registry entry or a user's class: `tasks.registry`), its
+    prompts fitted to the model's context (task.on_long_prompt).
 
     `tokenizer` and `context` (the model's max positions) default to those of model.path or the tiny model.
     """
-    t = cfg.task
-    if t.name == "arithmetic":
-        kwargs = dict(seed=t.seed, min_digits=t.min_digits, max_digits=t.max_digits, num_eval=t.num_eval)
-    elif t.name == "countdown":
-        kwargs = dict(seed=t.seed, num_eval=t.num_eval, num_numbers=t.num_numbers, max_number=t.max_number, max_target=t.max_target)
-    elif t.name == "search_qa":
-        search = t.search.model_dump()
-        search["corpus_dir"] = search["corpus_dir"] or str(Path(cfg.run.output_dir) / "cache" / "search_qa")
-        kwargs = dict(seed=t.seed, num_eval=t.num_eval, **search)
-    else:
-        kwargs = dict(
-            path=t.path, prompt_column=t.prompt_column, answer_column=t.answer_column, reward=t.reward,
-            eval_path=t.eval_path, eval_fraction=t.eval_fraction, seed=t.seed, on_bad_row=t.on_bad_row,
-            reward_timeout_s=t.reward_timeout_s,
-        )
-    task = make_task(t.name, **kwargs)
+    task = configured_task(cfg)
     if tokenizer is None:
         tokenizer, context = _tokenizer_and_context(cfg)
     if context:
-        task.limit_prompts(prompt_fit(cfg, tokenizer, context))
+        task.limit_prompts(prompt_fit(cfg, tokenizer, context, tools=task.prompt_tools()))
     return task
 
 
-def prompt_fit(cfg: Config, tokenizer, context: int) -> PromptFit:
-    """How the task's prompts are measured against `context` and cut (tasks/length.py)."""
+def prompt_fit(cfg: Config, tokenizer, context: int, tools: list[dict] | None = None) -> PromptFit:
+    """How the task's prompts are measured against `context` and cut (tasks/length.py): counted as
+    RL renders them, with the task's `tools` (`Task.prompt_tools()`; `tokens.task_prompt_ids`)."""
     if context <= cfg.sampling.max_new_tokens:
         raise ConfigError(f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens; lower it")
 
     def count(text: str) -> int:
-        return len(render_prompt(tokenizer, text, cfg.model.chat_template))
+        return len(render_prompt(tokenizer, text, cfg.model.chat_template, tools=tools))
 
     def cut(text: str, n: int) -> str:
         offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +46,7 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> flo
 
 def demonstration_rows(
     tokenizer, prompt_ids: list[int], turns: list[tuple[str, str]], chat_template: bool, context: ContextPolicy = full_context,
-    max_obs_tokens: int | None = None, observation_wrap: tuple[str, str] = ("", ""),
+    max_obs_tokens: int | None = None, observation_wrap: tuple[str, str] = ("", ""), stop: Sequence[str] = (),
 ) -> list[tuple[list[int], list[int]]]:
     """The training rows (token ids, loss mask) of a demonstration, as RL would train them.
 
@@ -54,20 +54,28 @@ def demonstration_rows(
     its own: gen turns as text, obs turns (unwrapped, as an env returns them) with
     `render_observation`, their content cut to `max_obs_tokens` (`agent.max_obs_tokens`) and
     wrapped in `observation_wrap` (the task's `Task.observation_wrap`, which its envs hand the
-    runner) exactly as the runner does; EOS closes a final gen turn), each gen turn a `Call`
-    whose context is `context(segments before it)`, and `tokens.episode_rows` cuts them into
-    rows: one row under `full`, one per call under `mem1`.
+    runner) exactly as the runner does), each gen turn a `Call` whose context is
+    `context(segments before it)`, and `tokens.episode_rows` cuts them into rows: one row
+    under `full`, one per call under `mem1`.
+
+    How a gen turn ends follows generation: a turn whose text ends with one of `stop` (the
+    task's stop strings: `</search>` in the tag format) ended on it, so the observation after it
+    comes as after a stopped turn (chat models: the template's end token first); any other turn
+    ended with EOS (a Hermes tool call: its turn ends at the end-of-turn token), which is part
+    of the turn and trained. EOS always closes the final turn.
     Only gen tokens are trained (mask 1), each exactly once.
     """
     segments = [Segment("prompt", tuple(prompt_ids))]
     calls: list[Call] = []
+    ended = True  # whether the last gen turn ended with EOS (else on a stop string)
     for k, (kind, text) in enumerate(turns):
         if kind == "gen":
-            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id] * (k == len(turns) - 1)
+            ended = k == len(turns) - 1 or not any(text.endswith(s) for s in stop if s)
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id] * ended
             calls.append(Call(context=tuple(context(segments)), produced=len(segments)))
             segments.append(Segment("gen", tuple(ids), (0.0,) * len(ids), (0,) * len(ids), turn=k, text=text))
         elif kind == "obs":
-            ids, kept = render_observation(tokenizer, text, chat_template, max_obs_tokens, wrap=observation_wrap)
+            ids, kept = render_observation(tokenizer, text, chat_template, max_obs_tokens, wrap=observation_wrap, turn_ended=ended)
             segments.append(Segment("obs", tuple(ids), turn=k, text=kept))
         else:
             raise ValueError(f"a demonstration turn is 'gen' or 'obs', got {kind!r}")
@@ -95,7 +103,9 @@ def warm_start(
     `context` is the run's context policy (`agent.context`): multi-turn demonstrations are cut
     into the rows RL would train (`demonstration_rows`), so under mem1 each turn is learnt
     from the pruned context it will see, and observations are cut to `max_obs_tokens`
-    (`agent.max_obs_tokens`) and wrapped in `task.observation_wrap` as in RL."""
+    (`agent.max_obs_tokens`) and wrapped in `task.observation_wrap` as in RL. Prompts are
+    rendered as RL renders them, the task's tools included (`rollout.encode_prompts`), and
+    turns end as generation ends them (`task.stop`; `demonstration_rows`)."""
     start = time.perf_counter()
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.99))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, cfg.max_steps))
@@ -106,7 +116,7 @@ def warm_start(
         problems = [task.sft_problem(first + i) for i in range(cfg.batch_size)]
         prompts = encode_prompts(tokenizer, task, problems, chat_template)
         rows = [row for p, ids in zip(problems, prompts) for row in demonstration_rows(
-            tokenizer, ids, task.sft_turns(p), chat_template, context, max_obs_tokens, task.observation_wrap,
+            tokenizer, ids, task.sft_turns(p), chat_template, context, max_obs_tokens, task.observation_wrap, task.stop,
         )]
         input_ids, attention, loss_mask = sft_batch([[]] * len(rows), [ids for ids, _ in rows], tokenizer.pad_token_id)
         for b, (_, mask) in enumerate(rows):

@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from policyflow.types import Segment, TrainBatch, Trajectory
+from policyflow.types import Segment, TokenPolicy, TrainBatch, Trajectory
+
+if TYPE_CHECKING:
+    from policyflow.problems import Problem
+    from policyflow.tasks.base import Task
 
 
 def _chat_ids(tokenizer, messages: list[dict], *, generation_prompt: bool, tools: list[dict] | None = None) -> list[int]:
@@ -34,10 +39,21 @@ def _plain_ids(tokenizer, text: str) -> list[int]:
 
 
 def render_prompt(tokenizer, text: str, chat_template: bool, tools: list[dict] | None = None) -> list[int]:
-    """Token ids of the prompt; with `chat_template`, the tokenizer's template (with `tools=` when given) and a generation prompt."""
+    """Token ids of the prompt; with `chat_template`, the tokenizer's template (with `tools=` when
+    given) and a generation prompt. The one prompt renderer: the episode runner renders its env's
+    `initial_observation()` and `tools` with it, SFT and prompt fitting a task's problem
+    (`task_prompt_ids`)."""
     if chat_template:
         return _chat_ids(tokenizer, [{"role": "user", "content": text}], generation_prompt=True, tools=tools)
     return _plain_ids(tokenizer, text)
+
+
+def task_prompt_ids(tokenizer, task: Task, problem: Problem, chat_template: bool) -> list[int]:
+    """The prompt ids of `problem` as RL samples from them: `task.render_prompt(problem)` with the
+    task's `prompt_tools()` as the chat template's `tools=` (the text and tools a task's envs
+    hand the episode runner). SFT rows (`rollout.encode_prompts`) and prompt fitting
+    (`session.prompt_fit`) render with this, so all three see the same tokens."""
+    return render_prompt(tokenizer, task.render_prompt(problem), chat_template, tools=task.prompt_tools())
 
 
 def cut_observation(tokenizer, text: str, max_tokens: int | None) -> tuple[list[int], str]:
@@ -151,7 +167,11 @@ def row_tokens(segments: Sequence[Segment], indices: Sequence[int] | None = None
     """Flatten the segments at `indices` (None: all) into one row.
 
     Tokens of the gen segments in `trained` (None: every gen segment) get loss mask 1 with their
-    behaviour log-probs and versions; all other tokens get 0 / 0.0 / -1.
+    behaviour log-probs and versions; all other tokens get 0 / 0.0 / -1. A gen token drawn
+    greedily (its `TokenPolicy` has temperature 0: GRPO-ATS's code, `agent.code_temperature`)
+    keeps its log-prob and version but gets loss mask 0, like an observation: its behaviour
+    probability is 1 whatever the weights, so it has no policy-gradient term (see
+    `agent.episode.code_segment_policies`). It stays in the row as context.
     """
     ids: list[int] = []
     mask: list[int] = []
@@ -161,7 +181,7 @@ def row_tokens(segments: Sequence[Segment], indices: Sequence[int] | None = None
         seg, n = segments[i], len(segments[i].token_ids)
         ids += seg.token_ids
         if seg.trainable and (trained is None or i in trained):
-            mask += [1] * n
+            mask += [1] * n if seg.policies is None else [int(p.temperature > 0) for p in seg.policies]
             logprobs += seg.logprobs
             versions += seg.versions
         else:
@@ -169,6 +189,34 @@ def row_tokens(segments: Sequence[Segment], indices: Sequence[int] | None = None
             logprobs += [0.0] * n
             versions += [-1] * n
     return ids, mask, logprobs, versions
+
+
+def row_policies(segments: Sequence[Segment], indices: Sequence[int] | None = None) -> list[TokenPolicy] | None:
+    """The sampling policy of every token of the row `row_tokens` makes of the same segments:
+    each gen token's recorded one, `NO_POLICY` elsewhere; None when no gen segment records one."""
+    chosen = [segments[i] for i in (range(len(segments)) if indices is None else indices)]
+    if all(seg.policies is None for seg in chosen):
+        return None
+    if any(seg.kind == "gen" and seg.policies is None for seg in chosen):
+        raise ValueError("an episode mixes generated segments with and without per-token policies; every engine records them (Sample.policies)")
+    return [p for seg in chosen for p in (seg.policies if seg.kind == "gen" else (NO_POLICY,) * len(seg.token_ids))]
+
+
+NO_POLICY = TokenPolicy(1.0, 1.0, 0)  # the policy recorded for prompt, observation and padding positions (never read)
+
+
+def _row_segments(trajectory: Trajectory) -> list[tuple[list[int] | None, set[int] | None]]:
+    """(segment indices, produced segments) of each training row of `trajectory` (see `episode_rows`)."""
+    if not trajectory.calls:
+        return [(None, None)]
+    groups: list[tuple[list[int], set[int]]] = []  # (segment indices of the row, produced segments)
+    for call in trajectory.calls:
+        context = list(call.context)
+        if groups and context[: len(groups[-1][0])] == groups[-1][0]:
+            groups[-1] = (context + [call.produced], groups[-1][1] | {call.produced})
+        else:
+            groups.append((context + [call.produced], {call.produced}))
+    return groups
 
 
 def episode_rows(trajectory: Trajectory) -> list[Row]:
@@ -181,16 +229,7 @@ def episode_rows(trajectory: Trajectory) -> list[Row]:
     once, in the row whose tokens are exactly what the model saw when it produced it.
     A trajectory without calls is one row of all its segments.
     """
-    if not trajectory.calls:
-        return [row_tokens(trajectory.segments)]
-    groups: list[tuple[list[int], set[int]]] = []  # (segment indices of the row, produced segments)
-    for call in trajectory.calls:
-        context = list(call.context)
-        if groups and context[: len(groups[-1][0])] == groups[-1][0]:
-            groups[-1] = (context + [call.produced], groups[-1][1] | {call.produced})
-        else:
-            groups.append((context + [call.produced], {call.produced}))
-    return [row_tokens(trajectory.segments, indices, trained) for indices, trained in groups]
+    return [row_tokens(trajectory.segments, indices, trained) for indices, trained in _row_segments(trajectory)]
 
 
 def collate(
@@ -202,12 +241,15 @@ def collate(
     """Right-pad the rows of every episode into a TrainBatch (one row per `episode_rows` entry).
 
     `advantages_B` and `group_index_B` are per episode; every row of episode b gets its
-    advantage and group, and `episode_index_B` says which episode a row came from.
+    advantage and group, and `episode_index_B` says which episode a row came from. Each token's
+    sampling policy goes into `temperature_BT`, `top_p_BT`, `top_k_BT` (`NO_POLICY` off the
+    generated tokens); they are None when no episode records policies.
     """
-    rows, episode_of = [], []
+    rows, policies, episode_of = [], [], []
     for b, t in enumerate(trajectories):
-        for row in episode_rows(t):
-            rows.append(row)
+        for indices, trained in _row_segments(t):
+            rows.append(row_tokens(t.segments, indices, trained))
+            policies.append(row_policies(t.segments, indices))
             episode_of.append(b)
     episode_index_B = torch.tensor(episode_of, dtype=torch.long)
     T = max(len(r[0]) for r in rows)
@@ -216,6 +258,11 @@ def collate(
         """One [B, T] tensor from column `column` of every row, right-padded with `fill`."""
         return torch.tensor([list(r[column]) + [fill] * (T - len(r[column])) for r in rows], dtype=dtype)
 
+    per_token: dict[str, torch.Tensor] = {}
+    if any(p is not None for p in policies):
+        if any(p is None for p in policies):
+            raise ValueError("a batch mixes episodes with and without per-token policies; every engine records them (Sample.policies)")
+        per_token = _policy_tensors(policies, T)
     lengths_B = torch.tensor([len(r[0]) for r in rows])
     return TrainBatch(
         input_ids_BT=padded(0, pad_id, torch.long),
@@ -226,7 +273,25 @@ def collate(
         advantages_B=advantages_B.to(torch.float32)[episode_index_B],
         group_index_B=group_index_B[episode_index_B],
         episode_index_B=episode_index_B,
+        **per_token,
     )
+
+
+def _policy_tensors(rows: list[list[TokenPolicy]], T: int) -> dict[str, torch.Tensor]:
+    """`temperature_BT`, `top_p_BT`, `top_k_BT` of right-padded rows of policies (`NO_POLICY` padding).
+
+    Each distinct policy object gets a code (an engine shares one object along a stretch of
+    tokens, so there are few) and the [B, T] codes index a small table."""
+    codes: dict[int, int] = {id(NO_POLICY): 0}
+    table = [NO_POLICY]
+    for row in rows:
+        for p in row:
+            if id(p) not in codes:
+                codes[id(p)] = len(table)
+                table.append(p)
+    index_BT = torch.tensor([[codes[id(p)] for p in row] + [0] * (T - len(row)) for row in rows], dtype=torch.long)
+    values = torch.tensor(table, dtype=torch.float64)[index_BT]  # [B, T, 3]
+    return {"temperature_BT": values[..., 0].float(), "top_p_BT": values[..., 1].float(), "top_k_BT": values[..., 2].long()}
 
 
 def sft_batch(prompts: Sequence[list[int]], completions: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:

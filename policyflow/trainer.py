@@ -3,6 +3,12 @@
 One `step(batch)` is one policy version: μ epochs × minibatches optimizer updates on a batch of
 rollouts, then `version += 1`. The loss math lives in `losses.py` as pure functions; this file
 only gathers their inputs.
+
+Every log-prob (the policy's, the proximal one of decoupled PPO, the KL reference's) is
+recomputed under the policy its token was drawn from (`TrainBatch.temperature_BT`, `top_p_BT`,
+`top_k_BT`; DESIGN.md §6): with GRPO-ATS (`agent.code_temperature`) code and text tokens of one
+row have different temperatures. When every trained token shares one policy (the common case,
+and GRPO-ATS with greedy code, whose tokens are not trained) the numbers path runs.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import contextlib
 import copy
 import inspect
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -18,7 +26,7 @@ from policyflow.config import LossConfig, SamplingConfig, TrainConfig
 from policyflow.lora import is_lora
 from policyflow.model import short_rows_attention
 from policyflow.losses import LOSS_NEEDS, POLICY_LOSSES, kl_penalty
-from policyflow.ops import masked_mean, policy_logprobs
+from policyflow.ops import ScalarOrTokens, masked_mean, policy_logprobs
 from policyflow.types import TrainBatch
 
 
@@ -26,21 +34,54 @@ LENGTH_BUCKETS = 4  # the trainer's forward splits a batch into at most this man
 SHARED_PROMPT_MIN_SAVING = 0.1  # share prompts when that skips at least this fraction of the tokens
 
 
+@dataclass(frozen=True)
+class TokenPolicies:
+    """The sampling policy of every token of a [B, T] batch: each field a number (every token
+    the same) or a [B, T] tensor aligned with `input_ids` (position t: token t's policy)."""
+
+    temperature: ScalarOrTokens = 1.0
+    top_p: ScalarOrTokens = 1.0
+    top_k: ScalarOrTokens = 0
+
+    def take(self, index: Callable[[torch.Tensor], torch.Tensor]) -> TokenPolicies:
+        """The policies of the positions `index` picks from a [B, T] tensor (numbers stay numbers)."""
+        pick = lambda v: index(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return TokenPolicies(pick(self.temperature), pick(self.top_p), pick(self.top_k))
+
+
+def batch_policies(batch: TrainBatch, default: SamplingConfig, mask_BT: torch.Tensor | None = None) -> TokenPolicies:
+    """The policies to recompute `batch`'s log-probs under: numbers when every token where
+    `mask_BT` (default: the loss mask) is on shares one policy, [B, T] tensors otherwise;
+    `default` (`sampling.*`) when the batch records none."""
+    if batch.temperature_BT is None:
+        return TokenPolicies(default.temperature, default.top_p, default.top_k)
+    fields = (batch.temperature_BT, batch.top_p_BT, batch.top_k_BT)
+    mask_BT = (batch.loss_mask_BT if mask_BT is None else mask_BT) > 0
+    first = mask_BT.flatten().nonzero()[:1]
+    if len(first) == 0:  # nothing trained: any policy does
+        return TokenPolicies(default.temperature, default.top_p, default.top_k)
+    values = [v.flatten()[first] for v in fields]
+    if all(bool(((v == x) | ~mask_BT).all()) for v, x in zip(fields, values)):
+        return TokenPolicies(float(values[0]), float(values[1]), int(values[2]))
+    return TokenPolicies(*fields)
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     input_ids_BT: torch.Tensor,
     attention_mask_BT: torch.Tensor,
-    policy: SamplingConfig | None = None,
+    policy: SamplingConfig | TokenPolicies | None = None,
     *,
     needed_BT: torch.Tensor | None = None,
     buckets: int | None = None,
 ) -> torch.Tensor:
     """log π(token t | tokens < t) for every position of right-padded sequences ([B, T], position 0 = 0).
 
-    π is the sampling policy of `policy` (temperature, top_p, top_k; None: the model's own
-    log-softmax), computed by the same function the engine samples with
-    (`ops.policy_log_distribution`), so for the weights that sampled a token this is exactly
-    the behaviour log-prob the engine recorded.
+    π is the sampling policy of `policy` (temperature, top_p, top_k: numbers for every token,
+    or per token as `TokenPolicies` of [B, T] tensors; None: the model's own log-softmax),
+    computed by the same function the engine samples with (`ops.policy_log_distribution`), so
+    for the weights that sampled a token this is exactly the behaviour log-prob the engine
+    recorded.
 
     `needed_BT` (bool, default: every real position) marks the positions whose log-prob is
     wanted; the others may hold 0. Right-padded rows (the trainer's batches) take a fast path
@@ -53,12 +94,14 @@ def sequence_logprobs(
     rounding (tests/test_fast_paths.py). Short batches attend with `model.short_attention`
     (see `short_rows_attention`).
     """
+    if policy is not None and not isinstance(policy, TokenPolicies):
+        policy = TokenPolicies(policy.temperature, policy.top_p, policy.top_k)
     with short_rows_attention(model, input_ids_BT.shape[1]):
         return _sequence_logprobs(model, input_ids_BT, attention_mask_BT, policy, needed_BT, buckets)
 
 
 def _sequence_logprobs(model: torch.nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
-                       policy: SamplingConfig | None, needed_BT: torch.Tensor | None, buckets: int | None) -> torch.Tensor:
+                       policy: TokenPolicies | None, needed_BT: torch.Tensor | None, buckets: int | None) -> torch.Tensor:
     buckets = LENGTH_BUCKETS if buckets is None else buckets
     lengths_B = attention_mask_BT.sum(dim=1)
     positions_T = torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device)
@@ -98,7 +141,7 @@ def _shared_prompts(input_ids_BT: torch.Tensor, lengths_B: torch.Tensor, needed_
 
 
 def _shared_prompt_logprobs(model: torch.nn.Module, input_ids_BT: torch.Tensor, lengths_B: torch.Tensor,
-                            prompts: list[tuple[tuple[int, ...], list[int]]], policy: SamplingConfig | None) -> torch.Tensor | None:
+                            prompts: list[tuple[tuple[int, ...], list[int]]], policy: TokenPolicies | None) -> torch.Tensor | None:
     """`sequence_logprobs` with each distinct prompt run once (a group's G samples share it).
 
     Two forwards in all: the U distinct prompts, right-padded to the longest (Pmax; no mask
@@ -137,7 +180,8 @@ def _shared_prompt_logprobs(model: torch.nn.Module, input_ids_BT: torch.Tensor, 
         rest = model(input_ids=tail_RL[:, :-1], cache=DynamicCache(ddp_cache_data=kv), use_cache=True,
                      attention_mask=mask, position_ids=P_R[:, None] + j_L[None, :-1]).logits
         logits_RLV = torch.cat([logits_RLV, rest], dim=1)
-    lp_RL = _token_logprobs(logits_RLV, tail_RL, policy)
+    tail_policy = None if policy is None else policy.take(lambda v: v[rows_R[:, None], take_RL])
+    lp_RL = _token_logprobs(logits_RLV, tail_RL, tail_policy)
     # Back to [B, T]: row r's continuation position j is column P_r + j.
     out_RT = torch.zeros(len(rows_R), T + Lc, dtype=lp_RL.dtype, device=device)
     out_RT = out_RT.scatter(1, P_R[:, None] + j_L[None, :], torch.where(j_L[None, :] < tail_len_R[:, None], lp_RL, 0.0))[:, :T]
@@ -146,19 +190,22 @@ def _shared_prompt_logprobs(model: torch.nn.Module, input_ids_BT: torch.Tensor, 
     return out_RT.index_select(0, inverse_B)
 
 
-def _token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, policy: SamplingConfig | None) -> torch.Tensor:
+def _token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, policy: TokenPolicies | None) -> torch.Tensor:
+    """log π(target) with `policy` aligned with the targets (None: the model's own log-softmax)."""
     if policy is None:
         return policy_logprobs(logits_BTV, targets_BT)
     return policy_logprobs(logits_BTV, targets_BT, policy.temperature, policy.top_p, policy.top_k)
 
 
-def _shifted(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, policy: SamplingConfig | None) -> torch.Tensor:
-    """Log-probs aligned with `input_ids` (position t from the logits at t-1); position 0 gets 0."""
-    return torch.nn.functional.pad(_token_logprobs(logits_BTV[:, :-1], input_ids_BT[:, 1:], policy), (1, 0), value=0.0)
+def _shifted(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, policy: TokenPolicies | None) -> torch.Tensor:
+    """Log-probs aligned with `input_ids` (position t from the logits at t-1; `policy` aligned
+    with `input_ids` too); position 0 gets 0."""
+    targets_policy = None if policy is None else policy.take(lambda v: v[:, 1:])
+    return torch.nn.functional.pad(_token_logprobs(logits_BTV[:, :-1], input_ids_BT[:, 1:], targets_policy), (1, 0), value=0.0)
 
 
 def _bucketed_logprobs(model: torch.nn.Module, input_ids_BT: torch.Tensor, lengths_B: torch.Tensor, needed_BT: torch.Tensor,
-                       policy: SamplingConfig | None, buckets: int, keeps_logits: bool) -> torch.Tensor:
+                       policy: TokenPolicies | None, buckets: int, keeps_logits: bool) -> torch.Tensor:
     """`sequence_logprobs` of right-padded rows, forward per length bucket.
 
     Rows sorted by length are cut into `buckets` runs of equal row count; each run is cut to
@@ -185,7 +232,8 @@ def _bucketed_logprobs(model: torch.nn.Module, input_ids_BT: torch.Tensor, lengt
         kwargs = {"logits_to_keep": L - first + 1} if keeps_logits else {}
         logits = model(input_ids=ids_bL, use_cache=False, **kwargs).logits
         logits = logits[:, -(L - first + 1):]  # positions first-1 .. L-1: a no-op when logits_to_keep applied
-        lp_bl = _shifted(logits, ids_bL[:, first - 1:], policy)[:, 1:]  # log-probs of positions first .. L-1
+        bucket_policy = None if policy is None else policy.take(lambda v: v[rows, first - 1:L])
+        lp_bl = _shifted(logits, ids_bL[:, first - 1:], bucket_policy)[:, 1:]  # log-probs of positions first .. L-1
         pieces.append(torch.nn.functional.pad(lp_bl, (first, T - L), value=0.0))
     inverse_B = torch.empty_like(order_B)
     inverse_B[order_B] = torch.arange(B, device=order_B.device)
@@ -234,7 +282,7 @@ class Trainer:
         self.loss_fn = POLICY_LOSSES[loss.name]
         self.needs = LOSS_NEEDS[loss.name]
         self.hyper = loss.hyper() | ({"max_len": sampling.max_new_tokens} if self.needs.max_len else {})
-        self.policy = sampling  # the behaviour policy's temperature, top_p, top_k
+        self.policy = sampling  # the behaviour policy of batches that record none per token (`TrainBatch.temperature_BT` None)
         self.compute_dtype = compute_dtype  # forward passes; parameters and AdamW state stay as they are (fp32)
         self.optimizer = make_optimizer(model, train.lr, train.weight_decay, train.betas)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]  # clipped and stepped
@@ -256,12 +304,13 @@ class Trainer:
         """One policy version: μ epochs over `minibatches` slices of the batch. Returns float metrics."""
         start = time.perf_counter()
         self.model.train()
-        extra = self._fixed_inputs(batch)
+        policy = batch_policies(batch, self.policy)
+        extra = self._fixed_inputs(batch, policy)
         totals: dict[str, float] = {}
         updates = 0
         for _ in range(self.cfg.epochs):
             for rows in torch.arange(batch.num_sequences).chunk(self.cfg.minibatches):
-                metrics = self._update(batch, rows, {k: v[rows] for k, v in extra.items()})
+                metrics = self._update(batch, rows, {k: v[rows] for k, v in extra.items()}, policy.take(lambda v: v[rows]))
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + value
                 updates += 1
@@ -274,16 +323,16 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def _fixed_inputs(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        """Tensors computed once per batch before any update: proximal and reference log-probs."""
+    def _fixed_inputs(self, batch: TrainBatch, policy: TokenPolicies) -> dict[str, torch.Tensor]:
+        """Tensors computed once per batch before any update: proximal and reference log-probs (each token under its own policy)."""
         extra: dict[str, torch.Tensor] = {}
         if self.needs.proximal:
             self.model.eval()
-            extra["prox_logprobs"] = self._logprobs(self.model, batch.input_ids_BT, batch.attention_mask_BT, batch.loss_mask_BT)
+            extra["prox_logprobs"] = self._logprobs(self.model, batch.input_ids_BT, batch.attention_mask_BT, batch.loss_mask_BT, policy)
             self.model.train()
         if self.cfg.kl_coef > 0:
             with self._reference() as reference:
-                extra["ref_logprobs"] = self._logprobs(reference, batch.input_ids_BT, batch.attention_mask_BT, batch.loss_mask_BT)
+                extra["ref_logprobs"] = self._logprobs(reference, batch.input_ids_BT, batch.attention_mask_BT, batch.loss_mask_BT, policy)
         return extra
 
     @contextlib.contextmanager
@@ -303,16 +352,18 @@ class Trainer:
             yield self.ref_model
 
     def _logprobs(self, model: torch.nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
-                  loss_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
-        """Behaviour-policy log-probs ([B, T], float32; may be 0 off the loss mask) with the forward pass in the compute dtype."""
+                  loss_mask_BT: torch.Tensor | None = None, policy: TokenPolicies | None = None) -> torch.Tensor:
+        """Behaviour-policy log-probs ([B, T], float32; may be 0 off the loss mask) with the forward pass in the compute dtype.
+
+        `policy`: each token's (`batch_policies`); None: the configured `sampling.*` for every token."""
         needed_BT = None if loss_mask_BT is None else loss_mask_BT > 0
         with compute_precision(next(model.parameters()).device, self.compute_dtype):
-            return sequence_logprobs(model, input_ids_BT, attention_mask_BT, self.policy, needed_BT=needed_BT)
+            return sequence_logprobs(model, input_ids_BT, attention_mask_BT, self.policy if policy is None else policy, needed_BT=needed_BT)
 
-    def _update(self, batch: TrainBatch, rows: torch.Tensor, extra: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _update(self, batch: TrainBatch, rows: torch.Tensor, extra: dict[str, torch.Tensor], policy: TokenPolicies) -> dict[str, float]:
         input_ids_BT = batch.input_ids_BT[rows]
         mask_BT = batch.loss_mask_BT[rows]
-        logprobs_BT = self._logprobs(self.model, input_ids_BT, batch.attention_mask_BT[rows], mask_BT)
+        logprobs_BT = self._logprobs(self.model, input_ids_BT, batch.attention_mask_BT[rows], mask_BT, policy)
         kwargs = dict(self.hyper)
         if "prox_logprobs" in extra:
             kwargs["prox_logprobs"] = extra["prox_logprobs"]

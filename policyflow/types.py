@@ -7,7 +7,7 @@ shape suffix: B sequences, T tokens, G group members, P prompts, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -24,13 +24,27 @@ class LossOutput:
     metrics: dict[str, torch.Tensor]
 
 
+class TokenPolicy(NamedTuple):
+    """The sampling policy one token was drawn from (DESIGN.md §6: the policy is per-token data).
+
+    temperature 0 is greedy (the argmax; its recorded log-prob is the temperature-1 log-softmax,
+    and it carries no policy gradient: `tokens.row_tokens` gives it loss mask 0); top_p 1 and
+    top_k 0 are off. `ops.policy_log_distribution` defines the distribution.
+    """
+
+    temperature: float
+    top_p: float
+    top_k: int
+
+
 @dataclass(frozen=True)
 class Sample:
     """One sequence produced by an engine call.
 
-    `token_ids[i]` was drawn with log-probability `logprobs[i]` (under the sampling
-    distribution at temperature 1 scaling applied, i.e. the behaviour policy) by weights of
-    policy version `versions[i]`.
+    `token_ids[i]` was drawn with log-probability `logprobs[i]` under the policy `policies[i]`
+    (the behaviour policy: temperature, top-k, top-p) by weights of policy version
+    `versions[i]`. `policies` is None only for samples made outside an engine (tests, scripts):
+    their tokens count as drawn from the run's `sampling.*` policy.
     """
 
     prompt_ids: tuple[int, ...]
@@ -39,6 +53,7 @@ class Sample:
     versions: tuple[int, ...]
     finish_reason: FinishReason
     text: str = ""
+    policies: tuple[TokenPolicy, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,8 @@ class Segment:
 
     `text` is what the tokens say (the decoded action for gen, the observation text for obs),
     kept for context policies and samples.jsonl; training reads only the token ids.
+    `policies` (gen only, optional) is the sampling policy of each token (`Sample.policies`);
+    None: the run's `sampling.*` policy drew every token.
     """
 
     kind: SegmentKind
@@ -56,6 +73,7 @@ class Segment:
     turn: int = 0
     tag: str | None = None
     text: str = ""
+    policies: tuple[TokenPolicy, ...] | None = None
 
     @property
     def trainable(self) -> bool:
@@ -70,8 +88,10 @@ class Segment:
                     f"gen segment lengths differ: {len(self.token_ids)} tokens, "
                     f"{len(self.logprobs)} logprobs, {len(self.versions)} versions"
                 )
-        elif self.logprobs is not None or self.versions is not None:
-            raise ValueError(f"a {self.kind} segment carries no logprobs or versions")
+            if self.policies is not None and len(self.policies) != len(self.token_ids):
+                raise ValueError(f"gen segment lengths differ: {len(self.token_ids)} tokens, {len(self.policies)} policies")
+        elif self.logprobs is not None or self.versions is not None or self.policies is not None:
+            raise ValueError(f"a {self.kind} segment carries no logprobs, versions or policies")
 
 
 @dataclass(frozen=True)
@@ -210,6 +230,10 @@ class TrainBatch:
 
     Position t of `*_BT` describes token t; `behav_logprobs_BT[b, t]` is log p(token t | < t)
     under the behaviour policy and is meaningful only where `loss_mask_BT` is 1.
+    `temperature_BT`, `top_p_BT` and `top_k_BT` are the policy each token was drawn from
+    (`TokenPolicy`; the trainer recomputes every log-prob under its token's own policy);
+    meaningful only where `loss_mask_BT` is 1. None: every token was drawn from the trainer's
+    configured policy (`sampling.*`).
     """
 
     input_ids_BT: torch.Tensor
@@ -220,6 +244,9 @@ class TrainBatch:
     advantages_B: torch.Tensor
     group_index_B: torch.Tensor
     episode_index_B: torch.Tensor | None = None  # the episode each row comes from (None: one row per episode)
+    temperature_BT: torch.Tensor | None = None  # float32
+    top_p_BT: torch.Tensor | None = None  # float32
+    top_k_BT: torch.Tensor | None = None  # long
 
     @property
     def num_sequences(self) -> int:

@@ -46,7 +46,7 @@ from policyflow.rollout import build_batch, rollout_metrics, shape_overlong
 from policyflow.session import build_task, episode_runner, load_policy, model_context, open_session, pick_device, sampling_params
 from policyflow.sft import warm_start
 from policyflow.tasks.base import Problem
-from policyflow.tokens import render_prompt
+from policyflow.tokens import task_prompt_ids
 from policyflow.trainer import Trainer, compute_precision, sequence_logprobs
 from policyflow.types import Group, Sample
 
@@ -152,7 +152,7 @@ class RolloutWorker:
         recomputes (`TrainerWorker.probe_logprobs`) to check both run the same policy. Greedy
         draws no random numbers, so the sampling of the run itself is not changed."""
         problem = self.task.eval_problems()[0]
-        prompt = render_prompt(self.tokenizer, problem.prompt, self.cfg.model.chat_template)
+        prompt = task_prompt_ids(self.tokenizer, self.task, problem, self.cfg.model.chat_template)  # as RL renders it
         room = (self.engine.max_positions or len(prompt) + PROBE_TOKENS) - len(prompt)
         params = SamplingParams(temperature=0.0, max_new_tokens=max(1, min(PROBE_TOKENS, room)), ignore_eos=True)
         return await self.engine.generate(prompt, params)

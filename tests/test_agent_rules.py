@@ -183,8 +183,9 @@ def test_sft_demonstration_rows_are_the_rows_rl_trains_with_observations_cut(tmp
     assert [list(s.token_ids) for s in traj.segments if s.kind == "obs"] == cut
     rl = [(ids, mask) for ids, mask, _, _ in episode_rows(traj)]
     prompt = render_prompt(tok, task.render_prompt(problem), False)
-    assert demonstration_rows(tok, prompt, demo, False, context_policy(context), max_obs, task.observation_wrap) == rl
-    assert demonstration_rows(tok, prompt, demo, False, context_policy(context), max_obs) != rl  # the wrap is part of the rows
+    assert demonstration_rows(tok, prompt, demo, False, context_policy(context), max_obs, task.observation_wrap, task.stop) == rl
+    assert demonstration_rows(tok, prompt, demo, False, context_policy(context), max_obs, stop=task.stop) != rl  # the wrap is part of the rows
+    assert demonstration_rows(tok, prompt, demo, False, context_policy(context), max_obs, task.observation_wrap) != rl  # so is how turns end
 
 
 def test_observations_are_cut_in_tokens_not_characters() -> None:

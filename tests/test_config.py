@@ -43,6 +43,8 @@ def test_config_is_frozen() -> None:
         ("loss.behav_weight_cap=3", "loss.behav_weight_cap=3.0 does not apply to loss.name='grpo'; it is used by: decoupled_ppo"),
         ("task.min_digits=4", "task.min_digits=4 exceeds task.max_digits=3"),
         ("task.name=jsonl", "task.path is required when task.name=jsonl"),
+        ("task.name=jsnol", "task.name='jsnol' is not allowed (did you mean 'jsonl'?); allowed: arithmetic, countdown, jsonl, search_qa, multiply, or a Task class of yours as package.module:Class"),
+        ("task.name=my tasks:Task", "task.name='my tasks:Task' is not allowed; allowed: arithmetic"),
         ("trainlr", "override 'trainlr' must look like section.key=value"),
     ],
 )
@@ -146,7 +148,19 @@ def _annotation(dotted: str):
     return model.model_fields[leaf].annotation
 
 
-def test_hermes_tool_calls_refuse_the_tag_format_warm_start() -> None:
-    with pytest.raises(ConfigError, match="tool_format=hermes with sft.max_steps > 0"):
-        load_config(None, ["task.name=search_qa", "task.search.tool_format=hermes"])
-    assert load_config(None, ["task.name=search_qa", "task.search.tool_format=hermes", "sft.max_steps=0"]).task.search.tool_format == "hermes"
+def test_hermes_tool_calls_with_a_warm_start_are_allowed() -> None:
+    """The Hermes format has demonstrations of its own (`SearchQATask.sft_turns`) rendered as RL
+    renders them (tests/test_tool_env.py), so SFT with it is no longer refused."""
+    assert load_config(None, ["task.name=search_qa", "task.search.tool_format=hermes"]).task.search.tool_format == "hermes"
+
+
+def test_task_names_come_from_the_registry_or_a_user_class() -> None:
+    """Every registered task is a valid task.name (no second list to keep in step); so is any
+    package.module:Class, which is only imported when the task is built."""
+    from policyflow.tasks import TASKS
+
+    assert list(TASKS) == ["arithmetic", "countdown", "jsonl", "search_qa", "multiply"]
+    for name in TASKS:
+        assert load_config(None, [f"task.name={name}", "task.path=x.jsonl"]).task.name == name
+    cfg = load_config(None, ["task.name=nowhere.to_be.found:Task", "task.options={depth: 3, tools: [a, b]}"])
+    assert cfg.task.name == "nowhere.to_be.found:Task" and cfg.task.options == {"depth": 3, "tools": ["a", "b"]}

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "policyflow"
 # Layer of each top-level module or sub-package of policyflow.
 LAYERS = {
     "types": 0, "ops": 0, "losses": 0, "advantages": 0, "rewards": 0, "metrics": 0,
-    "config": 1, "model": 1, "tokens": 1, "engine": 1, "tasks": 1, "tools": 1, "agent": 1,
+    "config": 1, "problems": 1, "model": 1, "tokens": 1, "engine": 1, "tasks": 1, "tools": 1, "agent": 1,
     "trainer": 1, "checkpoint": 1, "logging": 1, "evaluate": 1, "selfplay": 1, "threads": 1,
     "rollout": 1, "sft": 1, "session": 1, "lora": 1, "rundir": 1, "yamlfile": 1,
     "buffer": 2, "weights": 2, "coordinator": 2, "runtime": 2, "pool": 2, "workers": 2,
@@ -61,3 +61,13 @@ def test_scan_sees_imports() -> None:
     """The scanner itself: it must find the policyflow imports of a known module."""
     found = _imports(PACKAGE / "trainer.py")
     assert "policyflow.losses" in found and "torch" in found
+
+
+def test_agent_never_imports_tasks() -> None:
+    """DESIGN.md §6: tasks and envs depend one way. A task builds its envs (`Task.group_builder`)
+    and imports `agent/`; nothing in `agent/` imports `tasks/` (the records both use are in
+    `problems.py`)."""
+    agent = sorted((PACKAGE / "agent").rglob("*.py"))
+    assert any(p.stem == "tool_env" for p in agent)
+    for path in agent:
+        assert not [n for n in _imports(path) if n == "policyflow.tasks" or n.startswith("policyflow.tasks.")], f"agent/{path.name} imports tasks/"

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import pickle
@@ -28,7 +29,7 @@ from hypothesis import strategies as st
 
 from policyflow.agent.env import SingleTurnEnv, SingleTurnGroupBuilder, StepResult
 from policyflow.agent.parse import FinalAnswer, Malformed, ParsedTurn, ToolCall, ToolCalls, parse_hermes, parse_tags, parse_turn
-from policyflow.agent.search_env import SearchEnv
+from policyflow.agent.tool_env import ToolEnv
 from policyflow.model import build_char_tokenizer
 from policyflow.tasks import ArithmeticTask, CountdownTask, JsonlTask
 from policyflow.tasks.search_qa import SearchQATask
@@ -193,8 +194,9 @@ def search_tasks(tmp_path_factory) -> dict[str, SearchQATask]:
     return {fmt: SearchQATask(num_entities=30, num_eval_entities=5, num_eval=4, corpus_dir=folder, tool_format=fmt) for fmt in ("tags", "hermes")}
 
 
-def _search_step(task: SearchQATask, text: str, problem=None) -> tuple[SearchEnv, StepResult]:
-    env = SearchEnv(task, problem or task.eval_problems()[0], task.tool_pool(), task.settings)
+def _search_step(task: SearchQATask, text: str, problem=None) -> tuple[ToolEnv, StepResult]:
+    problem = problem or task.eval_problems()[0]
+    env = ToolEnv(problem, task.render_prompt(problem), task.tool_setup())
     return env, asyncio.run(env.step(text))
 
 
@@ -204,7 +206,7 @@ def test_the_search_env_steps_on_any_text(search_tasks, text: str, fmt: str) -> 
     env, result = _search_step(search_tasks[fmt], text)
     _assert_step(result)
     assert result.done or result.observation  # an episode that goes on always shows the model something
-    malformed = isinstance(parse_turn(fmt, text, list(env.pool.tools.values())).action, Malformed)
+    malformed = isinstance(parse_turn(fmt, text, env.setup.tools).action, Malformed)
     assert env.malformed == int(malformed) and result.tools.errors_by_kind.get("malformed", 0) == int(malformed)
 
 
@@ -218,7 +220,7 @@ def test_the_issues_tool_calls_are_counted_error_observations(search_tasks, argu
 
 
 @pytest.mark.parametrize("answer", ["²", "9" * 5000])
-def test_an_answer_the_tasks_check_cannot_read_is_wrong(search_tasks, monkeypatch, answer: str) -> None:
+def test_an_answer_the_tasks_check_cannot_read_is_wrong(search_tasks, answer: str) -> None:
     """`'²'.isdigit()` holds but `int('²')` raises, as does int() of 5000 digits: the answer check
     raised out of step. Whatever the task's check does with it, the env answers a wrong answer;
     a check that raises is contained too."""
@@ -231,8 +233,8 @@ def test_an_answer_the_tasks_check_cannot_read_is_wrong(search_tasks, monkeypatc
     def raising(problem, text):
         raise ValueError(f"invalid literal for int() with base 10: {text!r}")
 
-    monkeypatch.setattr(task, "is_correct", raising)
-    env, result = _search_step(task, f"<answer>{answer}</answer>", numeric)
+    env = ToolEnv(numeric, task.render_prompt(numeric), dataclasses.replace(task.tool_setup(), check=raising))
+    result = asyncio.run(env.step(f"<answer>{answer}</answer>"))
     _assert_step(result)
     assert result.done and result.reward_parts["correct"] == 0.0 and result.info["answer_error"].startswith("ValueError: invalid literal")
 

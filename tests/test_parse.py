@@ -15,7 +15,6 @@ from policyflow.agent.parse import (
     parse_hermes,
     parse_tags,
     parse_turn,
-    render_with_tools,
     stop_strings,
     tag_arguments,
 )
@@ -146,12 +145,16 @@ QWEN_STYLE = (
 )
 
 
-def test_render_with_tools_passes_schemas_to_the_chat_template():
+def test_render_prompt_passes_schemas_to_the_chat_template():
+    """The one prompt renderer (`tokens.render_prompt`, which the episode runner, SFT and prompt
+    fitting share) hands the tools' schemas to the template as `tools=`."""
+    from policyflow.tokens import render_prompt
+
     tok = build_char_tokenizer()
     with pytest.raises(ValueError, match="no chat template"):
-        render_with_tools(tok, [{"role": "user", "content": "hi"}], [SEARCH])
+        render_prompt(tok, "hi", True, tools=[SEARCH.schema()])
     tok.chat_template = QWEN_STYLE
-    ids = render_with_tools(tok, [{"role": "user", "content": "Capital of Zorvia?"}], [SEARCH])
+    ids = render_prompt(tok, "Capital of Zorvia?", True, tools=[SEARCH.schema()])
     text = tok.decode(ids)
     tools_block = text.split("<tools>")[1].split("</tools>")[0]
     assert json.loads(tools_block) == SEARCH.schema()

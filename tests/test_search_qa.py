@@ -9,7 +9,7 @@ import pickle
 import pytest
 
 from policyflow.agent.env import group_builder
-from policyflow.agent.search_env import SearchEnv
+from policyflow.agent.tool_env import ToolEnv
 from policyflow.tasks import TaskError, make_task
 from policyflow.tasks.search_qa import SearchQATask, make_entities
 
@@ -142,7 +142,7 @@ def test_warm_start_problems_are_about_places_of_their_own(task):
         task.sft_problem(0)
 
 
-async def _play(env: SearchEnv, actions: list[str]) -> tuple[str, list]:
+async def _play(env: ToolEnv, actions: list[str]) -> tuple[str, list]:
     prompt = await env.initial_observation()
     return prompt, [await env.step(a) for a in actions]
 
@@ -185,7 +185,7 @@ def test_hermes_env(tmp_path):
     name = task.entity(problem.columns["entities"][0]).name
     [env] = asyncio.run(task.group_builder(problem).make_envs(1))
     assert env.stop == task.stop == () and env.tools == [t.schema() for t in task.tool_pool().tools.values()]
-    assert pickle.loads(pickle.dumps(task))._pool is None and task._pool is not None
+    assert pickle.loads(pickle.dumps(task))._setup is None and task._setup is not None
     call = json.dumps({"name": "search", "arguments": {"query": name}})
     _, [found, bad] = asyncio.run(_play(env, [f"<tool_call>{call}</tool_call>", '<tool_call>{"name": "web"}</tool_call>']))
     assert found.observation.startswith(f"{name}: capital ") and bad.tools.errors == 1 and "unknown tool 'web'" in bad.observation
@@ -200,7 +200,7 @@ def test_hermes_parallel_calls_run_at_once_and_answer_in_order(tmp_path):
     turn = "\n".join(f"<tool_call>{json.dumps({'name': 'search', 'arguments': {'query': n}})}</tool_call>" for n in names)
     _, [result] = asyncio.run(_play(env, [turn]))
     assert isinstance(result.observation, tuple) and [o.split(":")[0] for o in result.observation] == names
-    assert (result.tools.calls, result.tools.errors) == (3, 0) and env.searches == 3
+    assert (result.tools.calls, result.tools.errors) == (3, 0) and env.tool_calls == 3 and env.calls == {"search": 3}
     assert task.tool_pool().max_in_flight == 3  # the latency overlapped: the calls ran at once
     assert [c["arguments"]["query"] for c in result.info["calls"]] == names
 
@@ -283,7 +283,7 @@ def test_demonstration_rows(task, context):
     problem = next(p for p in (task.train_problem(k) for k in range(50)) if p.columns["hops"] == 2)
     prompt = task.render_prompt(problem)
     (_, g1), (_, o1), (_, g2), (_, o2), (_, g3) = turns = task.sft_turns(problem)
-    rows = demonstration_rows(tok, enc(prompt), turns, False, context_policy(context), observation_wrap=task.observation_wrap)
+    rows = demonstration_rows(tok, enc(prompt), turns, False, context_policy(context), observation_wrap=task.observation_wrap, stop=task.stop)
     o1, o2 = (f"<info>{o}</info>" for o in (o1, o2))  # the observations as the model sees them
     eos = [tok.eos_token_id]
     if context == "full":

@@ -448,11 +448,11 @@ def test_wrong_length_and_non_number_returns(tmp_path: Path, rewards_module, cap
 
 
 def test_make_task(tmp_path: Path):
-    assert set(TASKS) == {"arithmetic", "countdown", "jsonl", "search_qa"}
+    assert set(TASKS) == {"arithmetic", "countdown", "jsonl", "search_qa", "multiply"}
     assert isinstance(make_task("arithmetic"), ArithmeticTask)
     assert make_task("countdown", seed=1, num_eval=5).eval_problems() == CountdownTask(seed=1, num_eval=5).eval_problems()
     assert isinstance(make_task("jsonl", path=_good_file(tmp_path)), JsonlTask)
-    with pytest.raises(ValueError, match=r"unknown task 'gsm8k'; choose one of \['arithmetic', 'countdown', 'jsonl', 'search_qa'\]"):
+    with pytest.raises(ValueError, match=r"unknown task 'gsm8k'; choose one of \['arithmetic', 'countdown', 'jsonl', 'multiply', 'search_qa'\]"):
         make_task("gsm8k")
     with pytest.raises(ValueError, match="accepts"):
         make_task("arithmetic", path="x")

@@ -55,13 +55,46 @@ def test_argument_validation():
     assert argument_errors(loose, {"x": 1.5, "extra": 1}) == [] and argument_errors(loose, {"x": None}) == []
 
 
+def test_arguments_are_checked_by_the_whole_json_schema_standard():
+    """Keywords the old hand-written subset ignored (bounds, patterns, lengths, nested items,
+    const, oneOf) are checked by jsonschema's Draft 2020-12 validator; each problem is one short
+    line naming the argument (nested ones by path), and a call lists at most 3 of them."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer", "minimum": 1, "maximum": 10},
+            "id": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 5},
+            "xs": {"type": "array", "items": {"type": "integer"}, "maxItems": 3},
+            "point": {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]},
+            "mode": {"const": "fast"},
+            "size": {"oneOf": [{"type": "integer"}, {"enum": ["small", "large"]}]},
+        },
+        "additionalProperties": False,
+    }
+    tool = _tool("strict", _echo, schema)
+    assert argument_errors(tool, {"n": 3, "id": "abc", "xs": [1, 2], "point": {"x": 1.5}, "mode": "fast", "size": "small"}) == []
+    assert argument_errors(tool, {"n": 0}) == ["argument 'n': 0 is less than the minimum of 1"]
+    assert argument_errors(tool, {"id": "AB"}) == ["argument 'id': 'AB' does not match '^[a-z]+$'"]
+    assert argument_errors(tool, {"id": "abcdefg"}) == ["argument 'id': 'abcdefg' is too long"]
+    assert argument_errors(tool, {"xs": [1, "b"]}) == ["argument 'xs[1]' must be integer, got str"]
+    assert argument_errors(tool, {"point": {}}) == ["missing required argument 'x' in 'point'"]
+    assert argument_errors(tool, {"mode": "slow"}) == ["argument 'mode': 'fast' was expected"]
+    assert argument_errors(tool, {"size": "huge"})[0].startswith("argument 'size': 'huge' is not valid under any of the given schemas")
+    pool = ToolPool([tool])
+    result = asyncio.run(pool.call("strict", {"n": 0, "id": "AB", "xs": [1, 2, 3, 4], "mode": 1, "extra": 2}))
+    assert result.error == "bad_arguments" and "\n" not in result.text
+    assert result.text.startswith("error: bad arguments for strict: ") and result.text.endswith("; and 2 more")
+
+
 def test_tool_definition_errors():
     with pytest.raises(TypeError, match="async"):
         Tool("sync", "", ECHO_SCHEMA, lambda text: text)
     with pytest.raises(ValueError, match="required argument 'q'"):
         Tool("t", "", {"type": "object", "properties": {}, "required": ["q"]}, _echo)
-    with pytest.raises(ValueError, match="type 'str'"):
+    with pytest.raises(ValueError, match=r"not a valid JSON schema \(Draft 2020-12\) at properties.q.type: 'str' is not valid"):
         Tool("t", "", {"type": "object", "properties": {"q": {"type": "str"}}}, _echo)
+    with pytest.raises(ValueError, match=r"at properties.n.minimum: 'zero' is not of type 'number'"):
+        Tool("t", "", {"type": "object", "properties": {"n": {"type": "integer", "minimum": "zero"}}}, _echo)
     with pytest.raises(ValueError, match="unique"):
         ToolPool([_tool("a", _echo), _tool("a", _boom)])
 

@@ -6,8 +6,10 @@ there is one rollout path (DESIGN.md §6; tinker-cookbook's `Env`/`EnvGroupBuild
 Envs speak **text**; the episode runner (`agent/episode.py`) owns the tokens:
 
 * `initial_observation()` returns the task prompt as text. The runner renders it once (with
-  the chat template when `model.chat_template` is on, passing `tools` to it) into the prompt
-  segment.
+  the chat template when `model.chat_template` is on, passing the env's `tools` to it) into the
+  prompt segment: `tokens.render_prompt`, the function SFT and prompt fitting render a
+  problem's prompt with too (`tokens.task_prompt_ids`), so an env built by a task shows the
+  task's `render_prompt(problem)` and `prompt_tools()`.
 * the runner samples a completion and hands its decoded text to `step(action)`. The text is
   what the model wrote, cut after a stop string (`stop` below); the generated token ids are
   kept by the runner and never re-derived from text.
@@ -27,7 +29,7 @@ while it does, the episode holds no decode slot in the engine. Rewards are named
 the env into `StepResult.reward` (the episode's reward is the sum over its steps, plus whatever
 the builder's `score_group` adds); `reward_parts` are logged separately (`reward/<name>`).
 
-Problems are plain `tasks.base.Problem` values that travel with the work (`workers.GroupSpec`),
+Problems are plain `problems.Problem` values that travel with the work (`workers.GroupSpec`),
 so they can come from a task's training set or be produced at run time (self-play): an env
 never looks a problem up by index.
 
@@ -38,8 +40,10 @@ exact context. `full` returns all of them; MEM1 keeps the prompt, the latest gen
 (holding `<state>`) and the latest observation. A call whose context is not the previous
 call's context plus what came after it starts a new training row (`tokens.episode_rows`).
 
-How a task provides multi-turn envs: define `group_builder(problem) -> EnvGroupBuilder` on the
-task. Tasks that do not (arithmetic, countdown, jsonl) get `SingleTurnGroupBuilder`.
+Tasks and envs depend one way: a task declares its envs with `Task.group_builder(problem)`
+(`tasks/base.py`; single-turn tasks inherit `SingleTurnGroupBuilder`, tool tasks return a
+`tool_env.ToolGroupBuilder`), and `agent/` never imports `tasks/`: what it needs of a task is
+the `SingleTurnTask` protocol below.
 """
 
 from __future__ import annotations
@@ -48,9 +52,9 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from policyflow.tasks.base import Problem, Score, Task
+from policyflow.problems import Problem, Score
 from policyflow.types import Segment, ToolStats, Trajectory
 
 logger = logging.getLogger(__name__)
@@ -148,6 +152,20 @@ class EnvGroupBuilder(ABC):
         return None
 
 
+class SingleTurnTask(Protocol):
+    """What `SingleTurnEnv` needs of a task (`tasks.base.Task` has all of it)."""
+
+    name: str
+    stop: tuple[str, ...]
+    observation_wrap: tuple[str, str]
+
+    def render_prompt(self, problem: Problem) -> str: ...
+
+    def prompt_tools(self) -> list[dict[str, Any]] | None: ...
+
+    def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> Score: ...
+
+
 class SingleTurnEnv(Env):
     """A single-turn task as a one-step env: the prompt, one completion, done.
 
@@ -157,9 +175,10 @@ class SingleTurnEnv(Env):
 
     cut_action_truncates = True  # the completion is the episode: cut at max_new_tokens is truncated
 
-    def __init__(self, task: Task, problem: Problem) -> None:
+    def __init__(self, task: SingleTurnTask, problem: Problem) -> None:
         self.task, self.problem = task, problem
         self.stop, self.observation_wrap = tuple(task.stop), task.observation_wrap
+        self.tools = task.prompt_tools()
 
     async def initial_observation(self) -> str:
         return self.task.render_prompt(self.problem)
@@ -171,7 +190,7 @@ class SingleTurnEnv(Env):
 class SingleTurnGroupBuilder(EnvGroupBuilder):
     """The G single-turn episodes of one problem, scored together by the task."""
 
-    def __init__(self, task: Task, problem: Problem) -> None:
+    def __init__(self, task: SingleTurnTask, problem: Problem) -> None:
         self.task, self.problem = task, problem
 
     async def make_envs(self, n: int) -> list[Env]:
@@ -208,7 +227,16 @@ class SingleTurnGroupBuilder(EnvGroupBuilder):
         return GroupScore(list(score.rewards), parts, score.errors)
 
 
-def group_builder(task: Task, problem: Problem) -> EnvGroupBuilder:
-    """The builder of `problem`'s envs: the task's own (`task.group_builder`) or the single-turn one."""
-    own = getattr(task, "group_builder", None)
-    return own(problem) if own is not None else SingleTurnGroupBuilder(task, problem)
+class GroupSource(Protocol):
+    """Anything that declares the envs of its problems (`tasks.base.Task.group_builder`)."""
+
+    def group_builder(self, problem: Problem) -> EnvGroupBuilder: ...
+
+
+def group_builder(task: GroupSource, problem: Problem) -> EnvGroupBuilder:
+    """The builder `task` declares for `problem`'s envs (`Task.group_builder`); a TypeError naming
+    the task's class when it returns anything else (a user's task that breaks the contract)."""
+    builder = task.group_builder(problem)
+    if not isinstance(builder, EnvGroupBuilder):
+        raise TypeError(f"{type(task).__name__}.group_builder returned a {type(builder).__name__}, not a policyflow.agent.env.EnvGroupBuilder; return one (e.g. agent.tool_env.ToolGroupBuilder)")
+    return builder

@@ -25,6 +25,12 @@ Every observation's content is cut to `agent.max_obs_tokens` tokens and then wra
 template's tool-role markers for chat models), so the wrapper comes on top of the budget and a
 cut never leaves an observation unterminated: one rule for every env and tool, and the one SFT
 demonstrations use.
+
+GRPO-ATS (Thyme, arXiv 2508.11630). Every call samples code, the text between `agent.code_open`
+and `agent.code_close` (`<code>…</code>` by default), at `agent.code_temperature` and the rest at
+`sampling.temperature` (`code_segment_policies`): the engine switches policy in the middle of a
+completion and records each token's (`Sample.policies`), which the gen segment keeps and the
+trainer recomputes.
 """
 
 from __future__ import annotations
@@ -37,12 +43,37 @@ import time
 from policyflow.agent.context import full_context
 from policyflow.agent.env import ContextPolicy, Env, EnvGroupBuilder, StepResult
 from policyflow.config import AgentConfig
-from policyflow.engine import AsyncEngine, SamplingParams
+from policyflow.engine import AsyncEngine, SamplingParams, SegmentPolicy
 from policyflow.tokens import render_observation, render_prompt
 from policyflow.types import Call, Group, Segment, Trajectory
 
 
 PROMPT_CACHE_SIZE = 4096  # distinct prompts an EpisodeRunner keeps tokenized
+
+
+def code_segment_policies(agent: AgentConfig, params: SamplingParams) -> tuple[SegmentPolicy, ...]:
+    """GRPO-ATS's per-segment temperature: code (between `agent.code_open` and `agent.code_close`)
+    at `agent.code_temperature`, with `params`' top_p and top_k; () when it is off (None) or
+    would change nothing.
+
+    Greedy code (temperature 0, the paper's choice and the default) is left out of the loss:
+    its tokens get loss mask 0, like observations, and stay in the row as context
+    (`tokens.row_tokens`). Thyme samples code greedily because code must run: sampling noise in
+    a variable name or a digit only breaks it, so exploration is left to the reasoning text.
+    A greedy token is a deterministic function of its context: its behaviour probability is 1
+    whatever the weights, so the objective E[R] has no score-function term for it (the argmax
+    does not move under an infinitesimal change of the weights), and the exact policy gradient
+    of GRPO-ATS runs through the sampled text tokens only. Training greedy tokens under a
+    tempered surrogate (the T=1 log-softmax the engine records for them) would add a term that
+    is not an estimate of that gradient: the importance ratio π_θ/π_behav would divide by a
+    conventional number, not by the probability the token was drawn with, and the clip would
+    bound nothing real. A run that wants RL to shape its code samples it instead
+    (code_temperature > 0: those tokens are trained exactly, under their own temperature).
+    """
+    if agent.code_temperature is None:
+        return ()
+    rule = SegmentPolicy(agent.code_open, agent.code_close, agent.code_temperature, params.top_p, params.top_k)
+    return () if rule.policy == params.policy else (rule,)
 
 
 class EpisodeRunner:
@@ -57,6 +88,7 @@ class EpisodeRunner:
         window = engine.max_positions or float("inf")  # the model's own limit, when it has one
         self.max_total_tokens = min(agent.max_total_tokens or window, window)
         self._prompt_ids: dict[tuple[str, str], tuple[int, ...]] = {}  # a group's G episodes share one prompt
+        self._segments = params.segment_policies + code_segment_policies(agent, params)
 
     def with_params(self, **changes) -> EpisodeRunner:
         """The same runner with some sampling settings changed (e.g. temperature=0 for greedy evaluation)."""
@@ -92,7 +124,7 @@ class EpisodeRunner:
         prompt_ids = self._render_prompt(prompt_text, env.tools)
         segments = [Segment("prompt", tuple(prompt_ids), text=prompt_text)]
         calls: list[Call] = []
-        params = dataclasses.replace(self.params, stop=tuple(dict.fromkeys(self.params.stop + tuple(env.stop))))
+        params = dataclasses.replace(self.params, stop=tuple(dict.fromkeys(self.params.stop + tuple(env.stop))), segment_policies=self._segments)
         traj = Trajectory(id=id, task_id=task_id, group_id=task_id, segments=segments, calls=calls, num_turns=0, start_version=self.engine.version)
         status = "truncated"  # unless the env says done
         for turn in range(self.agent.max_turns):
@@ -104,7 +136,7 @@ class EpisodeRunner:
             start = time.perf_counter()
             sample = await self.engine.generate(prompt, dataclasses.replace(params, max_new_tokens=room))
             traj.timings.generation_s += time.perf_counter() - start
-            segments.append(Segment("gen", sample.token_ids, sample.logprobs, sample.versions, turn=turn, text=sample.text))
+            segments.append(Segment("gen", sample.token_ids, sample.logprobs, sample.versions, turn=turn, text=sample.text, policies=sample.policies))
             calls.append(Call(context=context, produced=len(segments) - 1))
             traj.finish_reason = sample.finish_reason
             start = time.perf_counter()

@@ -5,6 +5,11 @@ Tag format (tiny models, tools described in the prompt)::
     <state>what I know so far</state><search>Zorvia</search>
     <answer>Quelm</answer>
 
+Code, for tiny models, is one more tag: `<code>print(1234*567)</code>` calls the tool named `code`
+(`tools/python_tool.py`) with the block's source, dedented (a block indented as a whole runs);
+chat models call the `python` tool in their own format. The code segment is exactly the text
+between `<code>` and `</code>`, the markers the engine's per-segment sampling looks for.
+
 Hermes/Qwen chat format (real chat models, tools rendered by the chat template's `tools=`)::
 
     <tool_call>
@@ -38,6 +43,7 @@ import functools
 import json
 import math
 import re
+import textwrap
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +52,7 @@ from policyflow.tools.base import Tool
 
 ANSWER_TAG = "answer"
 STATE_TAG = "state"
+CODE_TAG = "code"  # the code tool's tag (`<code>print(1)</code>`); its content keeps its line structure (dedented, not stripped per line)
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 TOOL_FORMATS = ("tags", "hermes")
 MAX_ARGUMENT_DEPTH = 32  # nesting of a tool call's JSON (the call object is level 1): far above any tool's schema, far below the recursion limit
@@ -148,7 +155,7 @@ def parse_tags(text: str, tools: Mapping[str, str]) -> ParsedTurn:
     block = _block(text, name, start)
     if block is None:
         return ParsedTurn(Malformed(f"<{name}> is not closed"), state)
-    content = block[0].strip()
+    content = textwrap.dedent(block[0]).strip() if name == CODE_TAG else block[0].strip()
     if name == ANSWER_TAG:
         return ParsedTurn(FinalAnswer(content), state)
     if not content:
@@ -283,10 +290,3 @@ def parse_turn(tool_format: str, text: str, tools: Sequence[Tool]) -> ParsedTurn
         return parse_tags(text, tag_arguments(tools))  # tag_arguments outside the parser's net: a bad tool is the user's error, loud
     return parse_hermes(text, [t.name for t in tools])
 
-
-def render_with_tools(tokenizer, messages: list[dict[str, str]], tools: Sequence[Tool]) -> list[int]:
-    """Prompt ids from the tokenizer's chat template with the tools' schemas passed as `tools=`."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; use tool_format='tags' for models without one")
-    ids = tokenizer.apply_chat_template(messages, tools=[t.schema() for t in tools], add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

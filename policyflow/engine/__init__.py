@@ -3,8 +3,9 @@
 `AsyncEngine` (`async_engine.py`) is the engine everything uses: `await engine.generate(...)`
 from any number of coroutines, continuous batching underneath, weight swaps between decode
 steps. `Engine` (`core.py`) is its synchronous core (submit / step / update_weights).
-`sampling.py` draws tokens with their behaviour log-probs; `fast_decoder.py` and
-`hf_decoder.py` are the two backends.
+`sampling.py` draws tokens with their behaviour log-probs; `segments.py` switches a request's
+policy between text and code segments (GRPO-ATS); `fast_decoder.py` and `hf_decoder.py` are the
+two backends.
 """
 
 from policyflow.engine.async_engine import AsyncEngine, generate_blocking, run_blocking, using_generator
@@ -20,6 +21,7 @@ from policyflow.engine.core import (
 from policyflow.engine.fast_decoder import FAST_MODEL_TYPES, FastDecoder, fast_path_problem
 from policyflow.engine.hf_decoder import HFDecoder
 from policyflow.engine.sampling import sample_tokens
+from policyflow.engine.segments import SegmentPolicy
 
 __all__ = [
     "FAST_MODEL_TYPES",
@@ -31,6 +33,7 @@ __all__ = [
     "HFDecoder",
     "Request",
     "SamplingParams",
+    "SegmentPolicy",
     "fast_path_problem",
     "generate_blocking",
     "join_samples",

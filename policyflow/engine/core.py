@@ -24,6 +24,10 @@ What each token carries (the contract with the trainer, DESIGN.md §3):
   tests/test_trainer.py). At temperature 0 (greedy) the token is the argmax and the
   log-prob is the model's log-softmax at temperature 1 (the greedy "distribution" would give
   log 1 = 0 everywhere, which is useless for training).
+* `Sample.policies[i]` is the policy (temperature, top_p, top_k) token i was drawn from: the
+  request's own, or a segment policy's (`SamplingParams.segment_policies`, `segments.py`:
+  GRPO-ATS samples code greedily inside `<code>…</code>`), switched on the decoded text as
+  tokens are produced. The trainer recomputes each token under its own policy.
 * `Sample.versions[i]` is the engine's `version` when token i was sampled. With a
   `continue` weight swap, the in-flight sequences keep their KV cache (computed by the old
   weights) and later tokens carry the new version; this is the accepted practice of AReaL.
@@ -48,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Container, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -57,7 +61,8 @@ import torch
 from policyflow.engine.fast_decoder import FastDecoder, fast_path_problem
 from policyflow.engine.hf_decoder import HFDecoder
 from policyflow.engine.sampling import sample_tokens
-from policyflow.types import FinishReason, Sample
+from policyflow.engine.segments import NO_TOKEN, SegmentPolicy, SegmentScanner, SegmentWatch
+from policyflow.types import FinishReason, Sample, TokenPolicy
 
 SwapMode = Literal["continue", "abort"]
 SWAP_MODES: tuple[str, ...] = ("continue", "drain", "abort")  # as configured (pipeline.swap); drain is the worker's
@@ -75,6 +80,8 @@ class SamplingParams:
     stop: strings that end the completion when they appear in its decoded text ("stop").
     stop_token_ids: token ids that end it ("eos"); None means the model's EOS ids.
     ignore_eos: never stop on a token id (benchmarks: fixed-length generation).
+    segment_policies: text between a rule's open and close markers is sampled with the rule's
+        policy instead (`segments.py`; GRPO-ATS: greedy code). Needs a tokenizer, like `stop`.
     """
 
     temperature: float = 1.0
@@ -84,6 +91,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
+    segment_policies: tuple[SegmentPolicy, ...] = ()
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -99,15 +107,30 @@ class SamplingParams:
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.segment_policies:
+            object.__setattr__(self, "segment_policies", tuple(self.segment_policies))
+            opens = [r.open for r in self.segment_policies]
+            if len(set(opens)) != len(opens):
+                raise ValueError(f"segment policies share an open marker ({opens}); give each its own")
+
+    @property
+    def policy(self) -> TokenPolicy:
+        """The request's own policy (outside every segment)."""
+        return TokenPolicy(float(self.temperature), float(self.top_p), int(self.top_k))
 
 
 @dataclass(frozen=True)
 class Request:
-    """One generation request; `id` is the caller's key, echoed back in `Finished`."""
+    """One generation request; `id` is the caller's key, echoed back in `Finished`.
+
+    `text_before`: the decoded completion that came before this request's own tokens (a
+    request resumed after an abort): segment policies start from the state it ends in.
+    """
 
     prompt_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
     id: Hashable = None
+    text_before: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_ids", tuple(int(t) for t in self.prompt_ids))
@@ -118,13 +141,15 @@ class Request:
         """The request that continues an aborted `partial`: its tokens become prompt.
 
         Join the two outputs with `join_samples(partial, rest)`. A stop string that straddles
-        the boundary is not detected (each part is checked on its own text).
+        the boundary is not detected (each part is checked on its own text); segment policies
+        go on from the state the partial text ends in (`text_before`).
         """
         left = self.params.max_new_tokens - len(partial.token_ids)
         if left < 1:
             raise ValueError("the partial output already used all max_new_tokens; nothing to resume")
         params = dataclasses.replace(self.params, max_new_tokens=left)
-        return Request(self.prompt_ids + tuple(partial.token_ids), params, self.id)
+        before = self.text_before + partial.text if self.params.segment_policies else ""
+        return Request(self.prompt_ids + tuple(partial.token_ids), params, self.id, before)
 
 
 @dataclass(frozen=True)
@@ -137,6 +162,7 @@ class Finished:
 
 def join_samples(first: Sample, rest: Sample) -> Sample:
     """One sample from an aborted `first` and the `rest` generated by `Request.resume`."""
+    both = first.policies is not None and rest.policies is not None
     return Sample(
         prompt_ids=first.prompt_ids,
         token_ids=first.token_ids + rest.token_ids,
@@ -144,6 +170,7 @@ def join_samples(first: Sample, rest: Sample) -> Sample:
         versions=first.versions + rest.versions,
         finish_reason=rest.finish_reason,
         text=first.text + rest.text,
+        policies=first.policies + rest.policies if both else None,
     )
 
 
@@ -153,10 +180,29 @@ class _Row:
 
     request: Request
     stop_ids: frozenset[int]
+    policy: TokenPolicy  # what the next token is drawn from
+    scanner: SegmentScanner | None = None  # the segment state (requests with segment policies)
+    watch: Container[int] = NO_TOKEN  # new tokens after which the scanner reads the text
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
+    policy_runs: list[tuple[int, TokenPolicy]] = field(default_factory=list)  # (first token, its policy) per stretch
     text: str = ""  # decoded completion, kept only when the request has stop strings
+
+    def __post_init__(self) -> None:
+        self.policy_runs.append((0, self.policy))
+
+    def switch(self) -> None:
+        """Take the scanner's new state: the next token's policy and watch list."""
+        self.watch = self.scanner.watching
+        if self.scanner.policy != self.policy:
+            self.policy = self.scanner.policy
+            self.policy_runs.append((len(self.tokens), self.policy))
+
+    def policies(self) -> tuple[TokenPolicy, ...]:
+        """The policy of every token so far."""
+        ends = [start for start, _ in self.policy_runs[1:]] + [len(self.tokens)]
+        return sum(((policy,) * (end - start) for (start, policy), end in zip(self.policy_runs, ends)), ())
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:
@@ -208,6 +254,8 @@ class Engine:
         self._outbox: list[Finished] = []
         self._row_params: tuple[float | torch.Tensor, float | torch.Tensor, int | torch.Tensor] | None = None
         self._last_tokens = torch.zeros(0, dtype=torch.long)  # one pending token per active row
+        self._watches: dict[tuple[SegmentPolicy, ...], SegmentWatch] = {}  # per rule set
+        self._pieces: list[str] | None = None  # every token id's own text (for the watch lists)
 
     # -- state --------------------------------------------------------------------------
     @property
@@ -225,8 +273,8 @@ class Engine:
     # -- requests -----------------------------------------------------------------------
     def submit(self, request: Request) -> None:
         """Queue a request; it starts at a later `step()` when a slot is free."""
-        if request.params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer: pass tokenizer= to the engine")
+        if (request.params.stop or request.params.segment_policies) and self.tokenizer is None:
+            raise ValueError("stop strings and segment policies need a tokenizer: pass tokenizer= to the engine")
         self._queue.append(request)
 
     def abort(self) -> None:
@@ -250,7 +298,7 @@ class Engine:
         if admitted:
             reserve = max(len(r.prompt_ids) + r.params.max_new_tokens for r in admitted)
             parts.append(self.backend.prefill([r.prompt_ids for r in admitted], reserve=reserve))
-            self._rows.extend(_Row(r, self._stop_ids(r.params)) for r in admitted)
+            self._rows.extend(self._new_row(r) for r in admitted)
             self._row_params = None
         if not parts:
             return finished
@@ -289,6 +337,22 @@ class Engine:
         self.version = version
 
     # -- internals ----------------------------------------------------------------------
+    def _new_row(self, request: Request) -> _Row:
+        params = request.params
+        if not params.segment_policies:
+            return _Row(request, self._stop_ids(params), params.policy)
+        scanner = SegmentScanner(params.segment_policies, params.policy, self._watch(params.segment_policies), request.text_before)
+        return _Row(request, self._stop_ids(params), scanner.policy, scanner, scanner.watching)
+
+    def _watch(self, rules: tuple[SegmentPolicy, ...]) -> SegmentWatch:
+        """The watch lists of a rule set (`segments.SegmentWatch`), from every token's own text, decoded once."""
+        if rules not in self._watches:
+            if self._pieces is None:
+                self._pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))], skip_special_tokens=True)
+            vocab = int(getattr(self.model.config, "vocab_size", 0) or 0)
+            self._watches[rules] = SegmentWatch.of(rules, self._pieces, vocab)
+        return self._watches[rules]
+
     def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
         if params.ignore_eos:
             return frozenset()
@@ -305,9 +369,9 @@ class Engine:
     def _sampling_params(self) -> tuple[float | torch.Tensor, float | torch.Tensor, int | torch.Tensor]:
         """Per-row temperature, top_p and top_k: numbers when every row shares them (cheap path)."""
         if self._row_params is None:
-            temps = [row.request.params.temperature for row in self._rows]
-            top_ps = [row.request.params.top_p for row in self._rows]
-            top_ks = [row.request.params.top_k for row in self._rows]
+            temps = [row.policy.temperature for row in self._rows]
+            top_ps = [row.policy.top_p for row in self._rows]
+            top_ks = [row.policy.top_k for row in self._rows]
             if len(set(temps)) == 1 and len(set(top_ps)) == 1 and len(set(top_ks)) == 1:
                 self._row_params = (temps[0], top_ps[0], top_ks[0])
             else:
@@ -320,9 +384,11 @@ class Engine:
         return self._row_params
 
     def _record(self, tokens: list[int], logprobs: list[float]) -> dict[int, FinishReason]:
-        """Append each row's new token; return {row index: finish reason} for finished rows."""
+        """Append each row's new token (with the policy it was drawn from); switch the policy of
+        rows whose text just entered or left a segment; return {row index: finish reason} for finished rows."""
         done: dict[int, FinishReason] = {}
         stop_rows: list[int] = []
+        switch_rows: list[int] = []  # rows whose new token may complete a segment marker
         version = self.version
         for i, (row, token, logprob) in enumerate(zip(self._rows, tokens, logprobs)):
             row.tokens.append(token)
@@ -330,20 +396,30 @@ class Engine:
             row.versions.append(version)
             if token in row.stop_ids:
                 done[i] = "eos"
-            elif row.request.params.stop:
+                continue
+            if row.request.params.stop:
                 stop_rows.append(i)
             elif len(row.tokens) >= row.request.params.max_new_tokens:
                 done[i] = "length"
-        if stop_rows:
-            texts = self.tokenizer.batch_decode([self._rows[i].tokens for i in stop_rows], skip_special_tokens=True)
-            for i, text in zip(stop_rows, texts):
-                row = self._rows[i]
-                cut = _stop_cut(text, row.request.params.stop, len(row.text))
-                row.text = text if cut is None else text[:cut]
-                if cut is not None:
-                    done[i] = "stop"
-                elif len(row.tokens) >= row.request.params.max_new_tokens:
-                    done[i] = "length"
+            if token in row.watch:
+                switch_rows.append(i)
+        texts: dict[int, str] = {}
+        decode = stop_rows + [i for i in switch_rows if i not in done and not self._rows[i].request.params.stop]
+        if decode:
+            texts = dict(zip(decode, self.tokenizer.batch_decode([self._rows[i].tokens for i in decode], skip_special_tokens=True)))
+        for i in stop_rows:
+            row, text = self._rows[i], texts[i]
+            cut = _stop_cut(text, row.request.params.stop, len(row.text))
+            row.text = text if cut is None else text[:cut]
+            if cut is not None:
+                done[i] = "stop"
+            elif len(row.tokens) >= row.request.params.max_new_tokens:
+                done[i] = "length"
+        for i in switch_rows:
+            row = self._rows[i]
+            if i not in done and row.scanner.scan(texts[i]):
+                row.switch()
+                self._row_params = None
         return done
 
     def _finish(self, row: _Row, reason: FinishReason) -> Finished:
@@ -358,6 +434,7 @@ class Engine:
             versions=tuple(row.versions),
             finish_reason=reason,
             text=text,
+            policies=row.policies(),
         )
         return Finished(row.request, sample)
 

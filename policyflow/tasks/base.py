@@ -1,4 +1,13 @@
-"""The task interface: problems with a prompt, a reference answer, and a verifiable reward."""
+"""The task interface: problems with a prompt, a reference answer, a verifiable reward, and
+the envs its episodes run in (`Task.group_builder`).
+
+This is the interface a user's own task implements (`task.name=my_package.my_module:MyTask`,
+`tasks/registry.py`; a complete one is `examples/my_task.py`): subclass `Task`, implement the
+abstract methods, and for multi-turn episodes return an env group builder from
+`group_builder` (a `agent.tool_env.ToolGroupBuilder` for tools, or your own `EnvGroupBuilder`).
+Tasks import `agent/`; `agent/` never imports `tasks/` (the records both use are in
+`policyflow/problems.py`, re-exported here).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +15,12 @@ import logging
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from policyflow.agent.env import EnvGroupBuilder, SingleTurnGroupBuilder
+from policyflow.problems import Problem, Score
 
 if TYPE_CHECKING:
     from policyflow.tasks.length import PromptFit
@@ -22,31 +34,6 @@ PROGRESS_EVERY_S = 10.0
 
 class TaskError(ValueError):
     """A task cannot be built or used as configured; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One task instance. `columns` carries any extra data a reward function may read."""
-
-    id: str
-    prompt: str
-    answer: str
-    columns: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Score:
-    """Rewards for a batch of completions, with the task's own correctness verdict.
-
-    `correct[i]` is the task's answer check (used for accuracy); `rewards[i]` is what RL
-    optimises. `errors` counts samples whose reward function raised or timed out (they get
-    reward 0.0 and are logged, never dropped).
-    """
-
-    rewards: list[float]
-    correct: list[bool]
-    errors: int = 0
-    parts: dict[str, list[float]] = field(default_factory=dict)
 
 
 class Task(ABC):
@@ -74,8 +61,29 @@ class Task(ABC):
         return None
 
     def render_prompt(self, problem: Problem) -> str:
-        """The text the model is conditioned on."""
+        """The text the model is conditioned on (the user message, for chat models)."""
         return problem.prompt
+
+    def prompt_tools(self) -> list[dict[str, Any]] | None:
+        """The tools a chat template shows with every prompt of this task (their function
+        schemas, `Tool.schema()`, passed as `tools=`); None: no tools are rendered (plain tasks,
+        and tag-format tools, which the prompt text describes).
+
+        Every stage renders a problem's prompt from `render_prompt` and this list with one
+        function (`tokens.task_prompt_ids`: SFT rows, prompt fitting; the episode runner renders
+        its env's `initial_observation()` and `tools`, which the task's envs take from here), so
+        the warm-start trains on the prompts RL samples from."""
+        return None
+
+    def group_builder(self, problem: Problem) -> EnvGroupBuilder:
+        """The builder of `problem`'s G envs (a GRPO group); one call per group.
+
+        By default single-turn episodes: the prompt, one completion, scored by `score` for the
+        whole group at once (`agent.env.SingleTurnGroupBuilder`). A multi-turn task returns its
+        own: `agent.tool_env.ToolGroupBuilder` runs parse → tools → observe → answer for any
+        tools, answer check and reward parts (search_qa is one such configuration), or any
+        `EnvGroupBuilder` of yours (`agent/env.py` documents the `Env` interface)."""
+        return SingleTurnGroupBuilder(self, problem)
 
     def sft_completion(self, problem: Problem) -> str:
         """The reference completion used for the supervised warm-start."""
@@ -88,7 +96,11 @@ class Task(ABC):
 
     def sft_turns(self, problem: Problem) -> list[tuple[str, str]]:
         """The warm-start demonstration after the prompt as (kind, text) turns: 'gen' turns are
-        trained on, 'obs' turns (tool results) are context only. One 'gen' turn by default."""
+        trained on, 'obs' turns (tool results, unwrapped, as the env returns them) are context
+        only. One 'gen' turn by default. A gen turn is what the model writes in one turn: one
+        that ends with one of `stop` ended on that stop string; any other ended with the
+        end-of-turn (EOS) token, which it is trained to write (Hermes tool calls), as the
+        last turn always is (`sft.demonstration_rows`)."""
         return [("gen", self.sft_completion(problem))]
 
     @abstractmethod
@@ -123,6 +135,19 @@ def last_tagged(text: str, tag: str) -> str | None:
             break
         last, pos = text[start + len(opening):end], end + len(closing)
     return last
+
+
+def tagged_answer(completion: str) -> str | None:
+    """The content of the completion's last `<answer>…</answer>`, stripped, or None."""
+    found = last_tagged(completion, "answer")
+    return None if found is None else found.strip()
+
+
+def same_integer(answer: str, reference: str) -> bool:
+    """Whether `answer` is ASCII digits naming the integer `reference` (leading zeros ignored).
+    Compared as text, so no answer a model writes is too long to convert (int() stops at 4300 digits)."""
+    digits = answer.strip()
+    return digits.isascii() and digits.isdigit() and digits.lstrip("0") == reference.lstrip("0")
 
 
 def check_batch(problems: Sequence[Problem], completions: Sequence[str]) -> None:

@@ -11,7 +11,11 @@ not a number. `on_bad_row="error"` raises on the first; `"skip"` logs each one a
 line numbers in `bad_rows` (`eval_bad_rows` for `eval_path`). Nothing is dropped silently. Blank
 lines are not rows; a UTF-8 BOM and CRLF line ends are fine.
 
-Rewards: `"exact"` (the final answer equals the reference, both stripped), `"numeric"` (the last
+Rewards: `"code_tests"` (the completion's code, its last ```python block, else its last
+`<code>` block, else the whole text, run in the sandbox against the row's hidden tests in a
+`tests` column: a list of statements, one test each, e.g. `["assert add(1, 2) == 3"]`, or a test
+source string whose top-level `assert`s are the tests; the reward is the fraction passed, and
+`Score.correct` means all passed; the answer column is optional), `"exact"` (the final answer equals the reference, both stripped), `"numeric"` (the last
 number in the final answer equals the reference number within a tolerance), or a user function
 `"module:function"` called as `fn(prompts, completions, **columns)`, where the columns are every
 field of the rows except the prompt (so the answer column is among them) as lists aligned with
@@ -41,14 +45,17 @@ from policyflow.tasks.base import Problem, Progress, Score, Task, TaskError, che
 from policyflow.tasks.length import PromptFit
 from policyflow.tasks.reward_fn import (
     BUILTIN_REWARDS,
+    CODE_TESTS,
     answer_to_text,
     call_reward_fn,
     check_reward_signature,
+    code_tests_result,
     exact_match,
     extract_final_answer,
     numeric_match,
     parse_number,
     resolve_reward_fn,
+    split_tests,
 )
 
 logger = logging.getLogger(__name__)
@@ -143,6 +150,14 @@ def parse_row(raw: bytes, line_no: int, source: str, fmt: RowFormat) -> Problem:
     prompt = row[fmt.prompt_column]
     if not isinstance(prompt, str) or not prompt.strip():
         raise _BadRow(f"prompt column {fmt.prompt_column!r} must be a non-empty string, got {_clip(prompt)}")
+    if fmt.reward == CODE_TESTS:  # scored by its hidden tests; an answer column (a reference solution) is optional
+        if "tests" not in row:
+            raise _BadRow(f"missing the tests column 'tests' that reward={CODE_TESTS!r} runs (row has {sorted(row)})")
+        try:
+            split_tests(row["tests"])
+        except (ValueError, SyntaxError) as err:
+            raise _BadRow(f"tests column: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        row.setdefault(fmt.answer_column, "")
     if fmt.answer_column not in row:
         raise _BadRow(f"missing the answer column {fmt.answer_column!r} (row has {sorted(row)})")
     answer = answer_to_text(row[fmt.answer_column])
@@ -228,6 +243,7 @@ class JsonlTask(Task):
         seed: int = 0,
         on_bad_row: str = "error",
         reward_timeout_s: float = 10.0,
+        code: dict[str, Any] | None = None,
     ):
         if on_bad_row not in ("error", "skip"):
             raise TaskError(f"jsonl task: on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
@@ -255,7 +271,8 @@ class JsonlTask(Task):
             train = self._drop_overlap(loaded.problems, held_out)
         self._train = tuple(train)
         self._eval = tuple(held_out)
-        if reward not in BUILTIN_REWARDS:
+        self.code = dict(code or {})  # reward=code_tests: the sandbox's settings (task.code: timeout_s, memory_mb, packages, isolation, concurrency)
+        if reward not in BUILTIN_REWARDS and reward != CODE_TESTS:
             check_reward_signature(self._reward_fn, reward, aligned_columns(self._train + self._eval))
         self._order: tuple[int, list[int]] = (-1, [])
 
@@ -309,6 +326,9 @@ class JsonlTask(Task):
     def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> Score:
         """Rewards from the reward function (contained: failures score 0.0 and are counted)."""
         check_batch(problems, completions)
+        if self.reward == CODE_TESTS:  # its own containment: each completion's sandbox has its own timeout
+            result = code_tests_result(list(completions), [p.columns["tests"] for p in problems], prompts=[p.prompt for p in problems], **self.code)
+            return Score(rewards=result.rewards, correct=[r == 1.0 for r in result.rewards], errors=result.errors)
         result = call_reward_fn(
             self._reward_fn,
             [p.prompt for p in problems],

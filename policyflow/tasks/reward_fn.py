@@ -129,6 +129,8 @@ def resolve_reward_fn(spec: str, *, answer_column: str = "answer") -> RewardFn:
         return builtin_reward(exact_match, answer_column)
     if spec == "numeric":
         return builtin_reward(numeric_match, answer_column)
+    if spec == CODE_TESTS:
+        return code_tests_reward
     return load_reward_fn(spec)
 
 
@@ -144,13 +146,13 @@ def load_reward_fn(path: str) -> RewardFn:
         target: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name and err.name != module_name and not module_name.startswith(err.name + "."):
-            raise TaskError(f"reward {path!r}: module {module_name!r} imports {err.name!r} ({_raised_at(err)}), which is not installed; install it") from err
+            raise TaskError(f"reward {path!r}: module {module_name!r} imports {err.name!r} ({raised_at(err)}), which is not installed; install it") from err
         raise TaskError(
             f"reward {path!r}: cannot import module {module_name!r} ({err}); install it or put its folder on PYTHONPATH"
         ) from err
     except Exception as err:
         message = err.msg if isinstance(err, SyntaxError) else repr(err)
-        raise TaskError(f"reward {path!r}: importing module {module_name!r} failed at {_raised_at(err)}: {message}") from err
+        raise TaskError(f"reward {path!r}: importing module {module_name!r} failed at {raised_at(err)}: {message}") from err
     for part in attr_path.split("."):
         if not hasattr(target, part):
             raise TaskError(f"reward {path!r}: {module_name!r} has no attribute {attr_path!r}; check the name after the ':'")
@@ -160,12 +162,13 @@ def load_reward_fn(path: str) -> RewardFn:
     return target
 
 
-def _raised_at(err: BaseException) -> str:
-    """`file:line` where an import failed: the bad line of a SyntaxError, else the user's line that
-    began it (the first frame past the import machinery), and where it was raised if elsewhere."""
+def raised_at(err: BaseException, caller: str = __file__) -> str:
+    """`file:line` where an import (or a call) of user code failed: the bad line of a SyntaxError,
+    else the user's line that began it (the first frame past the import machinery and the
+    calling module `caller`), and where it was raised if elsewhere."""
     if isinstance(err, SyntaxError) and err.filename:
         return f"{err.filename}:{err.lineno}"
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith("<frozen") and "importlib" not in f.filename and f.filename != __file__]
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith("<frozen") and "importlib" not in f.filename and f.filename != caller]
     if not frames:
         return "an unknown place"
     first, last = (f"{f.filename}:{f.lineno}" for f in (frames[0], frames[-1]))
@@ -354,3 +357,149 @@ def _one_sample(fn: RewardFn, prompt: str, completion: str, columns: dict[str, l
     if reward is None:
         return None, f"returned {values[0]!r} ({type(values[0]).__name__}); rewards must be finite real numbers"
     return reward, ""
+
+
+# ----------------------------------------------------------------------------- code_tests: hidden unit tests in the sandbox
+
+CODE_TESTS = "code_tests"
+_FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL)
+# Runs inside the sandbox (as main.py): the solution, then each test in its namespace, output
+# discarded; one line `<nonce> passed total` is the verdict. No verdict line: no score (an error).
+_HARNESS = """\
+import os, sys
+_steps, _nonce = {steps!r}, {nonce!r}
+_passed = _total = 0
+_sink = open(os.devnull, "w")
+sys.stdout = sys.stderr = _sink
+_g = {{"__name__": "__main__"}}
+try:
+    exec(compile({solution!r}, "<solution>", "exec"), _g)
+    _ran = True
+except BaseException:
+    _ran = False
+for _kind, _src in _steps:
+    _total += _kind == "test"
+    if not _ran:
+        continue
+    try:
+        exec(compile(_src, "<test>", "exec"), _g)
+        _passed += _kind == "test"
+    except BaseException:
+        pass
+os.write(1, ("\\n%s %d %d\\n" % (_nonce, _passed, _total)).encode())
+"""
+
+
+def extract_code(completion: str) -> str:
+    """The code of a completion: its last ```python fenced block (verl's and prime-rl's
+    convention), else its last `<code>…</code>` block, else the whole text."""
+    blocks = _FENCE.findall(completion)
+    if blocks:
+        return blocks[-1]
+    found = last_tagged(completion, "code")
+    return found if found is not None else completion
+
+
+def split_tests(tests: Any) -> list[tuple[str, str]]:
+    """The `tests` cell as ("test" | "setup", source) steps, in order; ValueError when it is not one.
+
+    A list of strings: each one test (e.g. `"assert add(1, 2) == 3"`). A string: test source,
+    split into top-level statements; each `assert` is a test, anything else (imports, helper
+    functions) is setup run in order. Every test counts the same; the score is the fraction passed."""
+    if isinstance(tests, list):
+        if not tests or not all(isinstance(t, str) and t.strip() for t in tests):
+            raise ValueError("tests must be a non-empty list of non-empty strings (one test each) or a test source string")
+        for t in tests:
+            compile(t, "<test>", "exec")  # SyntaxError (a ValueError) for a broken test
+        return [("test", t) for t in tests]
+    if not isinstance(tests, str) or not tests.strip():
+        raise ValueError("tests must be a non-empty list of strings (one test each) or a test source string")
+    import ast
+
+    tree = ast.parse(tests)
+    steps = [("test" if isinstance(node, ast.Assert) else "setup", ast.get_source_segment(tests, node) or "") for node in tree.body]
+    if not any(kind == "test" for kind, _ in steps):
+        raise ValueError("the test source has no top-level assert statement (each one is a test)")
+    return steps
+
+
+def _verdict(stdout: str, nonce: str) -> tuple[int, int] | None:
+    for line in reversed(stdout.splitlines()):
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == nonce and parts[1].isdigit() and parts[2].isdigit():
+            return int(parts[1]), int(parts[2])
+    return None
+
+
+async def _run_tests(completion: str, tests: Any, settings: Mapping[str, Any], slots: Any) -> tuple[float | None, str]:
+    """(fraction of tests passed, "") or (None, why there is no verdict) for one completion, in a sandbox of its own."""
+    import secrets
+
+    from policyflow.tools.code import SandboxUnavailable, run_python_async
+
+    try:
+        steps = split_tests(tests)
+    except (ValueError, SyntaxError) as err:
+        return None, f"bad tests cell: {err}"
+    nonce = secrets.token_hex(16)
+    source = _HARNESS.format(steps=steps, nonce=nonce, solution=extract_code(completion))
+    async with slots:
+        try:
+            result = await run_python_async(source, **settings)
+        except SandboxUnavailable as err:
+            return None, str(err).splitlines()[0]
+    verdict = _verdict(result.stdout, nonce)
+    if verdict is None:
+        why = f"timed out after {settings.get('timeout_s', 5.0):g} s" if result.timed_out else f"no verdict (exit code {result.exit_code}, stopped {result.stopped})"
+        return None, why
+    passed, total = verdict
+    return passed / total, ""
+
+
+def code_tests_result(completions: Sequence[str], tests: Sequence[Any], *, timeout_s: float = 5.0, memory_mb: int = 512,
+                      packages: Sequence[str] = (), isolation: str = "namespaces", concurrency: int = 16,
+                      prompts: Sequence[str] | None = None) -> RewardResult:
+    """The `code_tests` reward: each completion's code (`extract_code`) run against its hidden
+    `tests` (`split_tests`) in a sandbox of its own (`tools.code.run_python_async`: no network,
+    no host files; `timeout_s` of wall clock, `memory_mb`), at most `concurrency` at once; the
+    reward is the fraction of tests passed. A run with no verdict (timed out, killed, memory,
+    the solution ending the process, no sandbox) or a bad tests cell scores 0 and is counted
+    (`RewardResult.failed`); a solution that does not compile passes no test (0, not an error).
+
+    The verdict line carries a random nonce per run, so printing a fake verdict needs the
+    harness's own source (readable inside the sandbox: a solution written to cheat could forge
+    it, as it could in verl's and prime-rl's graders; the sandbox bounds what it can reach, not
+    what it claims)."""
+    import asyncio
+    import concurrent.futures
+
+    if len(completions) != len(tests):
+        raise ValueError("code_tests needs one tests cell per completion")
+    settings = dict(timeout_s=timeout_s, memory_mb=memory_mb, packages=tuple(packages), isolation=isolation)
+
+    async def run_all() -> list[tuple[float | None, str]]:
+        slots = asyncio.Semaphore(concurrency)
+        return await asyncio.gather(*(_run_tests(c, t, settings, slots) for c, t in zip(completions, tests)))
+
+    try:
+        asyncio.get_running_loop()
+        in_loop = True
+    except RuntimeError:
+        in_loop = False
+    if in_loop:  # called from a coroutine: run on a loop of our own, in another thread
+        with concurrent.futures.ThreadPoolExecutor(1) as thread:
+            outcomes = thread.submit(asyncio.run, run_all()).result()
+    else:
+        outcomes = asyncio.run(run_all())
+    log = _FailureLog(CODE_TESTS)
+    prompts = list(prompts) if prompts is not None else [""] * len(completions)
+    for (reward, why), prompt, completion in zip(outcomes, prompts, completions):
+        if reward is None:
+            log.add(why, prompt, completion)
+    log.close()
+    return RewardResult([reward or 0.0 for reward, _ in outcomes], [reward is None for reward, _ in outcomes])
+
+
+def code_tests_reward(prompts: list[str], completions: list[str], tests: list[Any], **_: Any) -> list[float]:
+    """`code_tests_result` as a TRL-style reward function (default sandbox settings)."""
+    return code_tests_result(completions, tests, prompts=prompts).rewards

@@ -17,6 +17,11 @@ Questions are short, for a char-level model with 256 positions:
 Held-out questions ask only about held-out places (a disjoint set), so a model that answers
 them has learnt to search, not memorised facts. Answers are checked exactly (names ignoring
 case and surrounding space, numbers as integers).
+
+Episodes are the generic tool env (`agent/tool_env.py`) configured with the search tool, this
+task's answer check and MMSearch-R1's reward parts (`tool_penalty`: `search_penalty`,
+`format_bonus`: `format`), in the tag or the Hermes format (`tool_format`), with warm-start
+demonstrations written in that format (`sft_turns`).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from policyflow.agent.parse import TOOL_FORMATS
-from policyflow.tasks.base import Problem, Score, Task, TaskError, check_batch, last_tagged, sample_distinct, seeded_rng
+from policyflow.agent.tool_env import RewardPart, ToolGroupBuilder, ToolSetup, format_bonus, tool_penalty
+from policyflow.tasks.base import Problem, Score, Task, TaskError, check_batch, same_integer, sample_distinct, seeded_rng, tagged_answer
 from policyflow.tools.base import ToolPool
 from policyflow.tools.search import Passage, SearchIndex, format_passages, search_tool
 
@@ -49,7 +55,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """How search episodes run and are rewarded (`agent/search_env.py`)."""
+    """How search episodes run and are rewarded (`SearchQATask.tool_setup`)."""
 
     tool_format: str = "tags"  # 'tags' (<search>, <answer>) or 'hermes' (<tool_call> JSON)
     penalty: float = 0.1  # β: a correct answer reached with search earns 1 − β
@@ -150,13 +156,17 @@ class SearchQATask(Task):
         self.stop = ("</search>", "</answer>") if tool_format == "tags" else ()  # hermes: a turn (several calls) ends at EOS
         self.observation_wrap = ("<info>", "</info>") if tool_format == "tags" else ("", "")  # hermes: the chat template's markers
         self.settings = SearchSettings(tool_format=tool_format, penalty=search_penalty, format_weight=format_weight)
-        self._pool: ToolPool | None = None  # built on first use, in the process that runs episodes
+        try:
+            self.reward_parts()
+        except ValueError as err:
+            raise TaskError(f"search_qa: {err}") from None
+        self._setup: ToolSetup | None = None  # built on first use, in the process that runs episodes
         draw = lambda rng: self._question(rng, self.eval_entities, "")  # noqa: E731
         questions = sample_distinct(draw, lambda p: p.prompt, num_eval, seeded_rng(seed, "search_qa", "eval"), "questions")
         self._eval = tuple(dataclasses.replace(p, id=f"search_qa:eval:{j}") for j, p in enumerate(questions))
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pool": None}  # a pool belongs to one process
+        return {**self.__dict__, "_setup": None}  # a tool pool belongs to one process
 
     def _question(self, rng: random.Random, pool: Sequence[Entity], problem_id: str) -> Problem:
         if rng.random() < self.two_hop_fraction:
@@ -229,8 +239,7 @@ class SearchQATask(Task):
 
     def extract_answer(self, completion: str) -> str | None:
         """The content of the last `<answer>…</answer>`, stripped, or None."""
-        found = last_tagged(completion, "answer")
-        return None if found is None else found.strip()
+        return tagged_answer(completion)
 
     def is_correct(self, problem: Problem, answer: str | None) -> bool:
         """Numbers compare as integers (ASCII digits, leading zeros ignored: compared as text, so
@@ -238,8 +247,7 @@ class SearchQATask(Task):
         if answer is None:
             return False
         if problem.answer.isdigit():
-            digits = answer.strip()
-            return digits.isascii() and digits.isdigit() and digits.lstrip("0") == problem.answer.lstrip("0")
+            return same_integer(answer, problem.answer)
         return answer.strip().lower() == problem.answer.lower()
 
     def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> Score:
@@ -255,37 +263,57 @@ class SearchQATask(Task):
         """The places `problem` asks about, in order: its own (`sft_problem`) or corpus places."""
         return problem.columns.get("places") or tuple(self.entity(i) for i in problem.columns["entities"])
 
-    def tool_pool(self) -> ToolPool:
-        """The process's search tool pool over this task's corpus (index built or loaded once)."""
-        if self._pool is None:
+    def reward_parts(self) -> tuple[RewardPart, ...]:
+        """MMSearch-R1's reward beyond `correct` (`rewards.search_penalty_reward`): 1 − β for a
+        correct answer reached with search (`search_penalty` = −β), + γ when every turn was well
+        formed (`format` = γ)."""
+        return (tool_penalty(self.settings.penalty), format_bonus(self.settings.format_weight))
+
+    def tool_setup(self) -> ToolSetup:
+        """The process's search tool (index built or loaded once), format, answer check and reward parts."""
+        if self._setup is None:
             index = SearchIndex(self.corpus_path(), self.corpus_dir / "bm25")
-            self._pool = ToolPool([search_tool(index, **self.search_args)], **self.pool_args)
-        return self._pool
+            pool = ToolPool([search_tool(index, **self.search_args)], **self.pool_args)
+            self._setup = ToolSetup(pool, self.settings.tool_format, self.is_correct, self.reward_parts(), self.observation_wrap)
+        return self._setup
 
-    def group_builder(self, problem: Problem):
-        """Multi-turn search episodes (`agent/search_env.py`) for `problem`."""
-        # imported here: agent.env imports tasks.base, so a module-level import would be circular
-        from policyflow.agent.search_env import SearchGroupBuilder
+    def tool_pool(self) -> ToolPool:
+        """The process's search tool pool over this task's corpus."""
+        return self.tool_setup().pool
 
-        return SearchGroupBuilder(self, problem, self.tool_pool(), self.settings)
+    def prompt_tools(self) -> list[dict] | None:
+        """The search tool's schema in the Hermes format (built with the pool); none with tags."""
+        return self.tool_setup().prompt_tools if self.settings.tool_format == "hermes" else None
+
+    def group_builder(self, problem: Problem) -> ToolGroupBuilder:
+        """Multi-turn search episodes (`agent.tool_env.ToolEnv`) for `problem`."""
+        return ToolGroupBuilder(problem, self.render_prompt(problem), self.tool_setup())
 
     def sft_turns(self, problem: Problem) -> list[tuple[str, str]]:
-        """A tag-format demonstration as (kind, text) turns, kind 'gen' or 'obs', for the SFT
-        warm-start: search each place, keep the first population in `<state>`, answer. A share
-        1 − `demo_search_fraction` of problems (drawn from the problem's id) is answered at once
-        instead, with no search (for `sft_problem`'s places of their own, a guess: the
-        warm-start learns to answer at once sometimes, and RL that it does not pay).
+        """A demonstration in the task's tool format as (kind, text) turns, kind 'gen' or 'obs',
+        for the SFT warm-start: search each place, keep the first population in `<state>`,
+        answer. A share 1 − `demo_search_fraction` of problems (drawn from the problem's id) is
+        answered at once instead, with no search (for `sft_problem`'s places of their own, a
+        guess: the warm-start learns to answer at once sometimes, and RL that it does not pay).
 
-        Each observation is the env's text for a search that finds the place (its passage, as
-        the tool formats it, unwrapped); `sft.demonstration_rows` cuts it to agent.max_obs_tokens
-        and wraps it in `observation_wrap` exactly as the episode runner does the env's."""
+        Tags: `<search>Zesok</search>` (the turn ends on the stop string). Hermes:
+        `<tool_call>{"name": "search", "arguments": {"query": "Zesok"}}</tool_call>` (the turn
+        ends with the end-of-turn token, `sft.demonstration_rows`; chat models see each result
+        as a tool message). Each observation is the env's text for a search that finds the place
+        (its passage, as the tool formats it, unwrapped); `sft.demonstration_rows` cuts it to
+        agent.max_obs_tokens and wraps it exactly as the episode runner does the env's."""
         def lookup(e: Entity) -> list[tuple[str, str]]:
             return [("obs", format_passages([Passage(**e.passage())]))]
+
+        def search(e: Entity) -> str:
+            if self.settings.tool_format == "hermes":
+                return f"<tool_call>{json.dumps({'name': 'search', 'arguments': {'query': e.name}})}</tool_call>"
+            return f"<search>{e.name}</search>"
 
         if seeded_rng(self.seed, "search_qa", "demo", problem.id).random() >= self.demo_search_fraction:
             return [("gen", f"<answer>{problem.answer}</answer>")]
         first, *second = self.places(problem)
-        turns = [("gen", f"<search>{first.name}</search>"), *lookup(first)]
+        turns = [("gen", search(first)), *lookup(first)]
         for place in second:  # a two-lookup question
-            turns += [("gen", f"<state>{first.pop}</state><search>{place.name}</search>"), *lookup(place)]
+            turns += [("gen", f"<state>{first.pop}</state>{search(place)}"), *lookup(place)]
         return turns + [("gen", f"<answer>{problem.answer}</answer>")]

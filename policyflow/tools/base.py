@@ -2,7 +2,8 @@
 
 A `Tool` is an async callable with a JSON schema for its arguments (the OpenAI/Hugging Face
 "function" format, which chat templates render with `tools=`). A `ToolPool` runs calls with a
-concurrency limit and a per-call timeout, checks arguments against the schema, and turns every
+concurrency limit and a per-call timeout, checks arguments against the schema (with the
+`jsonschema` library's Draft 2020-12 validator: the whole standard, not a subset), and turns every
 failure (unknown tool, bad arguments, a tool that raises, returns a non-string or runs past its
 timeout) into an error observation: the caller always gets a `ToolResult`, never an exception.
 Every call is counted in the pool's `ToolStats` (`pool.stats`); what is logged per training
@@ -33,11 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError, ValidationError
 
 from policyflow.types import ToolStats
 
@@ -45,30 +50,23 @@ _MAX_ERROR_CHARS = 200  # an exception message in an observation is clipped to t
 _MAX_VALUE_CHARS = 80  # an argument's name or value quoted in an error is clipped to this
 ToolErrorKind = Literal["unknown_tool", "bad_arguments", "raised", "bad_result", "timeout"]
 
-# JSON-schema type name -> the Python types that satisfy it (bool is not an integer or number here).
-_JSON_TYPES: dict[str, tuple[type, ...]] = {
-    "string": (str,),
-    "integer": (int,),
-    "number": (int, float),
-    "boolean": (bool,),
-    "array": (list, tuple),
-    "object": (dict,),
-    "null": (type(None),),
-}
+_MAX_ARGUMENT_ERRORS = 3  # problems listed in one bad-arguments observation (the rest are counted)
 
 
 @dataclass(frozen=True)
 class Tool:
     """A named async callable `fn(**arguments) -> str` whose arguments follow `parameters`.
 
-    `parameters` is a JSON schema of type "object" with "properties" and optional "required"
-    and "additionalProperties" (only these, and each property's "type" and "enum", are checked).
+    `parameters` is a JSON schema (Draft 2020-12) of type "object" with "properties" (the
+    function-calling format chat templates render); every keyword of the standard is checked
+    (`argument_errors`). A schema that is not valid JSON schema is refused here, loudly.
     """
 
     name: str
     description: str
     parameters: Mapping[str, Any]
     fn: Callable[..., Awaitable[str]]
+    _validator: Draft202012Validator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not inspect.iscoroutinefunction(self.fn) and not inspect.iscoroutinefunction(getattr(self.fn, "__call__", None)):
@@ -78,53 +76,68 @@ class Tool:
         for key in self.parameters.get("required", ()):
             if key not in self.parameters["properties"]:
                 raise ValueError(f"tool {self.name!r}: required argument {key!r} is not among properties {sorted(self.parameters['properties'])}")
-        for key, prop in self.parameters["properties"].items():
-            for type_name in _type_names(prop):
-                if type_name not in _JSON_TYPES:
-                    raise ValueError(f"tool {self.name!r}: argument {key!r} has type {type_name!r}; allowed {sorted(_JSON_TYPES)}")
+        try:
+            Draft202012Validator.check_schema(self.parameters)
+        except SchemaError as err:  # already the validator's best match among the schema's problems
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path).lstrip(".")
+            raise ValueError(f"tool {self.name!r}: parameters is not a valid JSON schema (Draft 2020-12){f' at {where}' if where else ''}: {err.message}") from None
+        object.__setattr__(self, "_validator", Draft202012Validator(dict(self.parameters)))
 
     def schema(self) -> dict[str, Any]:
         """The tool in the function-calling format chat templates take (`apply_chat_template(tools=[...])`)."""
         return {"type": "function", "function": {"name": self.name, "description": self.description, "parameters": dict(self.parameters)}}
 
 
-def _type_names(prop: Mapping[str, Any]) -> list[str]:
-    declared = prop.get("type")
-    if declared is None:
-        return []
-    return [declared] if isinstance(declared, str) else list(declared)
-
-
 def argument_errors(tool: Tool, arguments: Any) -> list[str]:
-    """What is wrong with `arguments` for `tool` (empty when they are valid): missing required
-    keys, unknown keys when additionalProperties is false, wrong JSON types, values outside an enum."""
-    if not isinstance(arguments, Mapping):
-        return [f"arguments must be an object, got {type(arguments).__name__}"]
-    props = tool.parameters["properties"]
-    errors = [f"missing required argument {key!r}" for key in tool.parameters.get("required", ()) if key not in arguments]
-    if tool.parameters.get("additionalProperties", True) is False:
-        errors += [f"unknown argument {_clip(key)}; allowed {sorted(props)}" for key in arguments if key not in props]
-    for key, value in arguments.items():
-        if key not in props:
-            continue
-        names = _type_names(props[key])
-        if names and not any(_is_json_type(value, n) for n in names):
-            errors.append(f"argument {key!r} must be {' or '.join(names)}, got {type(value).__name__}")
-        if "enum" in props[key] and value not in props[key]["enum"]:
-            errors.append(f"argument {key!r} must be one of {list(props[key]['enum'])}, got {_clip(value)}")
-    return errors
+    """What is wrong with `arguments` for `tool` (empty when they are valid), one short line per
+    problem naming the argument: every violation of the tool's JSON schema the `jsonschema`
+    validator reports (missing required keys, unknown keys when additionalProperties is false,
+    wrong types, values outside an enum, bounds, patterns, nested items...). Model text quoted
+    in a message is clipped (`_MAX_VALUE_CHARS`)."""
+    try:
+        errors = sorted(tool._validator.iter_errors(arguments), key=lambda e: [str(p) for p in e.absolute_path])
+    except Exception as err:  # deliberate containment: a schema that cannot be applied (an unresolvable $ref) is the tool's bug, reported per call
+        return [f"arguments could not be checked against the schema ({type(err).__name__}: {err})"[:_MAX_ERROR_CHARS]]
+    messages: list[str] = []
+    for error in errors:
+        for message in _describe(error):
+            if message not in messages:
+                messages.append(message)
+    return messages
+
+
+def _describe(error: ValidationError) -> list[str]:
+    """One validation error as short messages that name the argument (its path: `xs[1].name`)."""
+    path = list(error.absolute_path)
+    name = _clip("".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if k else str(p)) for k, p in enumerate(path)))
+    kind, expected = error.validator, error.validator_value
+    if not path and kind == "type":
+        return [f"arguments must be an object, got {_json_type(error.instance)}"]
+    if kind == "required" and isinstance(error.instance, Mapping):
+        where = "" if not path else f" in {name}"
+        return [f"missing required argument {_clip(key)}{where}" for key in expected if key not in error.instance]
+    if kind == "additionalProperties" and isinstance(error.instance, Mapping):
+        allowed, patterns = sorted(error.schema.get("properties", {})), list(error.schema.get("patternProperties", {}))
+        unknown = [key for key in error.instance if key not in allowed and not any(re.search(p, key) for p in patterns)]
+        return [f"unknown argument {_clip(key)}; allowed {allowed}" for key in unknown]
+    if kind == "type":
+        names = [expected] if isinstance(expected, str) else list(expected)
+        return [f"argument {name} must be {' or '.join(names)}, got {_json_type(error.instance)}"]
+    if kind == "enum":
+        return [f"argument {name} must be one of {list(expected)}, got {_clip(error.instance)}"]
+    subject = f"argument {name}" if path else "arguments"
+    return [f"{subject}: {error.message}"[:_MAX_ERROR_CHARS]]
+
+
+def _json_type(value: Any) -> str:
+    """The Python type name of a parsed JSON value (bool, int, float, str, list, dict, NoneType)."""
+    return type(value).__name__
 
 
 def _clip(value: Any) -> str:
     """`repr(value)` clipped to `_MAX_VALUE_CHARS` characters (arguments are model output)."""
     text = repr(value)
     return text if len(text) <= _MAX_VALUE_CHARS else text[: _MAX_VALUE_CHARS - 3] + "..."
-
-
-def _is_json_type(value: Any, type_name: str) -> bool:
-    if isinstance(value, bool) and type_name in ("integer", "number"):
-        return False
-    return isinstance(value, _JSON_TYPES[type_name])
 
 
 @dataclass(frozen=True)
@@ -235,7 +248,8 @@ class ToolPool:
             return self._fail("unknown_tool", f"unknown tool {_clip(name)}; available: {sorted(self.tools)}", 0.0)
         problems = argument_errors(tool, arguments)
         if problems:
-            return self._fail("bad_arguments", f"bad arguments for {name}: " + "; ".join(problems), 0.0)
+            more = f"; and {len(problems) - _MAX_ARGUMENT_ERRORS} more" if len(problems) > _MAX_ARGUMENT_ERRORS else ""
+            return self._fail("bad_arguments", f"bad arguments for {name}: " + "; ".join(problems[:_MAX_ARGUMENT_ERRORS]) + more, 0.0)
         if not await self._take_slot():
             return self._fail("timeout", f"{name} not run: all {self.max_concurrency} tool slots are held by calls still running past their {self.timeout_s:g} s timeout", 0.0)
         run = _ThreadCall(tool.fn, arguments, self._thread_ended)
