@@ -4,7 +4,7 @@ Defaults live here and only here. Presets in `configs/*.yaml` override them, and
 overrides `section.key=value` override presets. Any error becomes a one-line `ConfigError`
 naming the field, the value, and what is allowed. Values mean what they say: true/false is not
 a number and a number is not true/false, and an integer field takes only whole numbers
-(`Section`, `_exact`: `agent.max_turns=true` is refused, not read as 1). YAML is read by
+(`Section`, `yamlfile.exact_value`: `agent.max_turns=true` is refused, not read as 1). YAML is read by
 `yamlfile.YamlLoader`, which refuses a key given twice and YAML 1.1's octal and base-60 numbers.
 """
 
@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import difflib
 import logging
-import math
-import sys
 from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 
 from policyflow.losses import POLICY_LOSSES, allowed_hyper
-from policyflow.yamlfile import DuplicateKeyError, load_yaml
+from policyflow.yamlfile import DuplicateKeyError, exact_value, load_yaml, shown
 
 
 LOG = logging.getLogger("policyflow")
@@ -35,7 +31,7 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     """A config section. Values mean what they say: pydantic's lax conversions that change a value's
-    kind are refused (`_exact`); allow_inf_nan=False: every float field refuses inf and nan."""
+    kind are refused (`yamlfile.exact_value`); allow_inf_nan=False: every float field refuses inf and nan."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
 
@@ -43,62 +39,7 @@ class Section(BaseModel):
     @classmethod
     def _values_mean_what_they_say(cls, value: Any, info: ValidationInfo) -> Any:
         field = cls.model_fields[info.field_name]
-        return _exact(field.annotation, value, field.default)
-
-
-def _exact(annotation: Any, value: Any, default: Any) -> Any:
-    """`value` for a field typed `annotation`, or a PydanticCustomError where pydantic's lax mode would change its meaning.
-
-    Refused: a bool in a number field (`agent.max_turns=true` is not 1), anything but true/false
-    in a bool field (`run.progress=1`), a fractional number in an integer field, and an integral
-    float too large to be exact (`1.0e+30`). Kept: int → float (`train.lr=1`), numeric text →
-    number (YAML 1.1 reads `1e-4` as text, and `train.steps=1e3` is 1000), an integral float in
-    an integer field (`train.steps=3.0` is 3), YAML lists for tuple fields (checked item by item).
-    """
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin is Annotated:
-        return _exact(args[0], value, default)
-    if origin is tuple and isinstance(value, (list, tuple)):
-        items = (args[0],) * len(value) if args[-1:] == (Ellipsis,) else args
-        return [_exact(a, v, default) for a, v in zip(items, value)] if len(items) == len(value) else value
-    members = args if origin in (Union, UnionType) else (annotation,)
-    kinds = [a for a in members if a in (bool, int, float)]
-    if value is None or len(kinds) != 1:
-        return value
-    kind = kinds[0]
-    example = f"e.g. {_shown(default)}, the default" if isinstance(default, (int, float, tuple)) else "or null for none" if type(None) in members else "e.g. 1"
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise _refused(value, "it takes true or false")
-        return value
-    if isinstance(value, bool):
-        raise _refused(value, f"it takes {'a whole number' if kind is int else 'a number'} ({example}), not true/false")
-    if kind is not int or not isinstance(value, (float, str)):
-        return value
-    try:
-        number = float(value)  # text such as `1e3` (YAML 1.1 reads it as text) is judged as the number it spells
-    except ValueError:
-        return value  # not a number: pydantic says so
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        return value  # all digits: pydantic reads it exactly
-    if not math.isfinite(number) or not number.is_integer():
-        raise _refused(value, f"it takes a whole number ({example})")
-    if abs(number) >= 2 ** sys.float_info.mant_dig:
-        raise _refused(value, "it is too large to be exact as a floating-point number; write all its digits")
-    return int(number)
-
-
-def _refused(value: Any, why: str) -> PydanticCustomError:
-    return PydanticCustomError("exact_type", "{why}", {"why": why, "shown": _shown(value)})
-
-
-def _shown(value: Any) -> str:
-    """A value as YAML spells it: true, null, 0.9, 'text', [0.9, 0.99]."""
-    if isinstance(value, bool) or value is None:
-        return {True: "true", False: "false", None: "null"}[value]
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_shown(v) for v in value) + "]"
-    return repr(value) if isinstance(value, str) else str(value)
+        return exact_value(field.annotation, value, field.default)
 
 
 class RunConfig(Section):
@@ -535,19 +476,19 @@ def _describe(error: dict[str, Any]) -> str:
         allowed = _literal_values(loc)
         hint = difflib.get_close_matches(str(value), allowed, n=1)
         did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-        return f"{field}={_shown(value)} is not allowed{did_you_mean}; allowed: {', '.join(allowed)}"
+        return f"{field}={shown(value)} is not allowed{did_you_mean}; allowed: {', '.join(allowed)}"
     if kind == "value_error":  # our own validators: their message already names the fields
         return str(error.get("ctx", {}).get("error", error["msg"]))
     if kind == "exact_type":  # Section._values_mean_what_they_say
         return f"{field}={error['ctx']['shown']} is not allowed: {error['msg']}"
-    shown = _shown(value)
-    shown = shown if len(shown) <= 80 else shown[:60] + "..."
+    text = shown(value)
+    text = text if len(text) <= 80 else text[:60] + "..."
     if kind == "string_type" and isinstance(value, (int, float)):
         read = "true/false (YAML 1.1 also reads yes, no, on, off so)" if isinstance(value, bool) else "a number"
-        return f"{field}={shown} is invalid: it takes text, and YAML read the value as {read}; quote it to mean text (in a file: {loc[-1]}: \"...\")"
+        return f"{field}={text} is invalid: it takes text, and YAML read the value as {read}; quote it to mean text (in a file: {loc[-1]}: \"...\")"
     if kind == "tuple_type":
-        return f"{field}={shown} is invalid: it takes a list (e.g. {field}=[{shown}])"
-    return f"{field}={shown} is invalid: {error['msg'].lower()}"
+        return f"{field}={text} is invalid: it takes a list (e.g. {field}=[{text}])"
+    return f"{field}={text} is invalid: {error['msg'].lower()}"
 
 
 def _model_at(loc: list[str]) -> type[BaseModel] | None:
