@@ -3,7 +3,7 @@
 `runs/<name>/checkpoints/step-N/` loads with `AutoModelForCausalLM.from_pretrained`; the file
 `trainer_state.pt` beside the weights lets `--resume` continue exactly where the run stopped.
 
-Safety: a checkpoint is written into `step-N.tmp/`, its `manifest.json` (size and sha256 of
+Safety: a checkpoint is written into a hidden temporary folder beside `step-N/`, its `manifest.json` (size and sha256 of
 every file) last, and only then renamed to `step-N/`, so a folder named `step-N` is complete.
 A write that fails removes the temporary folder and raises one `CheckpointError` line; the
 previous checkpoints are untouched. Every load checks the files against the manifest; a resume
@@ -28,6 +28,8 @@ import hashlib
 import json
 import random
 import shutil
+import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -113,14 +115,14 @@ def save_checkpoint(
 
 
 def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
-    """Write `folder` atomically: `write(tmp)` into `folder.tmp`, the manifest last, then rename.
+    """Write `folder` atomically: `write(tmp)` into a fresh hidden folder beside it, the manifest last, then rename.
 
     On any failure the temporary folder is removed (no debris) and the error propagates; an
     existing `folder` stays as it was until the rename.
     """
-    tmp = folder.with_name(folder.name + ".tmp")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))  # a name of its own: no user folder is ever removed
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
         write(tmp)
         write_manifest(tmp)
         _replace_folder(tmp, folder)
@@ -145,15 +147,20 @@ def _reason(err: BaseException) -> str:
 
 
 def _replace_folder(tmp: Path, folder: Path) -> None:
-    """Rename `tmp` to `folder`; an existing `folder` (the same step saved again) is swapped out first."""
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
+    """Rename `tmp` to `folder`; an existing `folder` is moved aside under a name of its own first,
+    put back if the rename fails, and deleted once the new one is in place."""
+    if not folder.exists():
         tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:12]}")
+    folder.rename(old)
+    try:
         tmp.rename(folder)
+    except BaseException:
+        if not folder.exists():
+            old.rename(folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:
@@ -195,10 +202,16 @@ def _damage(path: Path, entry: dict[str, Any]) -> str | None:
         except (ValueError, UnicodeDecodeError) as err:
             return f"is not readable JSON ({err})"
         return None if same else f"differs from the manifest in more than {', '.join(entry['leaves_out'])}"
-    if path.stat().st_size != entry["bytes"]:
+    pointer_file = path.name in POINTER_FIELDS  # a manifest from before POINTER_FIELDS: its digest covers the pointer too
+    if path.stat().st_size != entry["bytes"] and not pointer_file:
         return f"has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
     if _sha256(path) != entry["sha256"]:
-        return "does not match its sha256 in the manifest"
+        if not pointer_file:
+            return "does not match its sha256 in the manifest"
+        try:  # an edited pointer cannot be told from other edits here: readable JSON is accepted (loading checks the rest)
+            _json_digest(path, POINTER_FIELDS[path.name])
+        except (ValueError, UnicodeDecodeError) as err:
+            return f"is not readable JSON ({err})"
     return None
 
 
@@ -246,7 +259,10 @@ def latest_good_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
             return folder, notes
         except CheckpointError as err:
             aside = folder.with_name(folder.name + ".corrupt")
-            shutil.rmtree(aside, ignore_errors=True)
+            n = 1
+            while aside.exists():  # an earlier step-N.corrupt is kept, never replaced
+                n += 1
+                aside = folder.with_name(f"{folder.name}.corrupt-{n}")
             folder.rename(aside)
             notes.append(f"{err}; moved it to {aside.name}, trying the one before")
     return None, notes

@@ -148,6 +148,7 @@ def export_merged(folder: str | Path, out: str | Path, *, overwrite: bool = Fals
     if not is_adapter_folder(folder):
         raise ValueError(f"{folder} is not a LoRA checkpoint (no {ADAPTER_CONFIG}); other checkpoints are Hugging Face folders already")
     check_destination(Path(out), reads=Path(folder), overwrite=overwrite)
+    check_destination(Path(out), reads=adapter_base_path(folder), overwrite=overwrite)  # nor the base it merges into
     if is_checkpoint(Path(folder)):
         verify_checkpoint(Path(folder))
     model, tokenizer = load_merged(folder)

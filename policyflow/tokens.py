@@ -260,6 +260,8 @@ def collate(
 
     per_token: dict[str, torch.Tensor] = {}
     if any(p is not None for p in policies):
+        # a row that trains nothing (e.g. an episode that ended before its first turn) reads no policy
+        policies = [p if p is not None or any(row[1]) else [NO_POLICY] * len(row[0]) for p, row in zip(policies, rows)]
         if any(p is None for p in policies):
             raise ValueError("a batch mixes episodes with and without per-token policies; every engine records them (Sample.policies)")
         per_token = _policy_tensors(policies, T)

@@ -304,6 +304,10 @@ def test_collate_carries_each_tokens_policy_and_leaves_greedy_tokens_out_of_the_
     assert collate([untagged], torch.tensor([1.0]), torch.tensor([0]), pad_id=0).temperature_BT is None
     with pytest.raises(ValueError, match="with and without per-token policies"):
         collate([t, untagged], torch.tensor([1.0, 1.0]), torch.tensor([0, 0]), pad_id=0)
+    # An episode that ended before its first turn (a prompt, nothing generated) trains nothing and needs no policy.
+    unstarted = Trajectory(id="p", task_id="t", group_id="t", segments=[Segment("prompt", (5, 6, 7))], calls=[])
+    mixed = collate([t, unstarted], torch.tensor([1.0, 1.0]), torch.tensor([0, 1]), pad_id=0)
+    assert mixed.loss_mask_BT[1].tolist() == [0] * 7 and mixed.temperature_BT[1].tolist() == [1.0] * 7
 
 
 def _code_config(small_config, code_temperature: str, *overrides: str):

@@ -281,3 +281,47 @@ def test_no_command_writes_a_run_or_sft_model_inside_a_checkpoint(lora_run, smal
     with pytest.raises(CheckpointError, match="nothing is ever written inside one"):
         coordinator.run_sft(small_config(*inside, "run.overwrite=true"), log=lambda *_: None)
     assert _snapshot(checkpoint) == before
+
+
+def test_writing_a_model_folder_never_removes_a_users_sibling_folders(tmp_path: Path) -> None:
+    from policyflow.checkpoint import write_folder
+
+    out = tmp_path / "out"
+    for name in ("out.tmp", "out.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "precious").write_text("mine")
+    (out).mkdir()
+    (out / "config.json").write_text("{}")
+    write_folder(out, lambda tmp: (tmp / "config.json").write_text('{"new": 1}'))
+    assert json.loads((out / "config.json").read_text()) == {"new": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.old", "out.tmp"]  # nothing else left, nothing removed
+    assert (tmp_path / "out.old" / "precious").read_text() == (tmp_path / "out.tmp" / "precious").read_text() == "mine"
+
+
+def test_export_never_overwrites_the_base_it_merges_into(small_config, tmp_path: Path, capsys) -> None:
+    model, tokenizer = build_tiny(seed=5, hidden_size=32, num_layers=2, intermediate_size=64, num_heads=2, num_kv_heads=1)
+    base = tmp_path / "local"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    cfg = small_config(*LORA, f"model.path={base}", "sft.max_steps=0", "eval.every=0", "train.steps=1", "run.name=b")
+    checkpoint = Path(coordinator.train(cfg, **QUIET)["final_checkpoint"])
+    before = _snapshot(base)
+    capsys.readouterr()
+    assert main(["export", "--merge", "--overwrite", str(checkpoint), str(base)]) == 1
+    assert "overlaps" in _one_line(capsys) and _snapshot(base) == before
+
+
+def test_an_old_manifest_does_not_call_an_edited_base_pointer_damage(lora_run) -> None:
+    """Checkpoints written before POINTER_FIELDS hold a plain sha256 of adapter_config.json."""
+    _, checkpoint = lora_run
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    config_file = checkpoint / "adapter_config.json"
+    manifest["files"]["adapter_config.json"] = {"bytes": config_file.stat().st_size, "sha256": __import__("hashlib").sha256(config_file.read_bytes()).hexdigest()}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = "/somewhere/else/base"
+    config_file.write_text(json.dumps(config))
+    verify_checkpoint(checkpoint)  # an edited pointer: not damage
+    config_file.write_text("{not json")
+    with pytest.raises(CheckpointError, match="is not readable JSON"):
+        verify_checkpoint(checkpoint)

@@ -435,3 +435,12 @@ def test_cutting_by_characters_first_keeps_the_same_ids(tokenizers, piece: str, 
         full = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         expected = (full, text) if len(full) <= max_tokens else (full[:max_tokens], tokenizer.decode(full[:max_tokens]))
         assert cut_observation(tokenizer, text, max_tokens) == expected
+
+
+def test_code_the_model_writes_as_a_lone_surrogate_is_an_error_observation() -> None:
+    """JSON accepts "\\ud800"; such code cannot be written as UTF-8, so it never starts a sandbox."""
+    from policyflow.tools.python_tool import CodeSettings, code_tool
+
+    pool = ToolPool([code_tool(CodeSettings(timeout_s=5), name="python")], timeout_s=15)
+    result = asyncio.run(pool.call("python", {"code": 'print("\ud800")'}))
+    assert not result.ok and "not valid UTF-8" in result.text and pool.stats.errors == 1

@@ -176,7 +176,8 @@ def test_a_failed_checkpoint_write_leaves_nothing_and_keeps_the_previous(small_c
         coordinator.train(cfg, **QUIET)
     step1 = cfg.run_dir / "checkpoints" / "step-1"
     assert str(err.value) == (f"could not write checkpoint {step1.with_name('step-2')}: No space left on device "
-                              f"({step1.with_name('step-2.tmp') / 'trainer_state.pt'}); nothing was left behind, and the previous checkpoint {step1} is intact")
+                              f"({Path(calls[1]) / 'trainer_state.pt'}); nothing was left behind, and the previous checkpoint {step1} is intact")
+    assert Path(calls[1]).parent == step1.parent and Path(calls[1]).name.startswith(".step-2.tmp-")
     assert sorted(p.name for p in step1.parent.iterdir()) == ["step-1"]
     checkpoint.verify_checkpoint(step1)
     assert not (cfg.run_dir / "run.lock").exists() and not (cfg.run_dir / "snapshots").exists()

@@ -118,6 +118,10 @@ async def run_python_async(source: str, *, timeout_s: float = 5.0, memory_mb: in
                            isolation: Isolation = "namespaces") -> ExecResult:
     """`run_python` for coroutines: the event loop never waits on the sandbox. Cancelling the
     call kills the sandbox, and waits until it is gone, before the cancellation propagates."""
+    try:  # before anything is spawned: text Python cannot write as UTF-8 (a lone surrogate) never starts a sandbox
+        data = source.encode()
+    except UnicodeEncodeError as err:
+        raise ValueError(f"the code cannot be run: it is not valid UTF-8 text ({err.reason} at character {err.start})") from None
     cpu = int(-(-(cpu_s or timeout_s) // 1))  # whole seconds, rounded up
     limits = {"RLIMIT_AS": [int(memory_mb) << 20] * 2, "RLIMIT_CPU": [cpu, cpu + 1], "RLIMIT_NPROC": [max_processes] * 2,
               "RLIMIT_FSIZE": [int(disk_mb) << 20] * 2, "RLIMIT_NOFILE": [max_open_files] * 2, "RLIMIT_CORE": [0, 0]}
@@ -143,7 +147,7 @@ async def run_python_async(source: str, *, timeout_s: float = 5.0, memory_mb: in
             raise SandboxUnavailable(f"code sandbox unavailable: {e.filename}: {e.strerror} (util-linux); {_FIX}") from None
         finally:
             os.close(status_w)
-        run = _Run(proc, mode, status_r, max_output_bytes, source.encode())
+        run = _Run(proc, mode, status_r, max_output_bytes, data)
         stopped = await run.wait(start + timeout_s)
         return run.result(stopped, time.monotonic() - start)
     finally:
@@ -355,7 +359,14 @@ def build_root(new):
     owner = f",uid={cfg['uid']},gid={cfg['uid']}" if "uid" in cfg else ""
     mount("sandbox", f"{new}/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['disk_mb']}m,nr_inodes=8192,mode=700{owner}")
     with open("/proc/self/mountinfo") as f:  # every bind, and every mount under it: read-only, keeping locked flags
-        points = [line.split()[4].encode().decode("unicode_escape") for line in f]
+        rows = [line.split() for line in f]
+    # Only mounts in our own tree: those the host already had under `new` are hidden by our tmpfs but
+    # still listed (and cannot be reached to remount). Our tmpfs is the last mount listed at `new`.
+    ours = {[r[0] for r in rows if r[4] == new][-1]}
+    for r in rows:
+        if r[1] in ours:
+            ours.add(r[0])
+    points = [r[4].encode().decode("unicode_escape") for r in rows if r[0] in ours]
     for point in (p for p in points if p.startswith(new + "/") and p != f"{new}/tmp"):
         flags = os.statvfs(point).f_flag
         keep = (flags & (MS_NOSUID | MS_NODEV | MS_NOEXEC)) | sum(ms for st, ms in ATIME.items() if flags & st)
