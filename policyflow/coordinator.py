@@ -233,7 +233,7 @@ def run_sft(cfg: Config, log=print) -> Path:
     """
     out = cfg.run_dir / "sft"
     pick_device(cfg)  # run.device=cuda without a GPU fails here, before anything is written
-    check_destination(out, overwrite=cfg.run.overwrite, how="run.overwrite=true")
+    check_destination(out, reads=Path(cfg.model.path) if cfg.model.path else None, overwrite=cfg.run.overwrite, how="run.overwrite=true")
     configure_threads(cfg.run.threads)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(cfg.run_dir)
