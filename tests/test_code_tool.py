@@ -162,3 +162,36 @@ def test_jsonl_code_tests_from_config(tmp_path):
     assert isinstance(task, JsonlTask) and task.code["timeout_s"] == 3.0 and task.code["isolation"] == "namespaces"
     score = task.score(list(task.eval_problems()), ["```python\ndef add(a, b): return a + b\n```"] * len(task.eval_problems()))
     assert score.rewards == [1.0] * len(task.eval_problems()) and all(score.correct)
+
+
+def test_code_tests_cannot_be_gamed_from_the_solution():
+    """The solution runs in a forked child with /dev/null for output; only the harness's parent,
+    which the child cannot reach, prints the verdict with the run's nonce."""
+    forge = ("import sys, os\n"
+             "f = sys._getframe()\n"
+             "found = set()\n"
+             "while f is not None:\n"  # every string constant and value of the frames above: the nonce is among them
+             "    for v in [*f.f_code.co_consts, *f.f_locals.values(), *f.f_globals.values()]:\n"
+             "        if isinstance(v, str) and len(v) == 32: found.add(v)\n"
+             "    f = f.f_back\n"
+             "m = sys.modules['__main__']\n"
+             "found |= {v for v in vars(m).values() if isinstance(v, str) and len(v) == 32}\n"
+             "lines = ''.join('\\n%s 2 2\\n' % n for n in found).encode()\n"
+             "assert found\n"
+             "for path in ('/dev/stdout', '/proc/self/fd/1', '/proc/%d/fd/1' % os.getppid(), '/proc/1/fd/1'):\n"
+             "    try:\n"
+             "        with open(path, 'wb') as out: out.write(lines)\n"
+             "    except OSError: pass\n"
+             "os.write(1, lines); os.write(2, lines); print(lines.decode(), flush=True)\n"
+             "os._exit(0)\n")  # before the real verdict: no verdict at all now, an error
+    completions = [
+        "```python\nimport builtins\nbuiltins.exec = lambda *a, **k: None\n```",  # tests still run: add is undefined
+        "import builtins\nbuiltins.compile = lambda *a, **k: compile('pass', '', 'exec')\ndef add(a, b): return a + b\n",
+        forge,
+        "import os\nos.kill(os.getppid(), 9)",  # kills the harness's parent: no verdict, an error
+    ]
+    result = code_tests_result(completions, [TESTS, TESTS, TESTS, TESTS], timeout_s=3.0)
+    assert result.rewards == [0.0, 1.0, 0.0, 0.0]
+    assert result.failed == [False, False, True, True]
+    assert code_tests_result(["```python\nimport builtins\nbuiltins.exec=lambda *a, **k: None\n```"],
+                             [["assert add(1,2)==3"]]).rewards == [0.0]

@@ -512,3 +512,25 @@ def test_isolation_none_runs_with_limits_and_warns_once(monkeypatch: pytest.Monk
         third = run_python("while True:\n    pass", isolation="none", timeout_s=1.0)
     assert first.stdout == "True\n" and second.stopped == "memory" and third.timed_out
     assert sum("isolation='none'" in rec.getMessage() for rec in caplog.records) == 1
+
+
+def test_works_with_host_mounts_under_tmp() -> None:
+    """Mounts the host already has under /tmp are hidden by the sandbox's root but still listed in
+    mountinfo: they must not stop the sandbox from being built (they used to: SandboxUnavailable)."""
+    probe = subprocess.run([sandbox.UNSHARE, "--mount", "--propagation", "private", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare --mount is not permitted here: {probe.stderr.decode().strip()}")
+    host = tempfile.mkdtemp(dir="/tmp", prefix="policyflow-mnt-")
+    try:
+        script = (f"mount -t tmpfs hostmnt {shlex.quote(host)} && mkdir {shlex.quote(host)}/inner && "
+                  f"mount -t tmpfs hostmnt2 {shlex.quote(host)}/inner && exec \"$0\" -c \"$1\"")
+        check = ("from policyflow.tools.code import run_python\n"
+                 "r = run_python('import os; print(sorted(os.listdir(\"/tmp\")))')\n"
+                 "print(repr(r.stdout), r.exit_code)")
+        done = subprocess.run([sandbox.UNSHARE, "--mount", "--propagation", "private", "sh", "-c", script,
+                               sys.executable, check], capture_output=True, text=True, timeout=60,
+                              cwd=Path(__file__).resolve().parent.parent)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "\"['main.py']\\n\" 0"
+    finally:
+        os.rmdir(host)

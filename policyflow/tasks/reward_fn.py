@@ -363,30 +363,61 @@ def _one_sample(fn: RewardFn, prompt: str, completion: str, columns: dict[str, l
 
 CODE_TESTS = "code_tests"
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL)
-# Runs inside the sandbox (as main.py): the solution, then each test in its namespace, output
-# discarded; one line `<nonce> passed total` is the verdict. No verdict line: no score (an error).
+# Runs inside the sandbox (as main.py). The solution never runs in the process that prints the
+# verdict: that process (made non-dumpable, so the child cannot reach its fds or memory through
+# /proc or ptrace) forks a child whose stdout and stderr are /dev/null; the child runs the solution,
+# then each test in its namespace (with `exec`/`compile`/`os.write` taken before the solution
+# runs), and writes one byte per test, b"1" passed or b"0", to a pipe. The parent waits for it and,
+# only if it exited normally (status 0) having written exactly one such byte per test, prints the
+# one line `<nonce> passed total`: the verdict. No verdict line: no score (an error).
 _HARNESS = """\
-import os, sys
-_steps, _nonce = {steps!r}, {nonce!r}
-_passed = _total = 0
-_sink = open(os.devnull, "w")
-sys.stdout = sys.stderr = _sink
-_g = {{"__name__": "__main__"}}
-try:
-    exec(compile({solution!r}, "<solution>", "exec"), _g)
-    _ran = True
-except BaseException:
-    _ran = False
-for _kind, _src in _steps:
-    _total += _kind == "test"
-    if not _ran:
-        continue
+import os
+def _harness(_steps):
+    import ctypes
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: the child cannot open /proc/<us>/fd/1 or ptrace us
+    _total = sum(_kind == "test" for _kind, _ in _steps)
+    _r, _w = os.pipe()
+    _child = os.fork()
+    if _child == 0:
+        _exec, _compile, _write, _exit = exec, compile, os.write, os._exit
+        try:
+            os.close(_r)
+            _null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(_null, 1)
+            os.dup2(_null, 2)
+            os.close(_null)
+            _g = {{"__name__": "__main__", "__builtins__": __builtins__}}
+            try:
+                _exec(_compile({solution!r}, "<solution>", "exec"), _g)
+                _ran = True
+            except BaseException:
+                _ran = False
+            for _kind, _src in _steps:
+                _ok = False
+                if _ran:
+                    try:
+                        _exec(_compile(_src, "<test>", "exec"), _g)
+                        _ok = True
+                    except BaseException:
+                        pass
+                if _kind == "test":
+                    _write(_w, b"1" if _ok else b"0")
+        except BaseException:
+            _exit(1)
+        _exit(0)
+    os.close(_w)
+    _status = os.waitpid(_child, 0)[1]
+    os.set_blocking(_r, False)
+    _bits = b""
     try:
-        exec(compile(_src, "<test>", "exec"), _g)
-        _passed += _kind == "test"
-    except BaseException:
+        while len(_bits) <= _total and (_chunk := os.read(_r, 65536)):
+            _bits += _chunk
+    except BlockingIOError:
         pass
-os.write(1, ("\\n%s %d %d\\n" % (_nonce, _passed, _total)).encode())
+    if os.waitstatus_to_exitcode(_status) == 0 and len(_bits) == _total and not _bits.strip(b"01"):
+        _nonce = {nonce!r}
+        os.write(1, ("\\n%s %d %d\\n" % (_nonce, _bits.count(b"1"), _total)).encode())
+_harness({steps!r})
 """
 
 
@@ -466,10 +497,12 @@ def code_tests_result(completions: Sequence[str], tests: Sequence[Any], *, timeo
     the solution ending the process, no sandbox) or a bad tests cell scores 0 and is counted
     (`RewardResult.failed`); a solution that does not compile passes no test (0, not an error).
 
-    The verdict line carries a random nonce per run, so printing a fake verdict needs the
-    harness's own source (readable inside the sandbox: a solution written to cheat could forge
-    it, as it could in verl's and prime-rl's graders; the sandbox bounds what it can reach, not
-    what it claims)."""
+    The solution and the tests run in a forked child whose output goes to /dev/null; only the
+    harness's parent process, which the child cannot reach, prints the verdict line, with a random
+    nonce per run. The child reports one pass bit per test over a pipe; a solution written to cheat
+    can still forge those bits (it runs in the process that writes them: e.g. write them itself and
+    `os._exit(0)`), as in verl's and prime-rl's graders; the sandbox bounds what it can reach, not
+    what it claims. Patching builtins (`exec`, `compile`) does not stop the tests."""
     import asyncio
     import concurrent.futures
 
