@@ -8,7 +8,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 PIP_CONSTRAINT_FLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 ARGS ?=
 
-.PHONY: install demo search-demo code-demo test test-slow bench clean
+.PHONY: install demo search-demo search-code-demo code-demo test test-slow bench clean
 
 $(VENV)/.installed-$(CONSTRAINTS): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: install
 
 search-demo: install
 	$(PY) -m policyflow train --config configs/search.yaml run.overwrite=true $(ARGS)
+
+search-code-demo: install
+	$(PY) -m policyflow train --config configs/search_code.yaml run.overwrite=true $(ARGS)
 
 code-demo: install
 	$(PY) -m policyflow train --config configs/code.yaml run.overwrite=true $(ARGS)

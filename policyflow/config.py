@@ -116,6 +116,7 @@ class SearchQAConfig(Section):
     search_latency_s: float = Field(0.0, ge=0, description="Injected latency per search (benchmarks of tool waits).")
     tool_timeout_s: float = Field(10.0, gt=0, description="A search running longer becomes an error observation.")
     tool_concurrency: int = Field(16, ge=1, description="Searches in flight at once per process.")
+    code_tool: bool = Field(False, description="Add the sandboxed code tool (<code>…</code>; settings task.code.timeout_s, memory_mb, packages, isolation, concurrency): two-lookup demonstrations search A, search B, run print(A+B) and answer with the printed sum; search_penalty still counts searches only (issue 18 §4).")
 
     @model_validator(mode="after")
     def _check(self) -> SearchQAConfig:

@@ -54,6 +54,8 @@ class TaskEntry:
 def _search_qa(cfg: Config) -> dict[str, Any]:
     search = cfg.task.search.model_dump()
     search["corpus_dir"] = search["corpus_dir"] or str(Path(cfg.run.output_dir) / "cache" / "search_qa")
+    if search["code_tool"]:  # the code tool's sandbox settings are the multiply task's (task.code.*)
+        search["code"] = cfg.task.code.model_dump(include={"timeout_s", "memory_mb", "packages", "isolation", "concurrency"})
     return dict(seed=cfg.task.seed, num_eval=cfg.task.num_eval, **search)
 
 

@@ -22,6 +22,12 @@ Episodes are the generic tool env (`agent/tool_env.py`) configured with the sear
 task's answer check and MMSearch-R1's reward parts (`tool_penalty`: `search_penalty`,
 `format_bonus`: `format`), in the tag or the Hermes format (`tool_format`), with warm-start
 demonstrations written in that format (`sft_turns`).
+
+With `code_tool` (issue 18 §4, two tools in one episode) the episodes also have the sandboxed code
+tool (`tools/python_tool.py`, settings as the multiply task's `task.code.*`): two-lookup
+demonstrations search A, search B, run `<code>print(48+77)</code>` with the two populations
+copied, and answer with the printed sum (its output is wrapped in `<info>…</info>` as a search
+result is). The search penalty still counts searches only.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ from policyflow.agent.parse import TOOL_FORMATS
 from policyflow.agent.tool_env import RewardPart, ToolGroupBuilder, ToolSetup, format_bonus, tool_penalty
 from policyflow.tasks.base import Problem, Score, Task, TaskError, check_batch, same_integer, sample_distinct, seeded_rng, tagged_answer
 from policyflow.tools.base import ToolPool
+from policyflow.tools.code import SandboxUnavailable
+from policyflow.tools.python_tool import CODE_TOOL_NAMES, CodeSettings, check_sandbox, code_tool
 from policyflow.tools.search import Passage, SearchIndex, format_passages, search_tool
 
 _ONSETS = "bdfgklmnprstvz"
@@ -128,6 +136,8 @@ class SearchQATask(Task):
         search_latency_s: float = 0.0,
         tool_timeout_s: float = 10.0,
         tool_concurrency: int = 16,
+        code_tool: bool = False,
+        code: dict | None = None,
     ):
         if not 2 <= num_eval_entities < num_entities:
             raise TaskError(f"search_qa needs 2 <= num_eval_entities < num_entities, got task.search.num_eval_entities={num_eval_entities} and task.search.num_entities={num_entities}")
@@ -153,7 +163,15 @@ class SearchQATask(Task):
         self.pool_args = dict(max_concurrency=tool_concurrency, timeout_s=tool_timeout_s)
         if tool_format not in TOOL_FORMATS:
             raise TaskError(f"search_qa: unknown tool_format {tool_format!r}; choose one of {list(TOOL_FORMATS)}")
-        self.stop = ("</search>", "</answer>") if tool_format == "tags" else ()  # hermes: a turn (several calls) ends at EOS
+        # code_tool: the sandboxed code tool as well; `code` holds its CodeSettings fields and
+        # `concurrency` (task.code.*: timeout_s, memory_mb, packages, isolation, concurrency).
+        self.code_tool = code_tool
+        code = dict(code or {})
+        self.code_concurrency = int(code.pop("concurrency", 16))
+        self.code_settings = CodeSettings(**{k: tuple(v) if k == "packages" else v for k, v in code.items()})
+        self.code_name = CODE_TOOL_NAMES[tool_format] if tool_format in CODE_TOOL_NAMES else "code"
+        tags = ("</search>", f"</{self.code_name}>", "</answer>") if code_tool else ("</search>", "</answer>")
+        self.stop = tags if tool_format == "tags" else ()  # hermes: a turn (several calls) ends at EOS
         self.observation_wrap = ("<info>", "</info>") if tool_format == "tags" else ("", "")  # hermes: the chat template's markers
         self.settings = SearchSettings(tool_format=tool_format, penalty=search_penalty, format_weight=format_weight)
         try:
@@ -267,13 +285,29 @@ class SearchQATask(Task):
         """MMSearch-R1's reward beyond `correct` (`rewards.search_penalty_reward`): 1 − β for a
         correct answer reached with search (`search_penalty` = −β), + γ when every turn was well
         formed (`format` = γ)."""
+        if self.code_tool:  # β charges searches only, never code runs
+            return (tool_penalty(self.settings.penalty, tools=("search",)), format_bonus(self.settings.format_weight))
         return (tool_penalty(self.settings.penalty), format_bonus(self.settings.format_weight))
 
     def tool_setup(self) -> ToolSetup:
-        """The process's search tool (index built or loaded once), format, answer check and reward parts."""
+        """The process's search tool (index built or loaded once), with `code_tool` the code tool too
+        (the sandbox probed once: a machine that cannot build it stops here, in one line), format,
+        answer check and reward parts. Both tools share one pool: its concurrency is the larger of
+        task.search.tool_concurrency and task.code.concurrency."""
         if self._setup is None:
             index = SearchIndex(self.corpus_path(), self.corpus_dir / "bm25")
-            pool = ToolPool([search_tool(index, **self.search_args)], **self.pool_args)
+            tools = [search_tool(index, **self.search_args)]
+            pool_args = dict(self.pool_args)
+            if self.code_tool:
+                try:
+                    check_sandbox(self.code_settings)
+                except SandboxUnavailable as err:
+                    raise TaskError(f"search_qa: {str(err).splitlines()[0]}") from None
+                tools.append(code_tool(self.code_settings, name=self.code_name))
+                # one pool limit for both tools: the sandbox enforces timeout_s itself
+                pool_args = dict(max_concurrency=max(pool_args["max_concurrency"], self.code_concurrency),
+                                 timeout_s=max(pool_args["timeout_s"], self.code_settings.timeout_s + 10.0))
+            pool = ToolPool(tools, **pool_args)
             self._setup = ToolSetup(pool, self.settings.tool_format, self.is_correct, self.reward_parts(), self.observation_wrap)
         return self._setup
 
@@ -316,4 +350,9 @@ class SearchQATask(Task):
         turns = [("gen", search(first)), *lookup(first)]
         for place in second:  # a two-lookup question
             turns += [("gen", f"<state>{first.pop}</state>{search(place)}"), *lookup(place)]
+        if second and self.code_tool:  # add the two copied populations in code, copy the printed sum
+            source = f"print({first.pop}+{second[0].pop})"
+            call = (f"<{self.code_name}>{source}</{self.code_name}>" if self.settings.tool_format == "tags"
+                    else f"<tool_call>{json.dumps({'name': self.code_name, 'arguments': {'code': source}})}</tool_call>")
+            turns += [("gen", call), ("obs", problem.answer)]
         return turns + [("gen", f"<answer>{problem.answer}</answer>")]
