@@ -14,7 +14,7 @@ from policyflow.agent.parse import FinalAnswer, ToolCalls, parse_turn
 from policyflow.agent.tool_env import ToolEnv, ToolSetup
 from policyflow.problems import Problem
 from policyflow.tasks.jsonl import JsonlTask
-from policyflow.tasks.reward_fn import code_tests_result, extract_code, split_tests
+from policyflow.tasks.code_tests import code_tests_result, extract_code, split_tests
 from policyflow.tools import ToolPool
 from policyflow.tools.code import ExecResult
 from policyflow.tools.python_tool import CodeError, CodeSettings, Notebook, code_tool, format_result

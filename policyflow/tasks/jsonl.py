@@ -43,19 +43,17 @@ from typing import Any
 
 from policyflow.tasks.base import Problem, Progress, Score, Task, TaskError, check_batch, seeded_rng
 from policyflow.tasks.length import PromptFit
+from policyflow.tasks.code_tests import CODE_TESTS, code_tests_result, split_tests
 from policyflow.tasks.reward_fn import (
     BUILTIN_REWARDS,
-    CODE_TESTS,
     answer_to_text,
     call_reward_fn,
     check_reward_signature,
-    code_tests_result,
     exact_match,
     extract_final_answer,
     numeric_match,
     parse_number,
     resolve_reward_fn,
-    split_tests,
 )
 
 logger = logging.getLogger(__name__)
