@@ -49,7 +49,7 @@ class SlowToolEnv(Env):
 
 
 async def timed(runner: EpisodeRunner, episodes: int, turns: int, latency: float, together: bool) -> tuple[float, float]:
-    engine = runner.engine
+    engine = runner.generator
     busy0, start = engine.stats["busy_s"], time.perf_counter()
     envs = [SlowToolEnv(turns, latency) for _ in range(episodes)]
     if together:

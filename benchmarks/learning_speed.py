@@ -74,7 +74,7 @@ def probe_trainer(step_points: list[int], time_points: list[float], split: str, 
         def probe(self, kind: str, point: float, rl_seconds: float, reward: float | None) -> None:
             start = time.perf_counter()
             runner = self.session.runner.with_params(temperature=self.cfg.eval.temperature, top_p=1.0, top_k=0)
-            acc, _ = accuracy(runner, self.session.task, self.problems, torch.Generator(runner.engine.device).manual_seed(PROBE_SEED))
+            acc, _ = accuracy(runner, self.session.task, self.problems, torch.Generator(runner.generator.device).manual_seed(PROBE_SEED))
             self.probe_seconds += time.perf_counter() - start
             log.append({"kind": kind, "point": point, "step": self.steps, "rl_seconds": rl_seconds, "accuracy": acc, "reward": reward})
 

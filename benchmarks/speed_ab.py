@@ -60,7 +60,7 @@ def main() -> None:
     cfg = load_config(None, [f"run.threads={args.threads}", "train.prompts_per_step=32", "train.group_size=8",
                              f"sampling.max_new_tokens={args.new_tokens}"])
     session = open_session(cfg)
-    backend = session.runner.engine.core.backend
+    backend = session.runner.generator.core.backend
     new_prefill = backend._prefill
     arms = {
         "base": (base_trainer.Trainer(session.model, cfg.train, cfg.loss, cfg.sampling), types.MethodType(base_prefill, backend)),

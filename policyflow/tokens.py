@@ -38,14 +38,34 @@ def _plain_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
-def render_prompt(tokenizer, text: str, chat_template: bool, tools: list[dict] | None = None) -> list[int]:
-    """Token ids of the prompt; with `chat_template`, the tokenizer's template (with `tools=` when
-    given) and a generation prompt. The one prompt renderer: the episode runner renders its env's
-    `initial_observation()` and `tools` with it, SFT and prompt fitting a task's problem
-    (`task_prompt_ids`)."""
+def render_messages(tokenizer, messages: list[dict], chat_template: bool, tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a whole chat (system, user, assistant and tool messages) ready for the model's
+    reply: with `chat_template`, the tokenizer's template with `tools=` (when given) and the
+    generation prompt.
+
+    Plain models (no template) have no roles: they take any system messages followed by one user
+    message, rendered as their contents joined by a blank line ("\n\n"), without special
+    tokens; `tools` is ignored (tag-format tools describe themselves in the prompt text). A chat
+    with assistant or tool messages, or several user messages, is refused: it needs a template.
+    """
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"every message needs a 'role' string, got {m!r}")
     if chat_template:
-        return _chat_ids(tokenizer, [{"role": "user", "content": text}], generation_prompt=True, tools=tools)
-    return _plain_ids(tokenizer, text)
+        return _chat_ids(tokenizer, messages, generation_prompt=True, tools=tools)
+    roles = [m["role"] for m in messages]
+    if not roles or roles[-1] != "user" or any(r != "system" for r in roles[:-1]):
+        raise ValueError(f"a model without a chat template takes system messages then one user message, got roles {roles}; use a chat model with model.chat_template=true")
+    if any(not isinstance(m.get("content"), str) for m in messages):
+        raise ValueError("a model without a chat template takes text message contents (strings) only")
+    return _plain_ids(tokenizer, "\n\n".join(m["content"] for m in messages))
+
+
+def render_prompt(tokenizer, text: str, chat_template: bool, tools: list[dict] | None = None) -> list[int]:
+    """Token ids of the prompt: `render_messages` of one user message `text`. The one prompt
+    renderer: the episode runner renders its env's `initial_observation()` and `tools` with it,
+    SFT and prompt fitting a task's problem (`task_prompt_ids`)."""
+    return render_messages(tokenizer, [{"role": "user", "content": text}], chat_template, tools=tools)
 
 
 def task_prompt_ids(tokenizer, task: Task, problem: Problem, chat_template: bool) -> list[int]:

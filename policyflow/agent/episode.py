@@ -1,10 +1,15 @@
-"""The episode runner: the loop between one `Env` and the `AsyncEngine` (DESIGN.md §6).
+"""The episode runner: the loop between one `Env` and one `Generator` (DESIGN.md §6).
 
-    runner = EpisodeRunner(engine, tokenizer, params, cfg.agent)
+    runner = EpisodeRunner(generator, tokenizer, params, cfg.agent)
     group, reward_errors = await runner.run_group(builder, G, task_id="train-7")
 
-For each turn: the context policy picks the segments the next call sees, the engine samples a
-completion of exactly those tokens (`await engine.generate`, sharing the batch with every other
+The generator is anything that implements `engine.generator.Generator`: the local
+`AsyncEngine` or a client of a remote OpenAI-compatible endpoint (`engine.remote`); the runner
+uses only that protocol (`generate` and `version`, `max_positions`), so an episode, tools and
+context policies included, runs the same against either.
+
+For each turn: the context policy picks the segments the next call sees, the generator samples a
+completion of exactly those tokens (`await generator.generate`, sharing the batch with every other
 episode in flight), the env reacts to its text, and the observation is tokenized once and
 appended as an `obs` segment (loss mask 0). Every call is recorded as a `Call` (its context's
 segment indices and the segment it produced), which is what training reads
@@ -43,7 +48,8 @@ import time
 from policyflow.agent.context import full_context
 from policyflow.agent.env import ContextPolicy, Env, EnvGroupBuilder, StepResult
 from policyflow.config import AgentConfig
-from policyflow.engine import AsyncEngine, SamplingParams, SegmentPolicy
+from policyflow.engine.generator import Generator, SamplingParams
+from policyflow.engine.segments import SegmentPolicy
 from policyflow.tokens import render_observation, render_prompt
 from policyflow.types import Call, Group, Segment, Trajectory
 
@@ -77,22 +83,22 @@ def code_segment_policies(agent: AgentConfig, params: SamplingParams) -> tuple[S
 
 
 class EpisodeRunner:
-    """Runs episodes on one engine with one tokenizer, sampling setting and set of limits."""
+    """Runs episodes on one generator with one tokenizer, sampling setting and set of limits."""
 
     def __init__(
-        self, engine: AsyncEngine, tokenizer, params: SamplingParams, agent: AgentConfig, *,
+        self, generator: Generator, tokenizer, params: SamplingParams, agent: AgentConfig, *,
         chat_template: bool = False, context: ContextPolicy = full_context,
     ) -> None:
-        self.engine, self.tokenizer, self.params, self.agent = engine, tokenizer, params, agent
+        self.generator, self.tokenizer, self.params, self.agent = generator, tokenizer, params, agent
         self.chat_template, self.context = chat_template, context
-        window = engine.max_positions or float("inf")  # the model's own limit, when it has one
+        window = generator.max_positions or float("inf")  # the model's own limit, when it has one
         self.max_total_tokens = min(agent.max_total_tokens or window, window)
         self._prompt_ids: dict[tuple[str, str], tuple[int, ...]] = {}  # a group's G episodes share one prompt
         self._segments = params.segment_policies + code_segment_policies(agent, params)
 
     def with_params(self, **changes) -> EpisodeRunner:
         """The same runner with some sampling settings changed (e.g. temperature=0 for greedy evaluation)."""
-        return EpisodeRunner(self.engine, self.tokenizer, dataclasses.replace(self.params, **changes), self.agent, chat_template=self.chat_template, context=self.context)
+        return EpisodeRunner(self.generator, self.tokenizer, dataclasses.replace(self.params, **changes), self.agent, chat_template=self.chat_template, context=self.context)
 
     async def run_group(self, builder: EnvGroupBuilder, n: int, *, task_id: str) -> tuple[Group, int]:
         """The `n` episodes of `builder`'s problem, run at once; returns the group and its reward-error count."""
@@ -113,9 +119,12 @@ class EpisodeRunner:
         return Group(id=task_id, task_id=task_id, prompt=problem.prompt, answer=problem.answer, trajectories=trajectories), errors
 
     async def run(self, env: Env, *, id: str, task_id: str) -> Trajectory:
-        """One episode of `env`, closed afterwards however it ended."""
+        """One episode of `env`, closed afterwards however it ended. An env whose episode makes its
+        own calls has a `run_episode(runner, id=, task_id=)` that runs it on this runner's
+        generator, sampling and limits (`program_env.ProgramEnv`: an external agent program)."""
         try:
-            return await self._run(env, id, task_id)
+            own = getattr(env, "run_episode", None)
+            return await (own(self, id=id, task_id=task_id) if own is not None else self._run(env, id, task_id))
         finally:
             await env.close()
 
@@ -125,7 +134,7 @@ class EpisodeRunner:
         segments = [Segment("prompt", tuple(prompt_ids), text=prompt_text)]
         calls: list[Call] = []
         params = dataclasses.replace(self.params, stop=tuple(dict.fromkeys(self.params.stop + tuple(env.stop))), segment_policies=self._segments)
-        traj = Trajectory(id=id, task_id=task_id, group_id=task_id, segments=segments, calls=calls, num_turns=0, start_version=self.engine.version)
+        traj = Trajectory(id=id, task_id=task_id, group_id=task_id, segments=segments, calls=calls, num_turns=0, start_version=self.generator.version)
         status = "truncated"  # unless the env says done
         for turn in range(self.agent.max_turns):
             context = tuple(self.context(segments))
@@ -134,7 +143,7 @@ class EpisodeRunner:
             if room < 1:
                 break
             start = time.perf_counter()
-            sample = await self.engine.generate(prompt, dataclasses.replace(params, max_new_tokens=room))
+            sample = await self.generator.generate(prompt, dataclasses.replace(params, max_new_tokens=room))
             traj.timings.generation_s += time.perf_counter() - start
             segments.append(Segment("gen", sample.token_ids, sample.logprobs, sample.versions, turn=turn, text=sample.text, policies=sample.policies))
             calls.append(Call(context=context, produced=len(segments) - 1))

@@ -2,7 +2,10 @@
 
 `AsyncEngine` (`async_engine.py`) is the engine everything uses: `await engine.generate(...)`
 from any number of coroutines, continuous batching underneath, weight swaps between decode
-steps. `Engine` (`core.py`) is its synchronous core (submit / step / update_weights).
+steps. It implements `Generator` (`generator.py`: generate, stream, cancel; `SamplingParams`
+and `Chunk` live there too), the one interface episodes, evaluation and the server use, which a
+client of a remote endpoint implements as well. `Engine` (`core.py`) is its synchronous core
+(submit / step / cancel / update_weights).
 `sampling.py` draws tokens with their behaviour log-probs; `segments.py` switches a request's
 policy between text and code segments (GRPO-ATS); `fast_decoder.py` and `hf_decoder.py` are the
 two backends.
@@ -14,10 +17,10 @@ from policyflow.engine.core import (
     Engine,
     Finished,
     Request,
-    SamplingParams,
     join_samples,
     load_weights,
 )
+from policyflow.engine.generator import Chunk, Generator, SamplingParams
 from policyflow.engine.fast_decoder import FAST_MODEL_TYPES, FastDecoder, fast_path_problem
 from policyflow.engine.hf_decoder import HFDecoder
 from policyflow.engine.sampling import sample_tokens
@@ -27,9 +30,11 @@ __all__ = [
     "FAST_MODEL_TYPES",
     "SWAP_MODES",
     "AsyncEngine",
+    "Chunk",
     "Engine",
     "FastDecoder",
     "Finished",
+    "Generator",
     "HFDecoder",
     "Request",
     "SamplingParams",

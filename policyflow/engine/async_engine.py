@@ -23,27 +23,70 @@ single-threaded):
 
 If a decode step raises (out of memory...), every waiting `generate` and every later one raises
 the same error.
+
+It implements `Generator` (`generator.py`): `generate(..., request_id=)`, `stream(...)` (an
+async iterator of `Chunk`s, sent after every decode step that gave the request tokens; the
+last carries the Sample) and `cancel(request_id)` (queued or decoding, the request leaves the
+batch at once; its awaiting `generate` or `stream` raises `asyncio.CancelledError`). A caller
+whose `generate` (or `stream` consumer) is cancelled by asyncio frees its row the same way. A
+streamed request keeps streaming across an abort swap: its chunks go on from the resumed
+request's tokens. Streamed text is the Sample's text cut at a safe point: it holds back a
+trailing incomplete character ("\ufffd") and a trailing beginning of a stop string, so the
+chunks' texts add up to the Sample's (the tokenizer's decode of a prefix must be a prefix of
+the decode of the whole, which holds for byte-level BPE and SentencePiece tokenizers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
 from policyflow.engine.core import BackendName, Engine, Finished, Request, SamplingParams, join_samples
+from policyflow.engine.generator import Chunk
 from policyflow.types import Sample
 
 T = TypeVar("T")
 
 
+@dataclass
+class _InFlight:
+    """One request between submission and delivery."""
+
+    future: asyncio.Future  # the finished Sample (plain `generate`)
+    request: Request
+    request_id: str | None = None
+    chunks: asyncio.Queue | None = None  # a streamed request: its Chunks, then the end (or an error)
+    sent_tokens: int = 0  # tokens already sent in chunks
+    sent_text: str = ""  # text already sent in chunks
+    stops: tuple[str, ...] = ()
+
+
+def safe_text_end(text: str, stops: Sequence[str]) -> int:
+    """How much of `text` a stream can send now: all of it but a trailing run of "\ufffd" (an
+    incomplete UTF-8 character) and, before that, the longest trailing piece that begins one
+    of the `stops` strings (it may yet become one, which the Sample's text cuts after)."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), hold, -1):
+            if text.startswith(stop[:k], end - k):
+                hold = k
+                break
+    return end - hold
+
+
 class AsyncEngine:
-    """Continuous batching behind `await generate(...)`. Use it from one event loop at a time."""
+    """Continuous batching behind `await generate(...)` (a `Generator`). Use it from one event loop at a time."""
 
     def __init__(
         self,
@@ -56,7 +99,9 @@ class AsyncEngine:
         generator: torch.Generator | None = None,
     ) -> None:
         self.core = Engine(model, tokenizer, version=version, max_batch=max_batch, backend=backend, generator=generator)
-        self._waiting: dict[int, tuple[asyncio.Future, Request]] = {}
+        self._waiting: dict[int, _InFlight] = {}  # by internal key (the core's request id)
+        self._keys: dict[str, int] = {}  # caller's request_id -> key
+        self._streams: dict[int, _InFlight] = {}  # the streamed ones
         self._partials: dict[int, Sample] = {}  # request key -> output before an abort
         self._next_key = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -77,6 +122,10 @@ class AsyncEngine:
     @generator.setter
     def generator(self, generator: torch.Generator | None) -> None:
         self.core.generator = generator
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
 
     @property
     def backend_name(self) -> str:
@@ -102,16 +151,76 @@ class AsyncEngine:
         return self.core.num_active
 
     # -- requests ---------------------------------------------------------------------------
-    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Sample:
-        """One completion of `prompt_ids`: token ids, behaviour log-probs and per-token versions."""
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *, request_id: str | None = None) -> Sample:
+        """One completion of `prompt_ids`: token ids, behaviour log-probs and per-token versions.
+
+        Raises `asyncio.CancelledError` when `cancel(request_id)` stops it; cancelling the
+        awaiting task frees its row too."""
+        entry = self._submit(prompt_ids, params, request_id, streamed=False)
+        try:
+            return await entry.future
+        except asyncio.CancelledError:
+            self._drop(entry.request.id)
+            raise
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *, request_id: str | None = None) -> AsyncIterator[Chunk]:
+        """`generate` as it happens: an async iterator of `Chunk`s (the request is submitted now).
+
+        Close it (`contextlib.aclosing`, or let the consumer task be cancelled) to free the row
+        of a stream you stop reading early."""
+        return self._chunks(self._submit(prompt_ids, params, request_id, streamed=True))
+
+    async def _chunks(self, entry: _InFlight) -> AsyncIterator[Chunk]:
+        try:
+            while True:
+                item = await entry.chunks.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.sample is not None:
+                    return
+        finally:
+            self._drop(entry.request.id)
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop request `request_id` (queued or decoding: its row leaves the batch now). True when it was in flight."""
+        key = self._keys.get(request_id)
+        entry = self._waiting.get(key) if key is not None else None
+        if entry is None:
+            return False
+        self._drop(key)
+        if entry.chunks is not None:
+            entry.chunks.put_nowait(asyncio.CancelledError(f"request {request_id!r} was cancelled"))
+        entry.future.cancel()
+        return True
+
+    def _submit(self, prompt_ids: Sequence[int], params: SamplingParams | None, request_id: str | None, *, streamed: bool) -> _InFlight:
         self._ensure_running()
-        request = Request(tuple(prompt_ids), params or SamplingParams(), id=self._next_key)
+        if request_id is not None and request_id in self._keys:
+            raise ValueError(f"request_id {request_id!r} is already in flight; give each request its own id")
+        params = params or SamplingParams()
+        request = Request(tuple(prompt_ids), params, id=self._next_key)
         self._next_key += 1
-        future = self._loop.create_future()
-        self._waiting[request.id] = (future, request)
+        entry = _InFlight(self._loop.create_future(), request, request_id, asyncio.Queue() if streamed else None, stops=params.stop)
         self.core.submit(request)
+        self._waiting[request.id] = entry
+        if request_id is not None:
+            self._keys[request_id] = request.id
+        if streamed:
+            self._streams[request.id] = entry
         self._wake.set()
-        return await future
+        return entry
+
+    def _drop(self, key: int) -> None:
+        """Forget request `key` and take it out of the core (a cancelled or abandoned caller)."""
+        entry = self._waiting.pop(key, None)
+        if entry is None:
+            return
+        self.core.cancel(key)
+        self._partials.pop(key, None)
+        self._streams.pop(key, None)
+        if entry.request_id is not None:
+            self._keys.pop(entry.request_id, None)
 
     async def generate_many(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None) -> list[Sample]:
         """`generate` for each prompt at once (they share the running batch); results in order."""
@@ -158,27 +267,68 @@ class AsyncEngine:
                 self.stats["steps"] += 1
                 for done in finished:
                     self._deliver(done)
+                if self._streams:
+                    self._send_progress()
                 await asyncio.sleep(0)  # the waiting coroutines run between decode steps
         except Exception as err:  # every waiting and later generate raises it
             self._error = err
-            for future, _ in self._waiting.values():
-                if not future.done():
-                    future.set_exception(err)
+            for entry in self._waiting.values():
+                if entry.chunks is not None:
+                    entry.chunks.put_nowait(err)
+                elif not entry.future.done():
+                    entry.future.set_exception(err)
             self._waiting.clear()
+            self._keys.clear()
+            self._streams.clear()
 
     def _deliver(self, done: Finished) -> None:
         key, sample = done.request.id, done.sample
+        entry = self._waiting.get(key)
+        if entry is None:  # dropped meanwhile
+            return
         if key in self._partials:
             sample = join_samples(self._partials.pop(key), sample)
-        future, request = self._waiting[key]
-        if sample.finish_reason == "aborted" and not future.done():  # an abort swap: continue from the partial output
+        if sample.finish_reason == "aborted" and not entry.future.done():  # an abort swap: continue from the partial output
             self.stats["aborted_tokens"] += len(done.sample.token_ids)  # the KV cache thrown away
             self._partials[key] = sample
-            self.core.submit(request.resume(sample))
+            resumed = entry.request.resume(sample)
+            if done.request.rng is not None:  # a seeded request goes on with its own stream
+                resumed = dataclasses.replace(resumed, rng=done.request.rng)
+            self.core.submit(resumed)
             return
         del self._waiting[key]
-        if not future.done():  # a cancelled caller (a closed worker) is simply dropped
-            future.set_result(sample)
+        self._streams.pop(key, None)
+        if entry.request_id is not None:
+            self._keys.pop(entry.request_id, None)
+        if entry.chunks is not None:
+            tokens, text = slice(entry.sent_tokens, None), sample.text[len(entry.sent_text):]
+            entry.chunks.put_nowait(Chunk(sample.token_ids[tokens], sample.logprobs[tokens], text, sample))
+        elif not entry.future.done():  # a cancelled caller (a closed worker) is simply dropped
+            entry.future.set_result(sample)
+
+    def _send_progress(self) -> None:
+        """A Chunk for every streamed request that got tokens in this step (texts decoded in one batch).
+
+        After an abort the request's output is the partial Sample joined with the resumed
+        request's tokens, and its text is the partial's text + the decode of the rest, as in
+        `join_samples`."""
+        moved: list[tuple[_InFlight, Sample | None, list[int], list[float]]] = []  # (entry, partial before an abort, own tokens, own log-probs)
+        for key, entry in self._streams.items():
+            got = self.core.generated(key)
+            before = self._partials.get(key)
+            if got is not None and len(got[0]) + (len(before.token_ids) if before else 0) > entry.sent_tokens:
+                moved.append((entry, before, *got))
+        if not moved:
+            return
+        tokenizer = self.core.tokenizer
+        texts = tokenizer.batch_decode([m[2] for m in moved], skip_special_tokens=True) if tokenizer is not None else [""] * len(moved)
+        for (entry, before, tokens, logprobs), text in zip(moved, texts):
+            if before is not None:
+                tokens, logprobs, text = list(before.token_ids) + tokens, list(before.logprobs) + logprobs, before.text + text
+            end = max(safe_text_end(text, entry.stops), len(entry.sent_text))
+            chunk = Chunk(tuple(tokens[entry.sent_tokens :]), tuple(logprobs[entry.sent_tokens :]), text[len(entry.sent_text) : end])
+            entry.sent_tokens, entry.sent_text = len(tokens), entry.sent_text + chunk.text
+            entry.chunks.put_nowait(chunk)
 
 
 # -- blocking use (evaluation, SFT checks, scripts) ----------------------------------------------
@@ -190,6 +340,8 @@ def using_generator(engine: AsyncEngine, generator: torch.Generator | None) -> I
     if generator is None:
         yield
         return
+    if not isinstance(engine, AsyncEngine):
+        raise ValueError(f"a torch.Generator override needs a local AsyncEngine, got {type(engine).__name__}; seed the requests instead (SamplingParams.seed)")
     if engine.num_in_flight:
         raise RuntimeError("a generator override needs an idle engine (nothing in flight)")
     saved, engine.generator = engine.generator, generator

@@ -44,8 +44,16 @@ compacted after every step.
 Threads: the library never sets torch's thread count; the caller does.
 Reproducibility: with the same `torch.Generator` state (on the model's device), the same
 requests submitted in the same order and the same weights, outputs are identical; both
-backends draw the same tokens. The random stream is shared by the whole batch, so a
-request's tokens depend on what else is in flight.
+backends draw the same tokens. The shared random stream serves the whole batch, so an
+unseeded request's tokens depend on what else is in flight. A request with
+`SamplingParams.seed` draws from its own `torch.Generator(device).manual_seed(seed)` instead
+(one uniform per token sampled at temperature > 0): its tokens depend only on the weights, its
+prompt, its params and its seed (up to float rounding of the batched forward, which moves a
+token only when a uniform falls within rounding of a CDF boundary). Its generator goes on
+through an abort and `Request.resume`.
+
+Cancellation: `cancel(id)` drops a request wherever it is (queued, decoding, finished but not
+yet returned); a decoding row leaves the batch at once (the backend rows are compacted).
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ from typing import Literal
 import torch
 
 from policyflow.engine.fast_decoder import FastDecoder, fast_path_problem
+from policyflow.engine.generator import SamplingParams
 from policyflow.engine.hf_decoder import HFDecoder
 from policyflow.engine.sampling import sample_tokens
 from policyflow.engine.segments import NO_TOKEN, SegmentPolicy, SegmentScanner, SegmentWatch
@@ -70,67 +79,20 @@ BackendName = Literal["auto", "fast", "generic"]
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """How to sample one request.
-
-    temperature: 0 means greedy (argmax; log-probs are the T=1 model log-softmax).
-    top_p: nucleus mass kept (1 keeps everything); log-probs are renormalised over it.
-    top_k: keep only the k most probable tokens before top_p (0 = off).
-    max_new_tokens: hard cap on generated tokens ("length").
-    stop: strings that end the completion when they appear in its decoded text ("stop").
-    stop_token_ids: token ids that end it ("eos"); None means the model's EOS ids.
-    ignore_eos: never stop on a token id (benchmarks: fixed-length generation).
-    segment_policies: text between a rule's open and close markers is sampled with the rule's
-        policy instead (`segments.py`; GRPO-ATS: greedy code). Needs a tokenizer, like `stop`.
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 64
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] | None = None
-    ignore_eos: bool = False
-    segment_policies: tuple[SegmentPolicy, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        if self.stop_token_ids is not None:
-            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
-        if self.segment_policies:
-            object.__setattr__(self, "segment_policies", tuple(self.segment_policies))
-            opens = [r.open for r in self.segment_policies]
-            if len(set(opens)) != len(opens):
-                raise ValueError(f"segment policies share an open marker ({opens}); give each its own")
-
-    @property
-    def policy(self) -> TokenPolicy:
-        """The request's own policy (outside every segment)."""
-        return TokenPolicy(float(self.temperature), float(self.top_p), int(self.top_k))
-
-
-@dataclass(frozen=True)
 class Request:
     """One generation request; `id` is the caller's key, echoed back in `Finished`.
 
     `text_before`: the decoded completion that came before this request's own tokens (a
     request resumed after an abort): segment policies start from the state it ends in.
+    `rng`: the generator a seeded request goes on drawing from (set on an aborted request, so
+    that `resume` continues its stream); None starts it from `params.seed`.
     """
 
     prompt_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
     id: Hashable = None
     text_before: str = ""
+    rng: torch.Generator | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_ids", tuple(int(t) for t in self.prompt_ids))
@@ -149,7 +111,7 @@ class Request:
             raise ValueError("the partial output already used all max_new_tokens; nothing to resume")
         params = dataclasses.replace(self.params, max_new_tokens=left)
         before = self.text_before + partial.text if self.params.segment_policies else ""
-        return Request(self.prompt_ids + tuple(partial.token_ids), params, self.id, before)
+        return Request(self.prompt_ids + tuple(partial.token_ids), params, self.id, before, self.rng)
 
 
 @dataclass(frozen=True)
@@ -181,6 +143,7 @@ class _Row:
     request: Request
     stop_ids: frozenset[int]
     policy: TokenPolicy  # what the next token is drawn from
+    rng: torch.Generator | None = None  # a seeded request's own generator
     scanner: SegmentScanner | None = None  # the segment state (requests with segment policies)
     watch: Container[int] = NO_TOKEN  # new tokens after which the scanner reads the text
     tokens: list[int] = field(default_factory=list)
@@ -253,6 +216,8 @@ class Engine:
         self._rows: list[_Row] = []
         self._outbox: list[Finished] = []
         self._row_params: tuple[float | torch.Tensor, float | torch.Tensor, int | torch.Tensor] | None = None
+        self._row_generators: list[torch.Generator | None] | None = None  # per row, when a row is seeded
+        self._row_of: dict[Hashable, _Row] = {}  # active rows by request id (progress of a streamed request)
         self._last_tokens = torch.zeros(0, dtype=torch.long)  # one pending token per active row
         self._watches: dict[tuple[SegmentPolicy, ...], SegmentWatch] = {}  # per rule set
         self._pieces: list[str] | None = None  # every token id's own text (for the watch lists)
@@ -285,8 +250,35 @@ class Engine:
         for row in self._rows:
             self._outbox.append(self._finish(row, "aborted"))
         self._rows = []
+        self._row_of.clear()
         self._row_params = None
+        self._row_generators = None
         self.backend.select_rows([])
+
+    def cancel(self, request_id: Hashable) -> bool:
+        """Drop every request with id `request_id`: queued, decoding (its row leaves the batch
+        now and the backend rows are compacted, so the next step no longer computes it) or
+        finished and not yet returned by `step()`. True when one was found. Other rows' outputs
+        are unaffected (seeded rows exactly; unseeded ones draw from the shared stream, which
+        then serves one row less)."""
+        found = False
+        if any(r.id == request_id for r in self._queue):
+            self._queue = deque(r for r in self._queue if r.id != request_id)
+            found = True
+        gone = {i for i, row in enumerate(self._rows) if row.request.id == request_id}
+        if gone:
+            self._compact(gone)
+            found = True
+        kept = [f for f in self._outbox if f.request.id != request_id]
+        found = found or len(kept) < len(self._outbox)
+        self._outbox = kept
+        return found
+
+    def generated(self, request_id: Hashable) -> tuple[list[int], list[float]] | None:
+        """The token ids and log-probs generated so far by the active request `request_id`
+        (None when it holds no row). Live lists: copy what you keep. Needs unique ids."""
+        row = self._row_of.get(request_id)
+        return None if row is None else (row.tokens, row.logprobs)
 
     def step(self) -> list[Finished]:
         """Admit queued requests into free slots, run one decode step, return what finished."""
@@ -298,13 +290,16 @@ class Engine:
         if admitted:
             reserve = max(len(r.prompt_ids) + r.params.max_new_tokens for r in admitted)
             parts.append(self.backend.prefill([r.prompt_ids for r in admitted], reserve=reserve))
-            self._rows.extend(self._new_row(r) for r in admitted)
+            for r in admitted:
+                self._rows.append(row := self._new_row(r))
+                self._row_of[r.id] = row
             self._row_params = None
+            self._row_generators = None
         if not parts:
             return finished
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         temperature, top_p, top_k = self._sampling_params()
-        tokens, logprobs = sample_tokens(logits, temperature, top_p, self.generator, top_k)
+        tokens, logprobs = sample_tokens(logits, temperature, top_p, self.generator, top_k, self._generators())
         self._last_tokens = tokens  # fed to the next decode step
         done = self._record(tokens.tolist(), logprobs.tolist())
         if done:
@@ -339,10 +334,20 @@ class Engine:
     # -- internals ----------------------------------------------------------------------
     def _new_row(self, request: Request) -> _Row:
         params = request.params
+        rng = request.rng
+        if rng is None and params.seed is not None:
+            rng = torch.Generator(self.backend.device).manual_seed(params.seed)
         if not params.segment_policies:
-            return _Row(request, self._stop_ids(params), params.policy)
+            return _Row(request, self._stop_ids(params), params.policy, rng)
         scanner = SegmentScanner(params.segment_policies, params.policy, self._watch(params.segment_policies), request.text_before)
-        return _Row(request, self._stop_ids(params), scanner.policy, scanner, scanner.watching)
+        return _Row(request, self._stop_ids(params), scanner.policy, rng, scanner, scanner.watching)
+
+    def _generators(self) -> list[torch.Generator | None] | None:
+        """Each row's own generator (None for unseeded rows); None when no row is seeded (the cheap path)."""
+        if self._row_generators is None:
+            gens = [row.rng for row in self._rows]
+            self._row_generators = gens if any(g is not None for g in gens) else []
+        return self._row_generators or None
 
     def _watch(self, rules: tuple[SegmentPolicy, ...]) -> SegmentWatch:
         """The watch lists of a rule set (`segments.SegmentWatch`), from every token's own text, decoded once."""
@@ -436,6 +441,8 @@ class Engine:
             text=text,
             policies=row.policies(),
         )
+        if reason == "aborted" and row.rng is not None:  # `resume` goes on with the row's stream
+            return Finished(dataclasses.replace(row.request, rng=row.rng), sample)
         return Finished(row.request, sample)
 
     def _compact(self, gone: set[int]) -> None:
@@ -443,10 +450,14 @@ class Engine:
         n_keep = len(self._rows) - len(gone)
         tail = iter(i for i in range(n_keep, len(self._rows)) if i not in gone)
         keep = [next(tail) if i in gone else i for i in range(n_keep)]
+        for i in gone:
+            if self._row_of.get(self._rows[i].request.id) is self._rows[i]:
+                del self._row_of[self._rows[i].request.id]
         self.backend.select_rows(keep)
         self._rows = [self._rows[k] for k in keep]
         self._last_tokens = self._last_tokens[torch.tensor(keep, dtype=torch.long, device=self._last_tokens.device)]
         self._row_params = None
+        self._row_generators = None
 
 
 def _stop_cut(text: str, stops: Sequence[str], checked: int) -> int | None:
