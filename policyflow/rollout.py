@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -20,7 +21,7 @@ from policyflow.config import Config
 from policyflow.engine import run_blocking, using_generator
 from policyflow.rewards import overlong_penalty
 from policyflow.tasks.base import Problem, Task
-from policyflow.tokens import collate, task_prompt_ids
+from policyflow.tokens import collate, row_tokens, task_prompt_ids
 from policyflow.types import Group, ToolStats, TrainBatch, Trajectory
 
 
@@ -38,19 +39,52 @@ async def run_groups(runner: EpisodeRunner, task: Task, problems: Sequence[Probl
 
 def rollout_groups(runner: EpisodeRunner, task: Task, problems: Sequence[Problem], group_size: int, generator: torch.Generator | None = None) -> tuple[list[Group], int]:
     """`run_groups` from synchronous code, sampling with `generator` (None: the engine's)."""
-    with using_generator(runner.engine, generator):
+    with using_generator(runner.generator, generator):
         return run_blocking(run_groups(runner, task, problems, group_size))
 
 
-def episode_record(t: Trajectory) -> dict:
-    """A whole episode for samples.jsonl: every segment's text (and whether it was trained), the calls, the env's step notes."""
+def episode_record(
+    t: Trajectory, *, kind: str = "train", step: int = 0, version: int = 0, prompt: str | None = None, answer: str = "",
+    advantage: float | None = None, tokenizer=None,
+) -> dict:
+    """A whole episode as one line of samples.jsonl (kind "train") or of an evaluation's episodes.jsonl
+    (kind "eval"); the format is in docs/trackers.md.
+
+    Per segment: its token ids, each token's own text (`tokenizer.decode([id])`; null without a
+    `tokenizer`), its loss mask as training uses it (`segment_loss_masks`), and for gen segments
+    the behaviour log-probs and policy versions. `version` is the trainer's version when written
+    (eval: the model's), so a token's staleness is `version` − its version. `advantage` is the
+    episode's advantage in its step's batch (`ScoredEpisodes.advantage_by_episode`); None when
+    the episode was not trained (zero-variance group, masked truncation, filtered, or eval).
+    `prompt` defaults to the text of the first prompt segment."""
+    masks = segment_loss_masks(t)
+    first_prompt = next((s.text for s in t.segments if s.kind == "prompt"), "")
     return {
-        "status": t.status, "turns": t.num_turns, "tool_calls": t.num_tool_calls, "tool_errors": t.num_tool_errors,
-        "reward_parts": t.reward_parts,
-        "segments": [{"kind": s.kind, "turn": s.turn, "text": s.text, "tokens": len(s.token_ids), "trained": s.trainable} for s in t.segments],
+        "kind": kind, "step": step, "version": version, "episode_id": t.id, "task_id": t.task_id,
+        "prompt": first_prompt if prompt is None else prompt, "answer": answer,
+        "reward": t.reward, "reward_parts": dict(t.reward_parts), "advantage": advantage,
+        "status": t.status, "finish_reason": t.finish_reason, "turns": t.num_turns, "tool_calls": t.num_tool_calls, "tool_errors": t.num_tool_errors,
+        "segments": [
+            {
+                "kind": s.kind, "turn": s.turn, "text": s.text, "token_ids": list(s.token_ids),
+                "token_texts": [tokenizer.decode([i]) for i in s.token_ids] if tokenizer is not None else None,
+                "loss_mask": mask, "logprobs": list(s.logprobs) if s.logprobs is not None else None,
+                "versions": list(s.versions) if s.versions is not None else None,
+            }
+            for s, mask in zip(t.segments, masks)
+        ],
         "calls": [{"context": list(c.context), "produced": c.produced} for c in t.calls],
         "steps": t.step_info,
     }
+
+
+def segment_loss_masks(t: Trajectory) -> list[list[int]]:
+    """Each segment's loss mask as the episode's training rows hold it (`tokens.episode_rows`): a gen
+    segment produced by a call (any gen segment when there are no calls) is trained once, in its
+    call's row, with `tokens.row_tokens`'s mask (1, but 0 for greedy GRPO-ATS code tokens);
+    prompt and observation tokens are 0."""
+    trained = {c.produced for c in t.calls} if t.calls else None
+    return [row_tokens(t.segments, [i], trained)[1] for i in range(len(t.segments))]
 
 
 def shape_overlong(groups: Sequence[Group], max_len: int, cache_len: int) -> None:
@@ -66,8 +100,31 @@ def shape_overlong(groups: Sequence[Group], max_len: int, cache_len: int) -> Non
         t.reward_parts["overlong"] = penalty
 
 
+@dataclass(frozen=True)
+class ScoredEpisodes:
+    """The episodes one step trains on, in batch order, with their advantages and group indices
+    (what `collate` pads into the TrainBatch)."""
+
+    trajectories: list[Trajectory]
+    advantages_B: torch.Tensor
+    group_index_B: torch.Tensor
+
+    def collate(self, pad_id: int) -> TrainBatch:
+        return collate(self.trajectories, self.advantages_B, self.group_index_B, pad_id)
+
+    def advantage_by_episode(self) -> dict[str, float]:
+        """{episode id: advantage} of the trained episodes (samples.jsonl's `advantage`), in float32 as the batch holds it."""
+        return {t.id: a for t, a in zip(self.trajectories, self.advantages_B.to(torch.float32).tolist())}
+
+
 def build_batch(groups: list[Group], cfg: Config, pad_id: int) -> tuple[TrainBatch | None, dict[str, float]]:
-    """Advantages per group, zero-variance groups left out (counted), padded into a TrainBatch.
+    """`score_groups`, padded into a TrainBatch (None when no episode is trained)."""
+    scored, stats = score_groups(groups, cfg)
+    return (scored.collate(pad_id) if scored is not None else None), stats
+
+
+def score_groups(groups: list[Group], cfg: Config) -> tuple[ScoredEpisodes | None, dict[str, float]]:
+    """Advantages per group, zero-variance groups left out (counted): the episodes a step trains on.
 
     With `train.mask_truncated`, truncated samples take no part: they are out of their group's
     baseline (mean, std, ranking) and out of the batch. Rows the estimator does not keep (GFPO's
@@ -96,7 +153,7 @@ def build_batch(groups: list[Group], cfg: Config, pad_id: int) -> tuple[TrainBat
     if not bool(keep_B.any()):
         return None, stats
     rows = keep_B.nonzero().squeeze(-1).tolist()
-    return collate([trajectories[b] for b in rows], advantages_B[keep_B], group_ids_B[keep_B], pad_id), stats
+    return ScoredEpisodes([trajectories[b] for b in rows], advantages_B[keep_B], group_ids_B[keep_B]), stats
 
 
 def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:

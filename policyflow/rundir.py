@@ -44,13 +44,13 @@ from policyflow.config import Config, ConfigError, read_yaml, validate_config
 
 LOCK_FILE = "run.lock"
 # What a run writes (deleted by run.overwrite=true) ...
-RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", "plot.png", "config.yaml", "checkpoints", "snapshots", "reference", "base")
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", "plot.png", "config.yaml", "checkpoints", "snapshots", "reference", "base", "tensorboard", "wandb", "view.html")
 # ... and what makes a folder hold a run (a run that failed before its first metrics line left only config.yaml).
 RUN_MARKERS = ("metrics.jsonl", "samples.jsonl", "summary.json", "checkpoints")
 # Settings a resume may change (a trailing ".*" covers a whole section); every other change is refused.
 RESUMABLE = (
     "train.steps", "train.time_budget_s", "run.log_every", "run.samples_every", "run.progress", "run.threads",
-    "run.device", "run.overwrite", "run.output_dir", "run.name", "model.path", "eval.*", "checkpoint.*",
+    "run.device", "run.overwrite", "run.trackers", "run.output_dir", "run.name", "model.path", "eval.*", "checkpoint.*",
 )
 
 

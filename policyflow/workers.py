@@ -26,6 +26,7 @@ batch of groups, publishing each new version to the snapshot store, and checkpoi
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -39,10 +40,10 @@ from policyflow.agent.env import group_builder
 from policyflow.checkpoint import LoopState, load_state, rng_state, save_checkpoint, save_model_folder, set_rng_state, verify_checkpoint
 from policyflow.config import Config
 from policyflow.engine import AsyncEngine, SamplingParams
-from policyflow.logging import JsonlWriter, Progress
+from policyflow.logging import Progress
 from policyflow.lora import RUN_BASE_REF, adapter_base_path, attach_lora, is_adapter_folder, is_lora, load_adapter, lora_weights
 from policyflow.model import load_pretrained, num_parameters
-from policyflow.rollout import build_batch, rollout_metrics, shape_overlong
+from policyflow.rollout import episode_record, rollout_metrics, score_groups, shape_overlong
 from policyflow.session import build_task, episode_runner, load_policy, model_context, open_session, pick_device, sampling_params
 from policyflow.sft import warm_start
 from policyflow.tasks.base import Problem
@@ -233,6 +234,9 @@ class TrainerWorker:
         self.session = open_session(cfg, model_path=start, master_weights=True)  # fp32 master weights
         self.compute_dtype = getattr(torch, cfg.model.dtype)  # bf16/fp16 models compute under autocast
         self._sft_steps = 0  # warm-start steps taken here (none: the weights are still model.path's)
+        self._metric_lines: deque[dict] = deque()  # SFT metric lines waiting for the driver's writer (`take_metrics`)
+        self._stop_sft = threading.Event()  # set when the driver gives up on a warm-start (Ctrl-C): it stops at its next step
+        self._last_step: tuple[list[Group], dict[str, float]] = ([], {})  # the last step's groups and advantages (`step_records`)
         self._use_model(load_adapter(self.session.model, checkpoint, trainable=True) if adapter else self.session.model)
 
     def _use_model(self, model: torch.nn.Module) -> None:
@@ -255,20 +259,22 @@ class TrainerWorker:
         lora = f" (LoRA rank {rank}, {lr}: {trained:,} trained)" if is_lora(s.model) else f" (LoRA rank {rank} added when RL starts, {lr})" if rank else ""
         return f"model: {num_parameters(s.model):,} parameters{lora} on {s.device}; task: {s.task.name}"
 
-    def warm_start(self, metrics_path: str | None = None) -> dict[str, float]:
-        """Supervised warm-start (sft.*), with a progress bar and sft/loss lines in metrics.jsonl."""
+    def warm_start(self) -> dict[str, float]:
+        """Supervised warm-start (sft.*) with a progress bar. Its metric lines ({"sft_step", "sft/loss"}
+        every 10 steps, {"sft_step", "sft/accuracy_greedy"} at each evaluation) wait in `take_metrics`
+        for the driver, which writes every metric of the run (`trackers.MetricsWriter`)."""
         cfg, s = self.cfg, self.session
         bar = Progress(cfg.sft.max_steps, 0, cfg.run.progress, desc="sft")
-        log = JsonlWriter(Path(metrics_path)) if metrics_path else None
 
         def on_step(step: int, loss: float) -> None:
+            if self._stop_sft.is_set():
+                raise RuntimeError("the SFT warm-start was stopped by the driver")
             bar.update({"sft/loss": loss})
-            if log is not None and step % 10 == 0:
-                log.write({"sft_step": step, "sft/loss": loss})
+            if step % 10 == 0:
+                self._metric_lines.append({"sft_step": step, "sft/loss": loss})
 
         def on_eval(step: int, accuracy: float) -> None:
-            if log is not None:
-                log.write({"sft_step": step, "sft/accuracy_greedy": accuracy})
+            self._metric_lines.append({"sft_step": step, "sft/accuracy_greedy": accuracy})
 
         result = warm_start(s.model, s.tokenizer, s.task, cfg.sft, chat_template=cfg.model.chat_template, greedy_accuracy=s.greedy_accuracy,
                             on_step=on_step, on_eval=on_eval, compute_dtype=self.compute_dtype, context=context_policy(cfg.agent.context),
@@ -276,6 +282,23 @@ class TrainerWorker:
         self._sft_steps += result.steps
         bar.close()
         return asdict(result)
+
+    async def warm_start_live(self) -> dict[str, float]:
+        """`warm_start` in a helper thread, so that this component's loop answers `take_metrics` while
+        it runs (the driver writes SFT lines as they come, in either runtime). Cancelled (the driver
+        stopped: Ctrl-C), it stops the warm-start at its next step."""
+        try:
+            return await asyncio.to_thread(self.warm_start)
+        except asyncio.CancelledError:
+            self._stop_sft.set()
+            raise
+
+    def take_metrics(self) -> list[dict]:
+        """The metric lines made since the last call, oldest first (they leave this component)."""
+        lines = []
+        while self._metric_lines:
+            lines.append(self._metric_lines.popleft())
+        return lines
 
     def evaluate(self) -> dict[str, Any]:
         return asdict(self.session.evaluate())
@@ -322,7 +345,7 @@ class TrainerWorker:
 
         With LoRA the engines get the merged weights W + (α/r)·B·A under the plain model's
         names: merged here for the inline runtime, from the base and the adapter's factors in
-        each engine process for the process runtime (README "LoRA": the bytes per update).
+        each engine process for the process runtime (docs/benchmarks.md "LoRA": the bytes per update).
         """
         model = self.session.model
         if is_lora(model):  # the store merges: the inline one here, the file one in each engine process
@@ -333,15 +356,27 @@ class TrainerWorker:
         return self.trainer.version
 
     def train_step(self, groups: list[Group]) -> dict[str, float]:
-        """Advantages, one policy version (μ epochs × minibatches), publish. Returns float metrics."""
-        batch, metrics = build_batch(groups, self.cfg, self.session.tokenizer.pad_token_id)
+        """Advantages, one policy version (μ epochs × minibatches), publish. Returns float metrics;
+        the groups and their advantages stay for `step_records`."""
+        scored, metrics = score_groups(groups, self.cfg)
         metrics |= rollout_metrics(groups)
-        if batch is not None:
-            metrics |= self.trainer.step(batch.to(self.session.device))
+        self._last_step = (groups, scored.advantage_by_episode() if scored is not None else {})
+        if scored is not None:
+            metrics |= self.trainer.step(scored.collate(self.session.tokenizer.pad_token_id).to(self.session.device))
         else:
             self.trainer.version += 1  # nothing to learn from: the version still advances so steps and versions agree
         self.publish()
         return metrics
+
+    def step_records(self, step: int, max_groups: int) -> list[dict]:
+        """samples.jsonl lines (`rollout.episode_record`) of every episode of the first `max_groups`
+        groups of the last `train_step`, with their advantages (None: not trained) and token texts."""
+        groups, advantages = self._last_step
+        return [
+            episode_record(t, kind="train", step=step, version=self.trainer.version, prompt=g.prompt, answer=g.answer,
+                           advantage=advantages.get(t.id), tokenizer=self.session.tokenizer)
+            for g in groups[:max_groups] for t in g.trajectories
+        ]
 
     def save_checkpoint(self, run_dir: str, loop: LoopState, worker_rng: list) -> str:
         s = self.session
