@@ -124,7 +124,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
     """Load a causal LM and its tokenizer from a complete local folder (never from a hub)."""
     folder = check_model_folder(path)
     try:
-        tokenizer = _load_tokenizer(folder)
+        tokenizer = load_tokenizer(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load the model in {str(folder)!r}: {err}") from err
@@ -134,7 +134,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
     return model, tokenizer
 
 
-def _load_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     """The folder's tokenizer. One saved from a plain `tokenizers` object (the tiny char tokenizer)
     is loaded as exactly that: AutoTokenizer would pick the class of the model type (Qwen2's),
     whose own pre-tokenizer drops spaces and newlines the char vocabulary has no byte form for."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
 from policyflow.agent.context import context_policy
@@ -15,11 +16,13 @@ from policyflow.agent.episode import EpisodeRunner
 from policyflow.checkpoint import is_checkpoint, verify_checkpoint
 from policyflow.config import Config, ConfigError
 from policyflow.engine import AsyncEngine, SamplingParams
-from policyflow.evaluate import EvalResult, accuracy, evaluate
+from policyflow.engine.generator import Generator
+from policyflow.evaluate import EvalResult, Evaluation, accuracy, evaluate, full_evaluation, trivial_set
 from policyflow.lora import is_adapter_folder, load_merged
-from policyflow.model import ModelLoadError, build_char_tokenizer, build_tiny, check_model_folder, load_pretrained
+from policyflow.model import ModelLoadError, load_tokenizer, build_char_tokenizer, build_tiny, check_model_folder, load_pretrained
 from policyflow.tasks import configured_task
 from policyflow.tasks.base import Problem, Task
+from policyflow.tasks.jsonl import RowFormat
 from policyflow.tasks.length import PromptFit
 from policyflow.tokens import render_prompt
 
@@ -91,16 +94,20 @@ def model_context(model_config) -> int | None:
     return None
 
 
-def _tokenizer_and_context(cfg: Config):
-    """The tokenizer and context length of model.path (config only, no weights), or of the tiny model."""
-    if not cfg.model.path:
+def _tokenizer_and_context(cfg: Config, model_path: Path | str | None = None):
+    """The tokenizer and context length of `model_path`, else model.path (config only, no weights), else of the tiny model."""
+    path = str(model_path or cfg.model.path or "")
+    if not path:
         return build_char_tokenizer(), cfg.model.tiny.max_positions
-    check_model_folder(cfg.model.path, weights=False)  # only the tokenizer and config are read here
+    folder = check_model_folder(path, weights=False)  # only the tokenizer and config are read here
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
-        return tokenizer, model_context(AutoConfig.from_pretrained(cfg.model.path, local_files_only=True))
+        tokenizer = load_tokenizer(folder)  # as `load_pretrained` loads it (the tiny char tokenizer keeps its spaces)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        return tokenizer, model_context(AutoConfig.from_pretrained(path, local_files_only=True))
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"could not load the tokenizer or config in {cfg.model.path!r}: {err}") from err
+        raise ModelLoadError(f"could not load the tokenizer or config in {path!r}: {err}") from err
 
 
 def sampling_params(cfg: Config, task: Task) -> SamplingParams:
@@ -108,8 +115,8 @@ def sampling_params(cfg: Config, task: Task) -> SamplingParams:
     return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens, stop=tuple(s.stop) + task.stop)
 
 
-def episode_runner(cfg: Config, engine: AsyncEngine, tokenizer, params: SamplingParams) -> EpisodeRunner:
-    """The episode runner the config describes (limits and context policy `agent.*`)."""
+def episode_runner(cfg: Config, engine: Generator, tokenizer, params: SamplingParams) -> EpisodeRunner:
+    """The episode runner the config describes (limits and context policy `agent.*`) over a generator (the local engine or an endpoint)."""
     return EpisodeRunner(engine, tokenizer, params, cfg.agent, chat_template=cfg.model.chat_template, context=context_policy(cfg.agent.context))
 
 
@@ -140,6 +147,10 @@ class Session:
             seed=self.cfg.run.seed, samples_per_prompt=self.cfg.eval.samples_per_prompt,
         )
 
+    def full_evaluation(self) -> Evaluation:
+        """The full report's evaluation (`evaluate.full_evaluation`) of this process's model."""
+        return configured_evaluation(self.cfg, self.runner, self.task, self.eval_problems)
+
     def greedy_accuracy(self) -> float:
         """Greedy accuracy on the first `sft.eval_prompts` held-out problems (the SFT stopping rule)."""
         return accuracy(self.runner.with_params(temperature=0.0), self.task, self.eval_problems[: self.cfg.sft.eval_prompts])[0]
@@ -156,3 +167,33 @@ def open_session(cfg: Config, model_path: Path | str | None = None, *, master_we
     task = build_task(cfg, tokenizer, model_context(model.config))
     problems = list(task.eval_problems())[: cfg.eval.num_prompts]
     return Session(cfg, model, tokenizer, task, AsyncEngine(model, tokenizer), problems, pick_device(cfg))
+
+
+def configured_evaluation(cfg: Config, runner: EpisodeRunner, task: Task, problems: list[Problem]) -> Evaluation:
+    """`evaluate.full_evaluation` with the config's settings (eval.*, the run seed) and trivial set
+    (eval.trivial_path, read in the jsonl task's row format, else the task's own)."""
+    jsonl = cfg.task.name == "jsonl"
+    row_format = RowFormat(cfg.task.prompt_column, cfg.task.answer_column, cfg.task.reward if jsonl else "exact")
+    trivial, source = trivial_set(task, cfg.eval.trivial_path, row_format)
+    e = cfg.eval
+    return full_evaluation(
+        runner, task, problems, temperature=e.temperature, seed=cfg.run.seed, samples_per_prompt=e.samples_per_prompt,
+        pass_k=e.pass_k, budgets=e.budgets, trivial=trivial, trivial_source=source,
+    )
+
+
+def open_endpoint(cfg: Config, base_url: str, endpoint_model: str | None = None, model_path: Path | str | None = None) -> tuple[EpisodeRunner, Task, list[Problem], object]:
+    """(runner, task, held-out problems, tokenizer) for evaluating the model behind an
+    OpenAI-compatible endpoint (`engine.remote.RemoteGenerator`, base URL with /v1): the same
+    episodes as a local model's, prompts sent as token ids of the tokenizer of `model_path`, else
+    model.path, else the tiny model's, so greedy results equal evaluating that folder here."""
+    from policyflow.engine.remote import RemoteGenerator
+
+    tokenizer, context = _tokenizer_and_context(cfg, model_path)
+    task = build_task(cfg, tokenizer, context)
+    problems = list(task.eval_problems())[: cfg.eval.num_prompts]
+    if cfg.agent.code_temperature is not None:  # an OpenAI endpoint has no per-segment sampling (GRPO-ATS)
+        logging.getLogger("policyflow").warning("note: --endpoint samples code like the rest of the text (agent.code_temperature applies on a local engine only)")
+        cfg = cfg.model_copy(update={"agent": cfg.agent.model_copy(update={"code_temperature": None})})
+    runner = episode_runner(cfg, RemoteGenerator(base_url, endpoint_model), tokenizer, sampling_params(cfg, task))
+    return runner, task, problems, tokenizer

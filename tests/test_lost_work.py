@@ -231,7 +231,8 @@ def test_eval_prints_one_json_line_and_nothing_else(small_config, monkeypatch, c
 
     monkeypatch.setattr(coordinator, "run_eval", noisy)
     overrides = [f"{key}" for key in ("task.name=jsonl", f"task.path={cfg.task.path}", "model.tiny.hidden_size=32", "model.tiny.num_layers=1",
-                                      "model.tiny.intermediate_size=64", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "eval.num_prompts=2")]
+                                      "model.tiny.intermediate_size=64", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "eval.num_prompts=2",
+                                      f"run.output_dir={cfg.run.output_dir}")]
     assert main(["eval", *overrides]) == 0
     out, err = capfd.readouterr()
     assert out.count("\n") == 1 and set(json.loads(out)) >= {"accuracy_greedy", "accuracy_sampled"}

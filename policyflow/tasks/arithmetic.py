@@ -16,6 +16,8 @@ from policyflow.tasks.base import Problem, Score, Task, TaskError, check_batch, 
 
 _LEADING_INTEGER = re.compile(r"-?[0-9]+")
 Operands = tuple[int, int]
+# The trivial set (`Task.trivial_problems`): sums a model should answer at once.
+TRIVIAL_SUMS: tuple[Operands, ...] = ((1, 1), (2, 2), (1, 2), (3, 1), (0, 0), (2, 5), (4, 4), (0, 7), (5, 3), (6, 1))
 
 
 def _digit_range(digits: int) -> range:
@@ -85,8 +87,16 @@ class ArithmeticTask(Task):
         match = _LEADING_INTEGER.match(completion.strip())
         return match.group() if match else None
 
+    def is_correct(self, problem: Problem, answer: str | None) -> bool:
+        """Exactly the sum as written (`"0357"` is wrong)."""
+        return answer == problem.answer
+
+    def trivial_problems(self) -> Sequence[Problem]:
+        """One-digit sums, `1+1=` first (over-thinking: tokens spent where none are needed)."""
+        return tuple(self._problem(pair, f"arithmetic:trivial:{j}") for j, pair in enumerate(TRIVIAL_SUMS))
+
     def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> Score:
         """Reward 1.0 iff the leading integer is exactly the sum as written (`"0357"` is wrong)."""
         check_batch(problems, completions)
-        correct = [self.extract_answer(c) == p.answer for p, c in zip(problems, completions)]
+        correct = [self.is_correct(p, self.extract_answer(c)) for p, c in zip(problems, completions)]
         return Score(rewards=[float(ok) for ok in correct], correct=correct)

@@ -107,9 +107,29 @@ class Task(ABC):
     def extract_answer(self, completion: str) -> str | None:
         """The answer in a completion, or None if there is none."""
 
+    def is_correct(self, problem: Problem, answer: str | None) -> bool:
+        """Whether `answer` is a right answer to `problem`: the one correctness contract.
+
+        `answer` is an answer as `extract_answer` returns it from a completion (None: the
+        completion has none, never correct); tool episodes pass the text of the final answer
+        (`agent.tool_env.ToolSetup.check`). A pure function of (problem, answer), so that
+        `score(...).correct[i] == is_correct(problems[i], extract_answer(completions[i]))` and
+        evaluation can judge answers on their own: maj@k votes over extracted answers and judges
+        the winner with this. By default the stripped answer equals the stripped reference;
+        override it when other answers are right too (countdown: any valid expression).
+        """
+        return answer is not None and answer.strip() == problem.answer.strip()
+
+    def trivial_problems(self) -> Sequence[Problem]:
+        """Problems the model should answer at once ("1+1="): evaluation measures the tokens spent
+        on them against the tokens spent on the held-out set (over-thinking; Nous Research, "The
+        Missing Benchmark"). () when the task has none; `eval.trivial_path` gives a file instead."""
+        return ()
+
     @abstractmethod
     def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> Score:
-        """Rewards and correctness for completions[i] answering problems[i]."""
+        """Rewards and correctness for completions[i] answering problems[i] (`Score.correct`
+        agrees with `is_correct` on the extracted answers)."""
 
     def limit_prompts(self, fit: PromptFit) -> None:
         """Make every prompt fit the model's context (tasks/length.py), or raise.

@@ -322,13 +322,28 @@ class CountdownTask(Task):
 
     def evaluate(self, problem: Problem, completion: str) -> Evaluation:
         """The parser's verdict on a completion for a problem."""
-        expression = self.extract_answer(completion) or ""
-        return check_expression(expression, problem.columns["numbers"], require_all=self.require_all_numbers, max_chars=self.max_expression_chars)
+        return self._verdict(problem, self.extract_answer(completion))
+
+    def _verdict(self, problem: Problem, answer: str | None) -> Evaluation:
+        return check_expression(answer or "", problem.columns["numbers"], require_all=self.require_all_numbers, max_chars=self.max_expression_chars)
+
+    def is_correct(self, problem: Problem, answer: str | None) -> bool:
+        """A valid expression (module docstring) over the problem's numbers whose value is the target."""
+        verdict = self._verdict(problem, answer)
+        return verdict.valid and verdict.value == problem.columns["target"]
+
+    def trivial_problems(self) -> Sequence[Problem]:
+        """The numbers (k, 1, ..., 1) with their sum as target (`1,1,1->3:`), for k = 1..6 where
+        they fit task.max_number and task.max_target: one addition of every number."""
+        ones = (1,) * (self.num_numbers - 1)
+        fits = [k for k in range(1, 7) if k <= self.max_number and k + len(ones) <= self.max_target]
+        instances = [CountdownInstance((k, *ones), k + len(ones), "+".join(map(str, (k, *ones)))) for k in fits]
+        return tuple(self._problem(x, f"countdown:trivial:{j}") for j, x in enumerate(instances))
 
     def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> Score:
         """1.0 for a valid expression equal to the target; `format_reward` for a valid one that misses."""
         check_batch(problems, completions)
         verdicts = [self.evaluate(p, c) for p, c in zip(problems, completions)]
-        correct = [v.valid and v.value == p.columns["target"] for p, v in zip(problems, verdicts)]
+        correct = [v.valid and v.value == p.columns["target"] for p, v in zip(problems, verdicts)]  # is_correct on the extracted answers
         rewards = [1.0 if ok else (self.format_reward if v.valid else 0.0) for ok, v in zip(correct, verdicts)]
         return Score(rewards=rewards, correct=correct, parts={"format": [float(v.valid) for v in verdicts]})

@@ -29,6 +29,10 @@ from policyflow.tools.code import SandboxUnavailable
 from policyflow.tools.python_tool import CODE_TOOL_NAMES, CodeSettings, Notebook, check_sandbox, code_tool
 
 
+# The trivial set (`Task.trivial_problems`): products a model should answer at once.
+TRIVIAL_PRODUCTS = ((1, 1), (2, 3), (2, 2), (1, 5), (3, 3), (4, 2), (1, 9), (2, 4))
+
+
 class MultiplyTask(Task):
     """a*b for a, b of `min_digits`–`max_digits` digits, answered with the code tool."""
 
@@ -118,6 +122,10 @@ class MultiplyTask(Task):
     def is_correct(self, problem: Problem, answer: str | None) -> bool:
         """The answer as ASCII digits equal to the product (compared as text: no length limit)."""
         return answer is not None and same_integer(answer, problem.answer)
+
+    def trivial_problems(self) -> Sequence[Problem]:
+        """One-digit products (`2*3`): answerable without the code tool."""
+        return tuple(self._problem(a, b, f"multiply:trivial:{j}") for j, (a, b) in enumerate(TRIVIAL_PRODUCTS))
 
     def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> Score:
         """1.0 for a correct `<answer>` in the completion (episodes are scored by their env)."""

@@ -268,6 +268,15 @@ class SearchQATask(Task):
             return same_integer(answer, problem.answer)
         return answer.strip().lower() == problem.answer.lower()
 
+    def trivial_problems(self) -> Sequence[Problem]:
+        """One-lookup questions (one search, then copy the fact) about the first ten held-out
+        places, capital and population in turn: the least an episode can do."""
+        problems = []
+        for j, e in enumerate(self.eval_entities[:10]):
+            prompt, answer = (f"capital of {e.name}?", e.capital) if j % 2 == 0 else (f"pop of {e.name}?", str(e.pop))
+            problems.append(Problem(f"search_qa:trivial:{j}", prompt, answer, {"hops": 1, "entities": (e.id,)}))
+        return tuple(problems)
+
     def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> Score:
         """1.0 for a correct `<answer>` in the completion (the multi-turn env adds the search penalty)."""
         check_batch(problems, completions)
