@@ -440,19 +440,19 @@ def test_wrong_length_and_non_number_returns(tmp_path: Path, rewards_module, cap
     recovered = _user_task(tmp_path, "pf_user_rewards:always_one").score(problems, ["a", "b"])
     assert recovered.rewards == [1.0, 1.0] and recovered.errors == 0
     result = call_reward_fn(rewards_module.junk, ["p"] * 5, ["c"] * 5, {}, timeout_s=1.0)
-    assert result.rewards == [0.0, 0.0, 0.5, 0.0, 1.0]
-    assert result.failed == [True, True, False, True, False] and result.errors == 3
+    assert result.rewards == [0.0, 0.0, 0.5, 0.0, 1.0]  # None: TRL's "cannot score", 0.0 but not an error
+    assert result.failed == [True, True, False, False, False] and result.errors == 2 and result.unscored == 1
 
 
 # ----------------------------------------------------------------------------- registry
 
 
 def test_make_task(tmp_path: Path):
-    assert set(TASKS) == {"arithmetic", "countdown", "jsonl", "search_qa", "multiply"}
+    assert set(TASKS) == {"arithmetic", "countdown", "jsonl", "search_qa", "multiply", "agent_program"}
     assert isinstance(make_task("arithmetic"), ArithmeticTask)
     assert make_task("countdown", seed=1, num_eval=5).eval_problems() == CountdownTask(seed=1, num_eval=5).eval_problems()
     assert isinstance(make_task("jsonl", path=_good_file(tmp_path)), JsonlTask)
-    with pytest.raises(ValueError, match=r"unknown task 'gsm8k'; choose one of \['arithmetic', 'countdown', 'jsonl', 'multiply', 'search_qa'\]"):
+    with pytest.raises(ValueError, match=r"unknown task 'gsm8k'; choose one of \['agent_program', 'arithmetic', 'countdown', 'jsonl', 'multiply', 'search_qa'\]"):
         make_task("gsm8k")
     with pytest.raises(ValueError, match="accepts"):
         make_task("arithmetic", path="x")

@@ -17,11 +17,17 @@ Rewards: `"code_tests"` (the completion's code, its last ```python block, else i
 source string whose top-level `assert`s are the tests; the reward is the fraction passed, and
 `Score.correct` means all passed; the answer column is optional), `"exact"` (the final answer equals the reference, both stripped), `"numeric"` (the last
 number in the final answer equals the reference number within a tolerance), or a user function
-`"module:function"` called as `fn(prompts, completions, **columns)`, where the columns are every
-field of the rows except the prompt (so the answer column is among them) as lists aligned with
-`prompts`; rows lacking a field give None there. The final answer is the content of the last
-`<answer>...</answer>` tag, else the whole completion. `Score.correct` is the exact match, or the
-numeric match under `reward="numeric"`, whatever the reward function says.
+`"module:function"` called as TRL calls one, `fn(prompts=..., completions=..., **columns)`, where
+the columns are every field of the rows except the prompt (so the answer column is among them;
+a TRL dataset's `solution` column arrives as `solution`) as lists aligned with `prompts`; rows
+lacking a field give None there. With `chat_template` (`model.chat_template=true`) a user
+function gets TRL's conversational form (`reward_fn.conversational`: `[{"role": "user", ...}]`
+per prompt, `[{"role": "assistant", "content": text}]` per completion), so
+`trl.rewards:accuracy_reward` and `trl.rewards:think_format_reward` run unchanged; a None
+reward scores 0.0 and is logged (`reward_fn`). The built-in rewards always read text. The
+final answer is the content of the last `<answer>...</answer>` tag, else the whole completion.
+`Score.correct` is the exact match, or the numeric match under `reward="numeric"`, whatever the
+reward function says.
 
 Held-out split: with `eval_path`, that file is the held-out set and training rows whose prompt
 also appears there are dropped with a warning (listed in `overlapping_rows`). Otherwise distinct
@@ -49,6 +55,7 @@ from policyflow.tasks.reward_fn import (
     answer_to_text,
     call_reward_fn,
     check_reward_signature,
+    conversational,
     exact_match,
     extract_final_answer,
     numeric_match,
@@ -242,6 +249,7 @@ class JsonlTask(Task):
         on_bad_row: str = "error",
         reward_timeout_s: float = 10.0,
         code: dict[str, Any] | None = None,
+        chat_template: bool = False,
     ):
         if on_bad_row not in ("error", "skip"):
             raise TaskError(f"jsonl task: on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
@@ -253,6 +261,7 @@ class JsonlTask(Task):
         self.seed = seed
         self.reward = reward
         self.reward_timeout_s = reward_timeout_s
+        self.chat_template = chat_template  # user reward functions get TRL's conversational form (module docstring)
         self.answer_column = answer_column
         self._reward_fn = resolve_reward_fn(reward, answer_column=answer_column)
         fmt = RowFormat(prompt_column, answer_column, reward)
@@ -316,10 +325,16 @@ class JsonlTask(Task):
         """The last `<answer>` tag's content, else the whole completion, stripped; None if empty."""
         return extract_final_answer(completion) or None
 
-    def is_correct(self, problem: Problem, completion: str) -> bool:
-        """The task's own check: numeric match under reward='numeric', else exact match."""
+    def is_correct(self, problem: Problem, answer: str | None) -> bool:
+        """The task's own check on an extracted answer (`Task.is_correct`): numeric match under
+        reward='numeric', all hidden tests passed under reward='code_tests' (run in the sandbox; the
+        code is read from the answer as from a completion), else exact match. The final-answer
+        extraction is idempotent, so this equals the match on the whole completion."""
+        if self.reward == CODE_TESTS:
+            result = code_tests_result([answer or ""], [problem.columns["tests"]], prompts=[problem.prompt], **self.code)
+            return result.rewards[0] == 1.0
         match = numeric_match if self.reward == "numeric" else exact_match
-        return match(completion, problem.answer)
+        return match(answer or "", problem.answer)
 
     def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> Score:
         """Rewards from the reward function (contained: failures score 0.0 and are counted)."""
@@ -327,13 +342,16 @@ class JsonlTask(Task):
         if self.reward == CODE_TESTS:  # its own containment: each completion's sandbox has its own timeout
             result = code_tests_result(list(completions), [p.columns["tests"] for p in problems], prompts=[p.prompt for p in problems], **self.code)
             return Score(rewards=result.rewards, correct=[r == 1.0 for r in result.rewards], errors=result.errors)
+        prompts, texts = [p.prompt for p in problems], list(completions)
+        if self.chat_template and self.reward not in BUILTIN_REWARDS:
+            prompts, texts = conversational(prompts, texts)
         result = call_reward_fn(
             self._reward_fn,
-            [p.prompt for p in problems],
-            list(completions),
+            prompts,
+            texts,
             aligned_columns(problems),
             timeout_s=self.reward_timeout_s,
             name=self.reward,
         )
-        correct = [self.is_correct(p, c) for p, c in zip(problems, completions)]
+        correct = [self.is_correct(p, self.extract_answer(c)) for p, c in zip(problems, completions)]
         return Score(rewards=result.rewards, correct=correct, errors=result.errors)

@@ -1,20 +1,31 @@
 """Reward functions: the built-in `exact` and `numeric` matches, user functions, and their containment.
 
-A reward function has the signature TRL uses::
+A reward function is called as TRL's GRPOTrainer calls one, by keyword::
 
-    fn(prompts: list[str], completions: list[str], **columns) -> list[float]
+    fn(prompts=prompts, completions=completions, **columns) -> list[float | None]
 
 where each column is a list aligned with `prompts`. Users name theirs by import path,
 `"my_rewards:length_bonus"`; the module must be importable (installed, or on PYTHONPATH; the
 `policyflow` command does not add the current folder to `sys.path`).
+
+Prompts and completions are strings for plain models. A chat model's task passes TRL's
+conversational form instead (`conversational`): each prompt the chat it was rendered from,
+`[{"role": "user", "content": text}]`, and each completion `[{"role": "assistant", "content":
+text}]`, so TRL's own functions (`trl.rewards:accuracy_reward`, `trl.rewards:think_format_reward`)
+run unchanged. TRL's trainer-only keywords (`completion_ids`, `trainer_state`, `log_extra`,
+`log_metric`) are not passed: a function that requires one is refused when the task is built.
+
+A reward of None is TRL's "this sample cannot be scored" (`accuracy_reward` returns it when the
+reference answer does not parse). It scores 0.0, as in TRL (which sums rewards ignoring NaN), is
+not counted as an error, and each call that returned any None logs one warning with their count.
 
 `call_reward_fn` runs a function so that one bad sample cannot stop training:
 
 1. the whole batch is called once in a worker thread, waited for at most `timeout_s`;
 2. if it raises or returns the wrong number of values, each sample is called alone (sharing one
    more `timeout_s` budget) to find the failing ones;
-3. a sample whose call raised, timed out, or produced a value that is not a finite real number
-   gets reward 0.0, is logged (prompt and completion truncated) and is counted in `errors`.
+3. a sample whose call raised, timed out, or produced a value that is neither a finite real number
+   nor None gets reward 0.0, is logged (prompt and completion truncated) and is counted in `errors`.
 
 A batch that times out counts every sample as an error and is not retried one by one (that
 could take batch size x timeout). A hung call cannot be killed in-process: Python has no way to
@@ -42,7 +53,8 @@ from policyflow.tasks.base import TaskError, last_tagged
 
 logger = logging.getLogger(__name__)
 
-RewardFn = Callable[..., Sequence[float]]
+RewardFn = Callable[..., Sequence[float | None]]
+Message = dict[str, str]
 BUILTIN_REWARDS = ("exact", "numeric")
 NUMERIC_REL_TOL = 1e-6
 NUMERIC_ABS_TOL = 1e-6
@@ -120,6 +132,13 @@ def builtin_reward(match: Callable[[str, str], bool], answer_column: str) -> Rew
     return reward
 
 
+def conversational(prompts: Sequence[str], completions: Sequence[str]) -> tuple[list[list[Message]], list[list[Message]]]:
+    """TRL's conversational form of a batch: prompt i as `[{"role": "user", "content": prompts[i]}]`
+    (the chat `tokens.render_prompt` renders), completion i as `[{"role": "assistant", "content":
+    completions[i]}]`."""
+    return [[{"role": "user", "content": p}] for p in prompts], [[{"role": "assistant", "content": c}] for c in completions]
+
+
 # ----------------------------------------------------------------------------- resolving
 
 
@@ -178,16 +197,16 @@ def raised_at(err: BaseException, caller: str = __file__) -> str:
 
 
 def check_reward_signature(fn: RewardFn, spec: str, columns: Mapping[str, Any]) -> None:
-    """Raise TaskError if `fn` cannot be called as `fn(prompts, completions, **columns)`."""
+    """Raise TaskError if `fn` cannot be called as `fn(prompts=..., completions=..., **columns)`."""
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins have no signature; the call will tell
         return
     try:
-        signature.bind([], [], **dict.fromkeys(columns, []))
+        signature.bind(prompts=[], completions=[], **dict.fromkeys(columns, []))
     except TypeError as err:
         raise TaskError(
-            f"reward {spec!r} cannot be called as fn(prompts, completions, **columns) with columns {list(columns)}: {err}; "
+            f"reward {spec!r} cannot be called as fn(prompts=..., completions=..., **columns) with columns {list(columns)}: {err}; "
             "define it as fn(prompts, completions, **kwargs) -> list[float]"
         ) from err
 
@@ -197,10 +216,12 @@ def check_reward_signature(fn: RewardFn, spec: str, columns: Mapping[str, Any]) 
 
 @dataclass(frozen=True)
 class RewardResult:
-    """One reward per sample; `failed[i]` marks samples that got 0.0 because the function failed."""
+    """One reward per sample; `failed[i]` marks samples that got 0.0 because the function failed,
+    `unscored` counts those that got 0.0 because it returned None (module docstring)."""
 
     rewards: list[float]
     failed: list[bool]
+    unscored: int = 0
 
     @property
     def errors(self) -> int:
@@ -254,7 +275,8 @@ def _as_reward(value: Any) -> float | None:
     return reward if math.isfinite(reward) else None
 
 
-def _clip(text: str) -> str:
+def _clip(text: Any) -> str:
+    text = text if isinstance(text, str) else repr(text)  # a conversational prompt or completion: its messages
     return repr(text if len(text) <= _CLIP_CHARS else text[:_CLIP_CHARS] + "...")
 
 
@@ -265,7 +287,7 @@ class _FailureLog:
         self.name = name
         self.count = 0
 
-    def add(self, why: str, prompt: str, completion: str) -> None:
+    def add(self, why: str, prompt: Any, completion: Any) -> None:
         self.count += 1
         if self.count <= _LOGGED_FAILURES:
             logger.warning("reward %s failed on a sample (reward 0.0): %s; prompt=%s completion=%s", self.name, why, _clip(prompt), _clip(completion))
@@ -277,8 +299,8 @@ class _FailureLog:
 
 def call_reward_fn(
     fn: RewardFn,
-    prompts: Sequence[str],
-    completions: Sequence[str],
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
     columns: Mapping[str, Sequence[Any]],
     *,
     timeout_s: float,
@@ -290,7 +312,7 @@ def call_reward_fn(
         raise ValueError("call_reward_fn needs prompts, completions and every column of the same length")
     name = name or getattr(fn, "__name__", repr(fn))
     log = _FailureLog(name)
-    outcome = run_with_timeout(lambda: fn(list(prompts), list(completions), **{k: list(v) for k, v in columns.items()}), timeout_s)
+    outcome = run_with_timeout(lambda: fn(prompts=list(prompts), completions=list(completions), **{k: list(v) for k, v in columns.items()}), timeout_s)
     if outcome.timed_out:
         logger.warning(
             "reward %s did not return within %.3gs for a batch of %d; all count as errors with reward 0.0 "
@@ -302,52 +324,61 @@ def call_reward_fn(
         if values is not None:
             result = _checked(values, prompts, completions, log)
             log.close()
+            _log_unscored(name, result)
             return result
         logger.warning("reward %s %s; calling it one sample at a time to find the failures", name, problem)
     else:
         logger.warning("reward %s raised %r on a batch of %d; calling it one sample at a time to find the failures", name, outcome.error, n)
     result = _per_sample(fn, prompts, completions, columns, timeout_s, log)
     log.close()
+    _log_unscored(name, result)
     return result
 
 
-def _checked(values: list[Any], prompts: Sequence[str], completions: Sequence[str], log: _FailureLog) -> RewardResult:
-    """Rewards from a returned list: entries that are not finite real numbers fail."""
+def _log_unscored(name: str, result: RewardResult) -> None:
+    if result.unscored:
+        logger.warning("reward %s returned None for %d of %d samples (cannot score them, e.g. a reference answer that does not parse); "
+                       "they get reward 0.0", name, result.unscored, len(result.rewards))
+
+
+def _checked(values: list[Any], prompts: Sequence[Any], completions: Sequence[Any], log: _FailureLog) -> RewardResult:
+    """Rewards from a returned list: None scores 0.0 (unscored); other entries that are not finite real numbers fail."""
     rewards, failed = [], []
     for value, prompt, completion in zip(values, prompts, completions):
-        reward = _as_reward(value)
+        reward = 0.0 if value is None else _as_reward(value)
         if reward is None:
-            log.add(f"returned {value!r} ({type(value).__name__}); rewards must be finite real numbers", prompt, completion)
+            log.add(f"returned {value!r} ({type(value).__name__}); rewards must be finite real numbers or None", prompt, completion)
         rewards.append(0.0 if reward is None else reward)
         failed.append(reward is None)
-    return RewardResult(rewards, failed)
+    return RewardResult(rewards, failed, unscored=sum(value is None for value in values))
 
 
 def _per_sample(
     fn: RewardFn,
-    prompts: Sequence[str],
-    completions: Sequence[str],
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
     columns: Mapping[str, Sequence[Any]],
     timeout_s: float,
     log: _FailureLog,
 ) -> RewardResult:
     """Call `fn` on one sample at a time, all within one `timeout_s` budget."""
     deadline = time.monotonic() + timeout_s
-    rewards, failed = [], []
+    rewards, failed, unscored = [], [], 0
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         reward, why = _one_sample(fn, prompt, completion, {k: [v[i]] for k, v in columns.items()}, deadline - time.monotonic())
         if why:
             log.add(why, prompt, completion)
+        unscored += reward is None and not why
         rewards.append(0.0 if reward is None else reward)
-        failed.append(reward is None)
-    return RewardResult(rewards, failed)
+        failed.append(bool(why))
+    return RewardResult(rewards, failed, unscored)
 
 
-def _one_sample(fn: RewardFn, prompt: str, completion: str, columns: dict[str, list[Any]], budget_s: float) -> tuple[float | None, str]:
-    """The reward of one sample, or None and why it failed."""
+def _one_sample(fn: RewardFn, prompt: Any, completion: Any, columns: dict[str, list[Any]], budget_s: float) -> tuple[float | None, str]:
+    """The reward of one sample (None if the function returned None), or None and why it failed."""
     if budget_s <= 0:
         return None, "time budget for one-by-one calls used up"
-    outcome = run_with_timeout(lambda: fn([prompt], [completion], **columns), budget_s)
+    outcome = run_with_timeout(lambda: fn(prompts=[prompt], completions=[completion], **columns), budget_s)
     if outcome.timed_out:
         return None, f"timed out after {budget_s:.3g}s"
     if outcome.error is not None:
@@ -355,7 +386,9 @@ def _one_sample(fn: RewardFn, prompt: str, completion: str, columns: dict[str, l
     values, problem = _as_values(outcome.value, 1)
     if values is None:
         return None, problem
+    if values[0] is None:
+        return None, ""
     reward = _as_reward(values[0])
     if reward is None:
-        return None, f"returned {values[0]!r} ({type(values[0]).__name__}); rewards must be finite real numbers"
+        return None, f"returned {values[0]!r} ({type(values[0]).__name__}); rewards must be finite real numbers or None"
     return reward, ""
