@@ -43,7 +43,7 @@ def test_config_is_frozen() -> None:
         ("loss.behav_weight_cap=3", "loss.behav_weight_cap=3.0 does not apply to loss.name='grpo'; it is used by: decoupled_ppo"),
         ("task.min_digits=4", "task.min_digits=4 exceeds task.max_digits=3"),
         ("task.name=jsonl", "task.path is required when task.name=jsonl"),
-        ("task.name=jsnol", "task.name='jsnol' is not allowed (did you mean 'jsonl'?); allowed: arithmetic, countdown, jsonl, search_qa, multiply, or a Task class of yours as package.module:Class"),
+        ("task.name=jsnol", "task.name='jsnol' is not allowed (did you mean 'jsonl'?); allowed: arithmetic, countdown, jsonl, search_qa, multiply, agent_program, or a Task class of yours as package.module:Class"),
         ("task.name=my tasks:Task", "task.name='my tasks:Task' is not allowed; allowed: arithmetic"),
         ("trainlr", "override 'trainlr' must look like section.key=value"),
     ],
@@ -159,7 +159,7 @@ def test_task_names_come_from_the_registry_or_a_user_class() -> None:
     package.module:Class, which is only imported when the task is built."""
     from policyflow.tasks import TASKS
 
-    assert list(TASKS) == ["arithmetic", "countdown", "jsonl", "search_qa", "multiply"]
+    assert list(TASKS) == ["arithmetic", "countdown", "jsonl", "search_qa", "multiply", "agent_program"]
     for name in TASKS:
         assert load_config(None, [f"task.name={name}", "task.path=x.jsonl"]).task.name == name
     cfg = load_config(None, ["task.name=nowhere.to_be.found:Task", "task.options={depth: 3, tools: [a, b]}"])

@@ -172,7 +172,7 @@ def test_a_good_user_class_loads_with_its_options(user_folder: Path) -> None:
 
 
 def test_a_task_name_that_is_neither_registered_nor_an_import_path_is_a_config_error(capsys) -> None:
-    with pytest.raises(ConfigError, match=r"^task.name='my task' is not allowed; allowed: arithmetic, countdown, jsonl, search_qa, multiply, or a Task class of yours"):
+    with pytest.raises(ConfigError, match=r"^task.name='my task' is not allowed; allowed: arithmetic, countdown, jsonl, search_qa, multiply, agent_program, or a Task class of yours"):
         load_config(None, ["task.name=my task"])
     assert main(["eval", "task.name=usertasks.Tiny"]) == 2
     assert capsys.readouterr().err.startswith("policyflow: config error: task.name='usertasks.Tiny' is not allowed")

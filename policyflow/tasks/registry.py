@@ -34,6 +34,7 @@ from policyflow.tasks.base import Task, TaskError
 from policyflow.tasks.countdown import CountdownTask
 from policyflow.tasks.jsonl import JsonlTask
 from policyflow.tasks.multiply import MultiplyTask
+from policyflow.tasks.program import AgentProgramTask
 from policyflow.tasks.reward_fn import raised_at
 from policyflow.tasks.search_qa import SearchQATask
 
@@ -72,9 +73,15 @@ TASKS: dict[str, TaskEntry] = {
         path=cfg.task.path, prompt_column=cfg.task.prompt_column, answer_column=cfg.task.answer_column, reward=cfg.task.reward,
         eval_path=cfg.task.eval_path, eval_fraction=cfg.task.eval_fraction, seed=cfg.task.seed, on_bad_row=cfg.task.on_bad_row,
         reward_timeout_s=cfg.task.reward_timeout_s, code=cfg.task.code.model_dump(include={"timeout_s", "memory_mb", "packages", "isolation", "concurrency"}),
+        chat_template=cfg.model.chat_template,
     )),
     "search_qa": TaskEntry(SearchQATask, _search_qa),
     "multiply": TaskEntry(MultiplyTask, _multiply),
+    "agent_program": TaskEntry(AgentProgramTask, lambda cfg: dict(  # task.options: command, timeout_s, env, cwd
+        path=cfg.task.path, prompt_column=cfg.task.prompt_column, answer_column=cfg.task.answer_column, reward=cfg.task.reward,
+        eval_path=cfg.task.eval_path, eval_fraction=cfg.task.eval_fraction, seed=cfg.task.seed, on_bad_row=cfg.task.on_bad_row,
+        chat_template=cfg.model.chat_template,
+    )),
 }
 
 
