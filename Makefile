@@ -16,6 +16,7 @@ $(VENV)/.installed-$(CONSTRAINTS): pyproject.toml $(CONSTRAINTS)
 	@touch $@
 
 install: $(VENV)/.installed-$(CONSTRAINTS)
+	@sh scripts/setup_browser.sh
 
 demo: install
 	$(PY) -m policyflow train --config configs/demo.yaml run.overwrite=true $(ARGS)
