@@ -1,4 +1,4 @@
-"""Command line: `policyflow train | sft | eval | config | export` (also `python -m policyflow`).
+"""Command line: `policyflow train | sft | eval | config | export | view` (also `python -m policyflow`).
 
 Overrides are `section.key=value` words after the options, e.g.
 `policyflow train --config configs/demo.yaml train.steps=10 loss.name=dapo`.
@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = {
         "train": "SFT warm-start (fresh runs with sft.max_steps > 0), then RL, evaluation and a checkpoint",
         "sft": "supervised warm-start only; saves the model to runs/<name>/sft",
-        "eval": "held-out accuracy (greedy and sampled) of a model",
+        "eval": "held-out accuracy (greedy and sampled) of a model, one JSON line on stdout; the full report (pass@k, maj@k, accuracy against token budgets, tokens on trivial prompts) goes to runs/<name>/eval/<NNN>-<time>/",
         "config": "print the resolved config, or with --fields every field with its default and description",
     }
     for name, help_text in commands.items():
@@ -36,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--resume", type=Path, default=None, help="run folder to continue from its latest checkpoint")
         if name == "eval":
-            p.add_argument("--model", type=Path, default=None, help="model folder (default: model.path or the tiny model)")
+            p.add_argument("--model", type=Path, default=None, help="model folder (default: model.path or the tiny model); with --endpoint only its tokenizer is read")
+            p.add_argument("--endpoint", default=None, help="evaluate the model behind an OpenAI-compatible server instead, by its base URL including /v1 (e.g. http://127.0.0.1:8000/v1); prompts go as token ids of --model's tokenizer")
+            p.add_argument("--endpoint-model", default=None, help="the model name to ask the endpoint for (default: the first one its /v1/models lists)")
         if name == "config":
             p.add_argument("--fields", action="store_true", help="list every field with default and description")
     export = sub.add_parser("export", help="write a LoRA checkpoint as one merged Hugging Face folder", description="write a LoRA checkpoint as one merged Hugging Face folder")
@@ -45,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("out", type=Path, help="the folder to write (new or empty; see --overwrite)")
     export.add_argument("--overwrite", action="store_true", help="replace `out` when it already holds a model folder (never a folder of other files)")
     export.add_argument("--debug", action="store_true", help="show the full traceback of an error (normally one line)")
+    view = sub.add_parser("view", help="write a self-contained HTML page to browse a run's episodes", description="write a self-contained HTML page to browse a run's episodes (training samples.jsonl and eval/*/episodes.jsonl); prints its path")
+    view.add_argument("run", type=Path, help="a run folder (runs/<name>)")
+    view.add_argument("--out", type=Path, default=None, help="the page to write (default: <run>/view.html)")
+    view.add_argument("--debug", action="store_true", help="show the full traceback of an error (normally one line)")
+    serve = sub.add_parser("serve", help="serve a model folder over an OpenAI-compatible HTTP API", description="serve a model folder (LoRA checkpoints included) over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions); see docs/serve.md")
+    serve.add_argument("--model", required=True, help="model folder: a Hugging Face folder or a policyflow checkpoint (LoRA ones merged); clients name it as typed here")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--debug", action="store_true", help="show the full traceback of an error (normally one line)")
     return parser
 
 
@@ -94,7 +105,7 @@ def _one_line(err: Exception) -> str:
 
 
 # Errors whose message already says what to do; others get a hint to rerun with --debug.
-_EXPLAINED = {"ModelLoadError", "TaskError", "CheckpointError", "RunLockedError", "PolicyMismatch"}
+_EXPLAINED = {"ModelLoadError", "TaskError", "CheckpointError", "RunLockedError", "PolicyMismatch", "ViewError"}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -102,6 +113,16 @@ def _run(args: argparse.Namespace) -> int:
         from policyflow.lora import export_merged
 
         print(f"merged model written to {export_merged(args.checkpoint, args.out, overwrite=args.overwrite)}")
+        return 0
+    if args.command == "serve":
+        from policyflow.serve import serve
+
+        serve(args.model, args.host, args.port)
+        return 0
+    if args.command == "view":
+        from policyflow.view import write_view
+
+        print(write_view(args.run, args.out))
         return 0
     if args.command == "train" and args.resume is not None:
         from policyflow.rundir import resume_location, saved_config_path
@@ -120,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
         coordinator.run_sft(cfg)
     else:
         with stdout_to_stderr():  # scripts parse stdout: the summary and nothing else
-            summary = coordinator.run_eval(cfg, args.model)
+            summary = coordinator.run_eval(cfg, args.model, endpoint=args.endpoint, endpoint_model=args.endpoint_model)
         print(json.dumps(summary))
     return 0
 

@@ -29,16 +29,15 @@ from policyflow.agent.context import context_policy
 from policyflow.buffer import RolloutBuffer
 from policyflow.checkpoint import LoopState, check_destination, save_model_folder
 from policyflow.config import Config
-from policyflow.evaluate import EvalResult
+from policyflow.evaluate import EvalResult, write_report
 from policyflow.logging import JsonlWriter, Progress, RunTotals, plot_run
 from policyflow.pool import RolloutPool, task_index
-from policyflow.rollout import episode_record
 from policyflow.runtime import make_runtime
 from policyflow.rundir import RunFolder, RunInterrupted, RunLock, StopOnCtrlC, open_run_folder
-from policyflow.session import open_session, pick_device
+from policyflow.session import configured_evaluation, open_endpoint, open_session, pick_device
 from policyflow.sft import warm_start
 from policyflow.threads import configure_threads, thread_share
-from policyflow.types import Group
+from policyflow.trackers import MetricsWriter, check_trackers, open_trackers
 from policyflow.weights import FileSnapshotStore, SnapshotStore
 from policyflow.workers import RolloutWorker, TrainerWorker, check_probe
 
@@ -51,6 +50,7 @@ def train(cfg: Config, *, resume: Path | None = None, log=print) -> dict:
 async def run_rl(cfg: Config, *, resume: Path | None = None, log=print, worker_cls: type = RolloutWorker) -> dict:
     """`train` as a coroutine; `worker_cls` replaces the rollout worker (fault-injection tests)."""
     pick_device(cfg)  # run.device=cuda without a GPU fails here, before anything is written
+    check_trackers(cfg.run.trackers)  # and so does run.trackers=[wandb] without wandb installed
     folder = open_run_folder(cfg, resume)  # locked until the run ends
     try:
         for note in folder.notes:
@@ -69,16 +69,18 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
     torch.set_num_threads(threads if p.runtime == "inline" else 1)  # the driver itself computes little in the process runtime
     keep = p.max_lag + 2
     store = SnapshotStore(keep) if p.runtime == "inline" else FileSnapshotStore(run_dir / "snapshots", keep)
-    metrics_log, samples_log = JsonlWriter(run_dir / "metrics.jsonl"), JsonlWriter(run_dir / "samples.jsonl")
+    samples_log = JsonlWriter(run_dir / "samples.jsonl")
     runtime = make_runtime(p.runtime)
     pool: RolloutPool | None = None
+    metrics_log: MetricsWriter | None = None  # every metric line, SFT's included, goes through it to every tracker (run.trackers)
     try:
         trainer = await runtime.spawn(TrainerWorker, cfg, store, str(checkpoint) if checkpoint else None, name="trainer", cpus=threads)
         log(f"{await trainer.call('describe')}; pipeline: {p.mode} (η {p.eta}, η_hard {p.eta_hard}, {p.swap_mode}), {p.rollout_workers} rollout worker(s), {p.runtime} runtime; run folder: {run_dir}")
         if checkpoint is None:
             loop, worker_rng = LoopState(), []
+            metrics_log = _open_trackers(cfg, run_dir, first_step=0)
             if cfg.sft.max_steps > 0:
-                sft = await trainer.call("warm_start", str(run_dir / "metrics.jsonl"))
+                sft = await _warm_start(trainer, metrics_log)
                 log(f"SFT warm-start: {sft['steps']} steps, {sft['seconds']:.0f}s, greedy held-out accuracy {sft['accuracy_greedy']:.1%}")
             await trainer.call("begin_rl", str(run_dir))  # the KL reference (and with LoRA the adapter's base) is the model RL starts from
             loop.eval_before = await trainer.call("evaluate")
@@ -86,6 +88,7 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
             log(_accuracy_line("before RL", loop.eval_before))
         else:
             loop, worker_rng = await trainer.call("restore", str(checkpoint))
+            metrics_log = _open_trackers(cfg, run_dir, first_step=loop.step + 1)
             log(f"resumed from {checkpoint} at step {loop.step}; {len(loop.in_flight_task_ids)} group(s) in flight then are dropped")
             metrics_log.write({"resumed_at_step": loop.step, "checkpoint": str(checkpoint), "overrides": folder.resume_overrides})
         totals = RunTotals(loop.counters)  # cumulative counters continue from the checkpoint's
@@ -153,8 +156,9 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
                 pending = line
             elif loop.step % cfg.run.log_every == 0:
                 metrics_log.write(line)
-            if loop.step % cfg.run.samples_every == 0:
-                _write_samples(samples_log, loop.step, groups)
+            if loop.step % cfg.run.samples_every == 0:  # whole episodes of the first SAMPLE_GROUPS groups (docs/trackers.md)
+                for record in await trainer.call("step_records", loop.step, SAMPLE_GROUPS):
+                    samples_log.write(record)
             progress.update(metrics)
         progress.close()
         if stop.requested:  # Ctrl-C: the last completed step is recorded (metrics line and checkpoint), then stop
@@ -174,6 +178,8 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
         if pool is not None:
             await pool.stop()
         await runtime.shutdown()
+        if metrics_log is not None:
+            metrics_log.close()
 
     plot = plot_run(run_dir / "metrics.jsonl", run_dir / "plot.png")
     ledger = buffer.ledger()
@@ -189,6 +195,9 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
         "async": {k: v for k, v in totals.of(buffer.metrics() | pool.metrics()).items() if k.startswith("async/")},
         "resume_overrides": folder.resume_overrides,
     }
+    if cfg.eval.report:  # the final model's full report, by `policyflow eval`'s own path (off in the timed demos)
+        summary["eval_report"] = str(eval_report(cfg, Path(final), step=loop.step)[1])
+        log(f"evaluation report: {summary['eval_report']}")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log(_accuracy_line("after RL ", eval_after))
     log(f"plot: {plot}\nsummary: {run_dir / 'summary.json'}\ncheckpoint: {final}")
@@ -219,10 +228,25 @@ def _accuracy_line(label: str, result: dict) -> str:
     return f"held-out accuracy {label}: greedy {result['accuracy_greedy']:.1%}, sampled {result['accuracy_sampled']:.1%}" + (f" ({splits})" if splits else "")
 
 
-def _write_samples(writer: JsonlWriter, step: int, groups: list[Group], per_step: int = 4) -> None:
-    for g in groups[:per_step]:
-        for t in g.trajectories[:2]:
-            writer.write({"step": step, "prompt": g.prompt, "answer": g.answer, "completion": t.completion_text, "reward": t.reward, "finish_reason": t.finish_reason, "episode": episode_record(t)})
+SAMPLE_GROUPS = 4  # groups per written step in samples.jsonl, each with all its episodes (run.samples_every)
+
+
+def _open_trackers(cfg: Config, run_dir: Path, first_step: int) -> MetricsWriter:
+    return open_trackers(run_dir, cfg.run.trackers, first_step=first_step, run_name=run_dir.name, config=cfg.model_dump(mode="json"))
+
+
+async def _warm_start(trainer, metrics_log: MetricsWriter, poll_s: float = 0.5) -> dict:
+    """The trainer's SFT warm-start, its metric lines written through `metrics_log` as they come
+    (polled every `poll_s` while it runs in the trainer's helper thread: `warm_start_live`)."""
+    sft = asyncio.ensure_future(trainer.call("warm_start_live"))
+    try:
+        while not sft.done():
+            await asyncio.wait({sft}, timeout=poll_s)
+            metrics_log.write_all(await trainer.call("take_metrics"))
+    finally:
+        if not sft.done():  # the driver stops (Ctrl-C): so does the warm-start, at its next step
+            sft.cancel()
+    return sft.result()
 
 
 def run_sft(cfg: Config, log=print) -> Path:
@@ -255,6 +279,23 @@ def run_sft(cfg: Config, log=print) -> Path:
     return folder
 
 
-def run_eval(cfg: Config, model_path: Path | None = None) -> dict:
+def run_eval(cfg: Config, model_path: Path | None = None, *, endpoint: str | None = None, endpoint_model: str | None = None, log=print) -> dict:
+    """`policyflow eval`: the headline (`EvalResult` as a dict; the CLI prints it as one JSON line)
+    of `eval_report`, whose folder is logged."""
+    result, folder = eval_report(cfg, model_path, endpoint=endpoint, endpoint_model=endpoint_model)
+    log(f"evaluation report: {folder}")
+    return asdict(result)
+
+
+def eval_report(cfg: Config, model_path: Path | None = None, *, endpoint: str | None = None, endpoint_model: str | None = None, step: int = 0) -> tuple[EvalResult, Path]:
+    """The full evaluation of a model folder (`model_path`, else model.path, else the tiny model) or
+    of the model behind an OpenAI-compatible `endpoint` (`session.open_endpoint`), written to a new
+    folder under runs/<name>/eval/ (`evaluate.write_report`); returns the headline and the folder."""
     configure_threads(cfg.run.threads)
-    return asdict(open_session(cfg, model_path=model_path).evaluate())
+    if endpoint:
+        runner, task, problems, tokenizer = open_endpoint(cfg, endpoint, endpoint_model, model_path)
+    else:
+        session = open_session(cfg, model_path=model_path)
+        runner, task, problems, tokenizer = session.runner, session.task, session.eval_problems, session.tokenizer
+    evaluation = configured_evaluation(cfg, runner, task, problems)
+    return evaluation.result, write_report(cfg.run_dir, evaluation, task, tokenizer=tokenizer, step=step)

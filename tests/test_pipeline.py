@@ -146,7 +146,7 @@ def test_train_writes_every_output(small_config) -> None:
     steps = [m["step"] for m in _metrics(run) if "rollout/reward_mean" in m]
     assert steps == [1, 2]
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
-    assert {s["step"] for s in samples} == {1, 2} and all({"prompt", "completion", "reward"} <= set(s) for s in samples)
+    assert {s["step"] for s in samples} == {1, 2} and all({"prompt", "segments", "reward", "advantage"} <= set(s) for s in samples)
 
 
 def test_failing_reward_function_is_counted_not_fatal(small_config) -> None:

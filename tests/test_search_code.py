@@ -1,6 +1,6 @@
 """Two tools in one episode (issue 18 §4): search_qa with `code_tool` adds the sandboxed code tool,
 two-lookup demonstrations search A, search B, run `print(A+B)` and copy the printed sum; off, the
-task is exactly as before (`configs/search_code.yaml`, README "Search demo", "Two tools")."""
+task is exactly as before (`configs/search_code.yaml`, docs/guide.md "Search demo", "Two tools")."""
 
 from __future__ import annotations
 
