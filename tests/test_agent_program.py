@@ -32,6 +32,7 @@ from policyflow.tasks import TaskError
 from policyflow.tasks.program import AgentProgramTask
 from policyflow.tokens import episode_rows
 from policyflow.types import Sample, TokenPolicy
+from policyflow.policy import PolicySpec
 from tests.conftest import SMALL, eventually
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +149,7 @@ def test_a_program_that_appends_the_reply_is_one_row_with_the_exact_ids(tmp_path
     assert ids == second + list(gen2) and ids[: len(first) + len(gen1)] == first + list(gen1)
     assert mask == [0] * len(first) + [1] * len(gen1) + [0] * len(t.segments[2].token_ids) + [1] * len(gen2)
     assert [lp for lp, m in zip(logprobs, mask) if m] == [-0.5] * (len(gen1) + len(gen2)) and {v for v, m in zip(versions, mask) if m} == {3}
-    assert t.step_info[-1]["answer"] == "4" and t.num_turns == 2 and t.start_version == t.end_version == 3
+    assert t.step_info[-1]["answer"] == "4" and t.num_turns == 2 and t.start_version == t.min_version == 3
     # the run's policy, whatever the program asks; its max_tokens (none here) cut to sampling.max_new_tokens
     assert all(p.temperature == 0.7 and p.max_new_tokens == 12 for p in generator.params)
 
@@ -192,6 +193,22 @@ def test_turn_limit_refuses_further_calls_and_truncates(tmp_path: Path, chat_tok
     """)
     [t], errors = _episodes(program, ScriptedGenerator(chat_tokenizer, []), chat_tokenizer, max_turns=2)
     assert t.status == "truncated" and t.num_turns == 2 and t.reward == 0.5 and t.reward_parts == {"refused": 1.0} and errors == 0
+
+
+def test_a_streamed_call_past_the_turn_limit_gets_the_400_body(tmp_path: Path, chat_tokenizer) -> None:
+    """The admission check runs before the streaming response starts: the client gets the 400
+    max_turns_exceeded body, not a 500 (nor a 200 stream)."""
+    program = _program(tmp_path, """
+        streamed_chat([{"role": "user", "content": "a"}])
+        try:
+            streamed_chat([{"role": "user", "content": "b"}])
+            status, code = 200, None
+        except urllib.error.HTTPError as err:
+            status, code = err.code, json.load(err)["error"]["code"]
+        print(json.dumps({"reward": 0.5, "parts": {"status": float(status), "refused": float(code == "max_turns_exceeded")}}))
+    """)
+    [t], errors = _episodes(program, ScriptedGenerator(chat_tokenizer, []), chat_tokenizer, max_turns=1)
+    assert t.reward_parts == {"status": 400.0, "refused": 1.0} and t.status == "truncated" and t.num_turns == 1 and errors == 0
 
 
 def test_total_token_limit_cuts_max_tokens_then_refuses(tmp_path: Path, chat_tokenizer) -> None:
@@ -288,15 +305,15 @@ def test_agent_program_is_a_registered_task(tmp_path: Path) -> None:
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1)}) + "\n" for a in range(10)))
     options = f"task.options={{command: [{sys.executable}, {EXAMPLE}], timeout_s: 9}}"
-    task = build_task(load_config(None, ["task.name=agent_program", f"task.path={data}", options]))
+    task = build_task(PolicySpec.of(load_config(None, ["task.name=agent_program", f"task.path={data}", options])))
     assert isinstance(task, AgentProgramTask) and task.program.command == (sys.executable, str(EXAMPLE)) and task.program.timeout_s == 9
     assert isinstance(task.group_builder(task.train_problem(0)), ProgramGroupBuilder)
     with pytest.raises(TaskError, match="not found"):
-        build_task(load_config(None, ["task.name=agent_program", f"task.path={data}", "task.options={command: [no-such-program-here]}"]))
+        build_task(PolicySpec.of(load_config(None, ["task.name=agent_program", f"task.path={data}", "task.options={command: [no-such-program-here]}"])))
     with pytest.raises(TaskError, match="timeout_s must be"):
-        build_task(load_config(None, ["task.name=agent_program", f"task.path={data}", f"task.options={{command: [{sys.executable}], timeout_s: -1}}"]))
+        build_task(PolicySpec.of(load_config(None, ["task.name=agent_program", f"task.path={data}", f"task.options={{command: [{sys.executable}], timeout_s: -1}}"])))
     with pytest.raises(TaskError, match="task.options.command"):
-        build_task(load_config(None, ["task.name=agent_program", f"task.path={data}"]))
+        build_task(PolicySpec.of(load_config(None, ["task.name=agent_program", f"task.path={data}"])))
 
 
 def test_training_the_example_program_is_on_policy_at_the_first_step(tmp_path: Path) -> None:

@@ -278,3 +278,33 @@ def test_train_writes_the_full_report_only_when_asked(small_config) -> None:
     report = json.loads((folder / "report.json").read_text())
     assert report["sampled"]["accuracy"]["value"] == summary["eval_after"]["accuracy_sampled"]  # the final weights, evaluated alike
     assert all(json.loads(line)["step"] == summary["steps"] for line in (folder / "episodes.jsonl").read_text().splitlines())
+
+
+def test_an_endpoint_needs_a_tokenizer_folder_unless_it_names_one(served_tiny, small_config) -> None:
+    """Without --model or model.path: the tokenizer of the folder the endpoint names its model by
+    (policyflow serve), or a one-line ConfigError; never the tiny char tokenizer unasked."""
+    from policyflow.config import ConfigError
+    from policyflow.engine.openai_api import build_app
+    from policyflow.model import load_pretrained
+    from policyflow.policy import PolicySpec
+    from policyflow.serve import bound_socket, server
+    from policyflow.session import open_endpoint
+
+    folder, url = served_tiny
+    spec = PolicySpec.of(small_config("run.device=cpu"))
+    runner, _, _, tokenizer = open_endpoint(spec, url)
+    runner.generator.close()
+    assert tokenizer.get_vocab() == load_pretrained(folder)[1].get_vocab() and tokenizer.name_or_path == str(folder)
+    srv = server(build_app(runner.generator, tokenizer, "some-hosted-model", False), log_level="warning")
+    sock = bound_socket("127.0.0.1", 0)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and time.monotonic() < deadline:  # a hang guard, not a timing assertion
+        time.sleep(0.02)
+    try:
+        with pytest.raises(ConfigError, match="--endpoint needs the served model's tokenizer: pass --model DIR"):
+            open_endpoint(spec, f"http://127.0.0.1:{sock.getsockname()[1]}/v1")
+    finally:
+        srv.should_exit = True
+        thread.join(10)

@@ -183,7 +183,7 @@ def test_streaming_equals_generate_for_the_same_seed(tiny, prompt_ids, backend):
     """Chunks arrive step by step while other requests decode; together they are the Sample
     `generate` returns for the same seed, text cut at the stop string included."""
     model, tok = tiny
-    params = SamplingParams(temperature=1.0, max_new_tokens=40, seed=5, stop=("00", "Z2"))
+    params = SamplingParams(temperature=1.0, max_new_tokens=40, seed=205, stop=("00", "Z2"))  # seed 205: a completion the stop string "00" cuts
 
     async def main():
         engine = AsyncEngine(model, tok, backend=backend)
@@ -196,7 +196,7 @@ def test_streaming_equals_generate_for_the_same_seed(tiny, prompt_ids, backend):
         return ref, chunks
 
     ref, chunks = asyncio.run(main())
-    assert ref.finish_reason == "stop" and ref.text.endswith("Z2")  # the stop string cut the completion
+    assert ref.finish_reason == "stop" and ref.text.endswith("00")  # the stop string cut the completion
     tokens, logprobs, text = joined(chunks)
     sample = chunks[-1].sample
     assert len(chunks) > 5 and all(c.sample is None for c in chunks[:-1]) and sample is not None
@@ -328,9 +328,95 @@ def test_an_episode_runs_against_any_generator():
     assert runner.generator is generator
     traj = asyncio.run(runner.run(env, id="e", task_id="t"))
     assert traj.status == "complete" and traj.num_turns == 2 and traj.num_tool_calls == 1 and traj.tools.errors == 0
-    assert traj.reward_parts["correct"] == 1.0 and traj.start_version == traj.end_version == 3
+    assert traj.reward_parts["correct"] == 1.0 and traj.start_version == traj.min_version == 3
     first_turn = tok(turns[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     obs, _ = render_observation(tok, "3", True)
     assert generator.prompts[0] == render_prompt(tok, "1+2?", True, tools=env.tools)
     assert generator.prompts[1] == generator.prompts[0] + first_turn + obs
     assert tok.decode(obs) == "\n[tool]3<eos>\n[assistant]"
+
+
+# -- counter-based seeded uniforms (review of issue 19, item 7) ----------------------------------
+
+
+def test_counter_uniforms_are_splitmix64_and_uniform():
+    """u(seed, i) is splitmix64 computed in int64 tensor ops (checked against Python integers),
+    and 10^5 draws of one seed pass a Kolmogorov-Smirnov bound (deterministic: a fixed seed)."""
+    from policyflow.engine.sampling import counter_uniforms, seed_keys
+
+    mask = (1 << 64) - 1
+
+    def mix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    seed = 2**64 - 3  # a seed above 2**63 takes the int64 wrap-around
+    key = mix(seed)
+    expected = [(mix((key + (i + 1) * 0x9E3779B97F4A7C15) & mask) >> 11) / 2**53 for i in range(5)]
+    got = counter_uniforms(seed_keys([seed] * 5), torch.arange(5), torch.float64)
+    assert got.tolist() == expected
+    n = 100_000
+    u = counter_uniforms(seed_keys([12345] * n), torch.arange(n), torch.float32).double().sort().values
+    assert 0 <= float(u[0]) and float(u[-1]) < 1
+    grid = torch.arange(1, n + 1, dtype=torch.float64) / n
+    ks = max(float((grid - u).max()), float((u - (grid - 1 / n)).max()))
+    assert ks < 1.63 / n**0.5  # the 1% critical value
+    assert abs(float(u.mean()) - 0.5) < 0.005
+    seeds = counter_uniforms(seed_keys(range(n)), torch.zeros(n, dtype=torch.long)).double().sort().values
+    assert max(float((grid - seeds).max()), float((seeds - (grid - 1 / n)).max())) < 1.63 / n**0.5  # across seeds too
+
+
+class ByteTokenizer:
+    """Token k's bytes: ASCII for k < 96, else pieces of multi-byte UTF-8 characters (a lead byte
+    alone, continuation bytes, whole characters), decoded with errors="replace"; token 1 is EOS."""
+
+    PIECES = [b"\xe4", b"\xb8\xad", b"\xe4\xb8", b"\xad", b"\xc3", b"\xa9", b"\xf0\x9f", b"\x98\x80", "é".encode(), "中".encode(), "😀".encode()]
+    eos_token_id = 1
+    pad_token_id = 0
+
+    def piece(self, k: int) -> bytes:
+        return bytes([32 + k]) if k < 96 else self.PIECES[k % len(self.PIECES)]
+
+    def __len__(self) -> int:
+        return 160
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return b"".join(self.piece(k) for k in ids if not (skip_special_tokens and k < 2)).decode("utf-8", errors="replace")
+
+    def batch_decode(self, batch, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(ids, skip_special_tokens) for ids in batch]
+
+
+def test_streamed_text_decoded_incrementally_equals_the_full_decode():
+    """Streaming decodes each step's new tokens with a short context, never the whole completion;
+    on a long stream of multi-byte characters (and broken ones) the chunks still add up to the
+    full decode, and no chunk ends inside a character."""
+    from policyflow.model import build_tiny_model
+
+    tok = ByteTokenizer()
+    model = build_tiny_model(len(tok), hidden_size=32, num_layers=1, intermediate_size=64, num_heads=2, num_kv_heads=1, init_std=0.5, seed=3).eval()
+    params = SamplingParams(temperature=1.0, max_new_tokens=400, ignore_eos=True, seed=11)
+    decoded: list[int] = []
+    real = tok.batch_decode
+
+    def counting(batch, skip_special_tokens=False):
+        decoded.extend(len(ids) for ids in batch)
+        return real(batch, skip_special_tokens)
+
+    async def main():
+        engine = AsyncEngine(model, tok, backend="fast")
+        tok.batch_decode = counting
+        try:
+            return await collect(engine.stream([5, 6, 7], params))
+        finally:
+            engine.close()
+
+    chunks = asyncio.run(main())
+    del tok.batch_decode
+    sample = chunks[-1].sample
+    assert len(sample.token_ids) == 400 and sum(t >= 96 for t in sample.token_ids) > 100
+    assert "".join(c.text for c in chunks) == sample.text == tok.decode(sample.token_ids, skip_special_tokens=True)
+    assert any(ord(ch) > 127 and ch != "\ufffd" for ch in sample.text)  # whole multi-byte characters were streamed
+    assert all(not c.text.endswith("\ufffd") for c in chunks[:-1])
+    assert len(chunks) > 50 and max(decoded) < 40  # never the whole completion again

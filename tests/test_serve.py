@@ -29,6 +29,7 @@ import torch
 from policyflow import serve
 from policyflow.config import load_config
 from policyflow.engine import AsyncEngine, SamplingParams, generate_blocking
+from policyflow.engine.openai_schema import choice_seed
 from policyflow.engine.remote import RemoteError, RemoteGenerator
 from policyflow.lora import attach_lora, load_merged
 from policyflow.model import build_tiny, load_pretrained, save_pretrained
@@ -152,7 +153,7 @@ def test_n_choices_with_a_seed_are_reproducible_and_equal_seeded_engine_samples(
     assert [extra(c, "token_ids") for c in first.choices] == [extra(c, "token_ids") for c in again.choices]
     assert len({tuple(extra(c, "token_ids")) for c in first.choices}) == 3  # each choice its own seed
     for i, choice in enumerate(first.choices):
-        want = local(engine, ids, temperature=1.0, max_new_tokens=16, seed=11 + i)
+        want = local(engine, ids, temperature=1.0, max_new_tokens=16, seed=choice_seed(11, i))
         assert extra(choice, "token_ids") == list(want.token_ids) and choice.text == want.text
         assert_same_logprobs(choice.logprobs.token_logprobs, want.logprobs)
 
@@ -384,3 +385,107 @@ def test_accepted_connections_have_tcp_nodelay() -> None:
 
     asyncio.run(main())
     assert seen == [1]
+
+
+# -- review of issue 19: fake generators behind the app ------------------------------------------
+
+
+class Fake:
+    """A Generator answering every call with one token (5), recording each call's params;
+    `error`: what /health reports (an AsyncEngine's failed decode loop)."""
+
+    version = 0
+
+    def __init__(self, max_positions: int = 100, stream_sample: bool = True):
+        self.max_positions, self.stream_sample, self.params, self.error = max_positions, stream_sample, [], None
+
+    async def generate(self, prompt_ids, params=None, *, request_id=None):
+        from policyflow.types import Sample
+
+        self.params.append(params)
+        return Sample(tuple(prompt_ids), (5,), (-0.1,), (0,), "length", "x", ())
+
+    async def stream(self, prompt_ids, params=None, *, request_id=None):
+        from policyflow.engine import Chunk
+
+        sample = await self.generate(prompt_ids, params)
+        yield Chunk((5,), (-0.1,), "x", sample if self.stream_sample else None)
+
+    def cancel(self, request_id):
+        return False
+
+
+def fake_app(generator, **kwargs):
+    from policyflow.engine.openai_api import build_app
+    from policyflow.model import build_char_tokenizer
+
+    return build_app(generator, build_char_tokenizer(), "fake", False, **kwargs)
+
+
+def sse(response) -> list:
+    return [json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]" for line in response.text.splitlines() if line.startswith("data: ")]
+
+
+def test_a_stream_whose_budget_is_spent_ends_with_an_empty_length_choice() -> None:
+    """SeededCalls with its budget spent yields one final chunk (an empty Sample, "length"), and a
+    generator whose stream ends without its Sample gets an error event: no stream hangs."""
+    from policyflow.evaluate.episodes import SeededCalls
+
+    spent = SeededCalls(Fake(), (0, "heldout", 0, 0), budget=1)
+    asyncio.run(spent.generate([1, 2], SamplingParams(max_new_tokens=4)))  # spends the budget
+    body = {"model": "fake", "prompt": [1, 2], "max_tokens": 4, "stream": True}
+    with live(fake_app(spent)) as url:
+        events = sse(httpx.post(f"{url}/completions", json=body, timeout=30))
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length" and events[-2]["choices"][0]["token_ids"] == []
+    with live(fake_app(Fake(stream_sample=False))) as url:
+        events = sse(httpx.post(f"{url}/completions", json=body, timeout=30))
+    assert events[0]["choices"][0]["text"] == "x" and "without its last chunk" in events[-1]["error"]["message"] and len(events) == 2
+
+
+def test_max_tokens_defaults_to_the_servers_cut_to_the_room_left_and_health_reports_a_failed_engine() -> None:
+    fake = Fake(max_positions=5000)
+    chat_body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+    with live(fake_app(fake)) as url:
+        httpx.post(f"{url}/chat/completions", json=chat_body, timeout=30).raise_for_status()
+        httpx.post(f"{url}/completions", json={"model": "fake", "prompt": [1, 2, 3]}, timeout=30).raise_for_status()
+        assert [p.max_new_tokens for p in fake.params] == [1024, 1024]  # not the 5000-token context left, not 16
+        root = url[: -len("/v1")]
+        assert httpx.get(f"{root}/health", timeout=30).json() == {"status": "ok"}
+        fake.error = RuntimeError("CUDA out of memory")
+        health = httpx.get(f"{root}/health", timeout=30)
+        assert health.status_code == 503 and health.json() == {"status": "error", "error": "RuntimeError: CUDA out of memory"}
+    small = Fake(max_positions=10)
+    with live(fake_app(small, max_tokens=8)) as url:
+        httpx.post(f"{url}/completions", json={"model": "fake", "prompt": [1, 2, 3, 4]}, timeout=30).raise_for_status()
+        httpx.post(f"{url}/completions", json={"model": "fake", "prompt": [1]}, timeout=30).raise_for_status()
+    assert [p.max_new_tokens for p in small.params] == [6, 8]  # the room left, else --max-tokens
+
+
+def test_choice_seeds_never_repeat_across_requests() -> None:
+    """Choice 0 keeps the request's seed (= SamplingParams(seed=s) locally); the others are hashed,
+    so choice 1 of seed 5 is not choice 0 of seed 6."""
+    from policyflow.engine.openai_schema import choice_seed
+
+    assert [choice_seed(s, 0) for s in (0, 5, 2**64 - 1)] == [0, 5, 2**64 - 1]
+    seeds = [choice_seed(s, i) for s in range(200) for i in range(8)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= x < 2**64 for x in seeds)
+
+
+def test_remote_generator_leaves_no_sockets_open_across_blocking_runs() -> None:
+    """Each blocking run's loop closes its HTTP client at shutdown; `close()` closes what is left."""
+    from policyflow.engine import run_blocking
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with live(fake_app(Fake())) as url:
+        generator = RemoteGenerator(url)
+        before = fds()
+        async def calls():
+            return await asyncio.gather(*(generator.generate([1, 2], SamplingParams(max_new_tokens=1)) for _ in range(20)))
+
+        for _ in range(5):
+            assert len(run_blocking(calls())) == 20
+            assert generator._clients == {}
+        assert eventually(lambda: fds() <= before)  # the server's ends close too once the clients have closed theirs
+        generator.close()

@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import dataclasses
 import socket
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextvars import ContextVar
@@ -47,7 +46,6 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from policyflow.agent.episode import code_segment_policies
 from policyflow.engine.generator import Chunk, Generator, SamplingParams
 from policyflow.engine.openai_api import bound_socket, build_app
 from policyflow.engine.openai_schema import ApiError
@@ -81,14 +79,12 @@ class ProgramCalls:
 
     def __init__(self, runner: EpisodeRunner) -> None:
         self.inner, self.tokenizer = runner.generator, runner.tokenizer
-        params = runner.params
-        self.params = dataclasses.replace(params, segment_policies=params.segment_policies + code_segment_policies(runner.agent, params))
+        self.params = dataclasses.replace(runner.params, segment_policies=runner.segment_policies)
         self.max_turns, self.max_total_tokens = runner.agent.max_turns, runner.max_total_tokens
         self.segments: list[Segment] = []
         self.calls: list[Call] = []
         self.truncated_by: str | None = None
         self.finish_reason: FinishReason = "eos"
-        self.generation_s = 0.0
         self.closed = False
         self._admitted = 0
         self._row: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # the last call's (context + output) segment indices and token ids
@@ -122,18 +118,18 @@ class ProgramCalls:
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *, request_id: str | None = None) -> Sample:
         sampled = self._admit(prompt_ids, params)
-        start = time.perf_counter()
         sample = await self.inner.generate(prompt_ids, sampled, request_id=request_id)
-        self.generation_s += time.perf_counter() - start
         self._record(prompt_ids, sample, self._cut_by_room(params, sampled, sample))
         return sample
 
-    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *, request_id: str | None = None) -> AsyncIterator[Chunk]:
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *, request_id: str | None = None) -> AsyncIterator[Chunk]:
+        """Admitted now (a refusal raises `ApiError` before the server starts its response), then streamed."""
         sampled = self._admit(prompt_ids, params)
-        start = time.perf_counter()
+        return self._stream(prompt_ids, params, sampled, request_id)
+
+    async def _stream(self, prompt_ids: Sequence[int], params: SamplingParams | None, sampled: SamplingParams, request_id: str | None) -> AsyncIterator[Chunk]:
         async for chunk in self.inner.stream(prompt_ids, sampled, request_id=request_id):
             if chunk.sample is not None:
-                self.generation_s += time.perf_counter() - start
                 self._record(prompt_ids, chunk.sample, self._cut_by_room(params, sampled, chunk.sample))
             yield chunk
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +66,12 @@ class _InFlight:
     sent_tokens: int = 0  # tokens already sent in chunks
     sent_text: str = ""  # text already sent in chunks
     stops: tuple[str, ...] = ()
+    # incremental decoding of the current row's own tokens (vLLM's detokenizer): `decoded` is the
+    # text of tokens[:read]; tokens[prefix:read] are decoded again as the context of the new ones
+    base: int = -1  # tokens of the partials before the current row (an abort swap starts a row)
+    prefix: int = 0
+    read: int = 0
+    decoded: str = ""
 
 
 def safe_text_end(text: str, stops: Sequence[str]) -> int:
@@ -139,6 +144,11 @@ class AsyncEngine:
     def max_positions(self) -> int | None:
         """The longest sequence (prompt + completion) the model takes, if its config says."""
         return getattr(self.core.model.config, "max_position_embeddings", None)
+
+    @property
+    def error(self) -> BaseException | None:
+        """The error that stopped the decode loop (every later request raises it), else None."""
+        return self._error
 
     @property
     def num_in_flight(self) -> int:
@@ -292,8 +302,6 @@ class AsyncEngine:
             self.stats["aborted_tokens"] += len(done.sample.token_ids)  # the KV cache thrown away
             self._partials[key] = sample
             resumed = entry.request.resume(sample)
-            if done.request.rng is not None:  # a seeded request goes on with its own stream
-                resumed = dataclasses.replace(resumed, rng=done.request.rng)
             self.core.submit(resumed)
             return
         del self._waiting[key]
@@ -307,7 +315,8 @@ class AsyncEngine:
             entry.future.set_result(sample)
 
     def _send_progress(self) -> None:
-        """A Chunk for every streamed request that got tokens in this step (texts decoded in one batch).
+        """A Chunk for every streamed request that got tokens in this step (texts decoded in one
+        batch, incrementally: each request's new tokens with a few before them, never its whole completion).
 
         After an abort the request's output is the partial Sample joined with the resumed
         request's tokens, and its text is the partial's text + the decode of the rest, as in
@@ -316,13 +325,23 @@ class AsyncEngine:
         for key, entry in self._streams.items():
             got = self.core.generated(key)
             before = self._partials.get(key)
-            if got is not None and len(got[0]) + (len(before.token_ids) if before else 0) > entry.sent_tokens:
+            base = len(before.token_ids) if before else 0
+            if got is not None and len(got[0]) + base > entry.sent_tokens:
+                if entry.base != base:  # a new row: decode its own tokens from their start
+                    entry.base, entry.prefix, entry.read, entry.decoded = base, 0, 0, ""
                 moved.append((entry, before, *got))
         if not moved:
             return
         tokenizer = self.core.tokenizer
-        texts = tokenizer.batch_decode([m[2] for m in moved], skip_special_tokens=True) if tokenizer is not None else [""] * len(moved)
-        for (entry, before, tokens, logprobs), text in zip(moved, texts):
+        if tokenizer is not None:  # incremental: only the tokens since the last complete text, with their context
+            windows = tokenizer.batch_decode([m[2][m[0].prefix : m[0].read] for m in moved] + [m[2][m[0].prefix :] for m in moved], skip_special_tokens=True)
+            for k, (entry, _, tokens, _) in enumerate(moved):
+                context, window = windows[k], windows[len(moved) + k]
+                if len(window) > len(context) and not window.endswith("\ufffd"):  # held while a character is incomplete
+                    entry.decoded += window[len(context) :]
+                    entry.prefix, entry.read = entry.read, len(tokens)
+        for entry, before, tokens, logprobs in moved:
+            text = entry.decoded
             if before is not None:
                 tokens, logprobs, text = list(before.token_ids) + tokens, list(before.logprobs) + logprobs, before.text + text
             end = max(safe_text_end(text, entry.stops), len(entry.sent_text))

@@ -46,11 +46,11 @@ Reproducibility: with the same `torch.Generator` state (on the model's device), 
 requests submitted in the same order and the same weights, outputs are identical; both
 backends draw the same tokens. The shared random stream serves the whole batch, so an
 unseeded request's tokens depend on what else is in flight. A request with
-`SamplingParams.seed` draws from its own `torch.Generator(device).manual_seed(seed)` instead
-(one uniform per token sampled at temperature > 0): its tokens depend only on the weights, its
-prompt, its params and its seed (up to float rounding of the batched forward, which moves a
-token only when a uniform falls within rounding of a CDF boundary). Its generator goes on
-through an abort and `Request.resume`.
+`SamplingParams.seed` draws token i's uniform as a hash of (seed, i) instead
+(`sampling.counter_uniforms`, all seeded rows in one vectorised draw): its tokens depend only
+on the weights, its prompt, its params and its seed (up to float rounding of the batched
+forward, which moves a token only when a uniform falls within rounding of a CDF boundary).
+Through an abort and `Request.resume` the count goes on (`Request.drawn`).
 
 Cancellation: `cancel(id)` drops a request wherever it is (queued, decoding, finished but not
 yet returned); a decoding row leaves the batch at once (the backend rows are compacted).
@@ -69,7 +69,7 @@ import torch
 from policyflow.engine.fast_decoder import FastDecoder, fast_path_problem
 from policyflow.engine.generator import SamplingParams
 from policyflow.engine.hf_decoder import HFDecoder
-from policyflow.engine.sampling import sample_tokens
+from policyflow.engine.sampling import RowSeeds, sample_tokens
 from policyflow.engine.segments import NO_TOKEN, SegmentPolicy, SegmentScanner, SegmentWatch
 from policyflow.types import FinishReason, Sample, TokenPolicy
 
@@ -84,15 +84,15 @@ class Request:
 
     `text_before`: the decoded completion that came before this request's own tokens (a
     request resumed after an abort): segment policies start from the state it ends in.
-    `rng`: the generator a seeded request goes on drawing from (set on an aborted request, so
-    that `resume` continues its stream); None starts it from `params.seed`.
+    `drawn`: the tokens generated before this request's own (a resumed request's partial): a
+    seeded request's token i draws at position `drawn + i`, so `resume` continues its stream.
     """
 
     prompt_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
     id: Hashable = None
     text_before: str = ""
-    rng: torch.Generator | None = field(default=None, compare=False, repr=False)
+    drawn: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_ids", tuple(int(t) for t in self.prompt_ids))
@@ -111,7 +111,7 @@ class Request:
             raise ValueError("the partial output already used all max_new_tokens; nothing to resume")
         params = dataclasses.replace(self.params, max_new_tokens=left)
         before = self.text_before + partial.text if self.params.segment_policies else ""
-        return Request(self.prompt_ids + tuple(partial.token_ids), params, self.id, before, self.rng)
+        return Request(self.prompt_ids + tuple(partial.token_ids), params, self.id, before, self.drawn + len(partial.token_ids))
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,6 @@ class _Row:
     request: Request
     stop_ids: frozenset[int]
     policy: TokenPolicy  # what the next token is drawn from
-    rng: torch.Generator | None = None  # a seeded request's own generator
     scanner: SegmentScanner | None = None  # the segment state (requests with segment policies)
     watch: Container[int] = NO_TOKEN  # new tokens after which the scanner reads the text
     tokens: list[int] = field(default_factory=list)
@@ -216,7 +215,7 @@ class Engine:
         self._rows: list[_Row] = []
         self._outbox: list[Finished] = []
         self._row_params: tuple[float | torch.Tensor, float | torch.Tensor, int | torch.Tensor] | None = None
-        self._row_generators: list[torch.Generator | None] | None = None  # per row, when a row is seeded
+        self._row_seeds: RowSeeds | None | bool = None  # the seeded rows' keys (False: no row is seeded; None: to compute)
         self._row_of: dict[Hashable, _Row] = {}  # active rows by request id (progress of a streamed request)
         self._last_tokens = torch.zeros(0, dtype=torch.long)  # one pending token per active row
         self._watches: dict[tuple[SegmentPolicy, ...], SegmentWatch] = {}  # per rule set
@@ -252,7 +251,7 @@ class Engine:
         self._rows = []
         self._row_of.clear()
         self._row_params = None
-        self._row_generators = None
+        self._row_seeds = None
         self.backend.select_rows([])
 
     def cancel(self, request_id: Hashable) -> bool:
@@ -294,12 +293,12 @@ class Engine:
                 self._rows.append(row := self._new_row(r))
                 self._row_of[r.id] = row
             self._row_params = None
-            self._row_generators = None
+            self._row_seeds = None
         if not parts:
             return finished
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         temperature, top_p, top_k = self._sampling_params()
-        tokens, logprobs = sample_tokens(logits, temperature, top_p, self.generator, top_k, self._generators())
+        tokens, logprobs = sample_tokens(logits, temperature, top_p, self.generator, top_k, self._seeds())
         self._last_tokens = tokens  # fed to the next decode step
         done = self._record(tokens.tolist(), logprobs.tolist())
         if done:
@@ -334,20 +333,19 @@ class Engine:
     # -- internals ----------------------------------------------------------------------
     def _new_row(self, request: Request) -> _Row:
         params = request.params
-        rng = request.rng
-        if rng is None and params.seed is not None:
-            rng = torch.Generator(self.backend.device).manual_seed(params.seed)
         if not params.segment_policies:
-            return _Row(request, self._stop_ids(params), params.policy, rng)
+            return _Row(request, self._stop_ids(params), params.policy)
         scanner = SegmentScanner(params.segment_policies, params.policy, self._watch(params.segment_policies), request.text_before)
-        return _Row(request, self._stop_ids(params), scanner.policy, rng, scanner, scanner.watching)
+        return _Row(request, self._stop_ids(params), scanner.policy, scanner, scanner.watching)
 
-    def _generators(self) -> list[torch.Generator | None] | None:
-        """Each row's own generator (None for unseeded rows); None when no row is seeded (the cheap path)."""
-        if self._row_generators is None:
-            gens = [row.rng for row in self._rows]
-            self._row_generators = gens if any(g is not None for g in gens) else []
-        return self._row_generators or None
+    def _seeds(self) -> RowSeeds | None:
+        """The seeded rows and the position each draws at now; None when no row is seeded (the cheap path)."""
+        if self._row_seeds is None:
+            seeds = [row.request.params.seed for row in self._rows]
+            self._row_seeds = RowSeeds.of(seeds, [0] * len(seeds), self.backend.device) if any(s is not None for s in seeds) else False
+        if self._row_seeds is False:
+            return None
+        return self._row_seeds.at([row.request.drawn + len(row.tokens) for row in self._rows])
 
     def _watch(self, rules: tuple[SegmentPolicy, ...]) -> SegmentWatch:
         """The watch lists of a rule set (`segments.SegmentWatch`), from every token's own text, decoded once."""
@@ -441,8 +439,6 @@ class Engine:
             text=text,
             policies=row.policies(),
         )
-        if reason == "aborted" and row.rng is not None:  # `resume` goes on with the row's stream
-            return Finished(dataclasses.replace(row.request, rng=row.rng), sample)
         return Finished(row.request, sample)
 
     def _compact(self, gone: set[int]) -> None:
@@ -457,7 +453,7 @@ class Engine:
         self._rows = [self._rows[k] for k in keep]
         self._last_tokens = self._last_tokens[torch.tensor(keep, dtype=torch.long, device=self._last_tokens.device)]
         self._row_params = None
-        self._row_generators = None
+        self._row_seeds = None
 
 
 def _stop_cut(text: str, stops: Sequence[str], checked: int) -> int | None:

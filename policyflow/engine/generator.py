@@ -35,8 +35,8 @@ class SamplingParams:
     ignore_eos: never stop on a token id (benchmarks: fixed-length generation).
     segment_policies: text between a rule's open and close markers is sampled with the rule's
         policy instead (`segments.py`; GRPO-ATS: greedy code). Needs a tokenizer, like `stop`.
-    seed: None draws from the engine's shared generator; an int draws from the request's own
-        `torch.Generator(device).manual_seed(seed)`, whatever else is in flight.
+    seed: None draws from the engine's shared generator; an int draws token i's uniform from a
+        hash of (seed, i) (`sampling.counter_uniforms`), whatever else is in flight.
     """
 
     temperature: float = 1.0

@@ -17,11 +17,16 @@ Exact ids (what a trainer needs): every choice carries the extension fields `pro
 the tokens new in that chunk), and with `logprobs` the behaviour log-prob of every token.
 `stop_reason` is the stop string or stop token id that ended a "stop" choice. The text follows
 OpenAI: a stop string ends it but is not part of it (the ids keep the tokens that made it).
-Choice i of a request with `seed` s samples with its own generator seeded s + i.
+Choice 0 of a request with `seed` s samples with seed s, choice i > 0 with a hash of (s, i)
+(`openai_schema.choice_seed`). A request without `max_tokens` gets the server's default
+(`build_app(max_tokens=)`, `policyflow serve --max-tokens`, 1024) cut to the room the context leaves.
 
 Errors are OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 for a bad request
 (never FastAPI's 422), 404 for an unknown model or path, 500 when the generator fails; the
-server keeps serving.
+server keeps serving. A stream's calls are admitted before the response starts, so a generator
+that refuses one (`ApiError`: an agent-program episode's limits) answers with its own status and
+body. `GET /health` answers 503 with the error once the generator has failed for good (an
+`AsyncEngine` whose decode step raised, e.g. out of memory).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from policyflow.agent.parse import TOOL_CALL_OPEN
 from policyflow.engine.async_engine import safe_text_end
 from policyflow.engine.generator import Chunk, Generator, SamplingParams
 from policyflow.engine.openai_schema import (
-    DEFAULT_COMPLETION_TOKENS,
+    DEFAULT_MAX_TOKENS,
     FINISH_REASONS,
     ApiError,
     ChatRequest,
@@ -94,41 +99,40 @@ class _EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: Callable[[asyncio.Future], AsyncIterator[str]]):
+    def __init__(self, events: Callable[[asyncio.Future], AsyncIterator[str]], on_close: Callable[[], None]):
         self.gone = asyncio.get_running_loop().create_future()
+        self.on_close = on_close  # cancels the requests, even when the response never started
         super().__init__(events(self.gone), headers={"Cache-Control": "no-cache"})
 
     async def __call__(self, scope, receive, send) -> None:
-        watch = asyncio.ensure_future(self._watch(receive))
+        watch = asyncio.ensure_future(_disconnected(receive, self.gone))
         try:
             await self.stream_response(send)
         finally:
             watch.cancel()
             await self.body_iterator.aclose()
-
-    async def _watch(self, receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        if not self.gone.done():
-            self.gone.set_result(None)
+            self.on_close()
 
 
 def _event(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-async def _disconnected(request: Request) -> None:
-    """Return when the client has gone (the body is read: the next ASGI message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
+async def _disconnected(receive: Callable, gone: asyncio.Future | None = None) -> None:
+    """Return when the client has gone (the body is read: the next ASGI message is the
+    disconnect), completing `gone` if given. `receive`: the ASGI receive (`request.receive`)."""
+    while (await receive())["type"] != "http.disconnect":
         pass
+    if gone is not None and not gone.done():
+        gone.set_result(None)
 
 
 class OpenAIServer:
     """The endpoints' logic over one generator; `build_app` routes to it."""
 
-    def __init__(self, generator: Generator, tokenizer, model_name: str, chat_template: bool, eos_token_ids: Collection[int] | None = None, any_model: bool = False):
+    def __init__(self, generator: Generator, tokenizer, model_name: str, chat_template: bool, eos_token_ids: Collection[int] | None = None, any_model: bool = False, max_tokens: int = DEFAULT_MAX_TOKENS):
         self.generator, self.tokenizer, self.model_name, self.chat_template = generator, tokenizer, model_name, chat_template
-        self.any_model = any_model
+        self.any_model, self.max_tokens = any_model, max_tokens
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = frozenset(eos_token_ids if eos_token_ids is not None else ([eos] if eos is not None else []))
         self.vocab = len(tokenizer)
@@ -150,7 +154,7 @@ class OpenAIServer:
         tasks = [asyncio.ensure_future(self.generator.generate(j.prompt_ids, j.params, request_id=j.request_id)) for j in jobs]
         everything = asyncio.gather(*tasks)
         everything.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning when cancelled
-        gone = asyncio.ensure_future(_disconnected(http))
+        gone = asyncio.ensure_future(_disconnected(http.receive))
         try:
             await asyncio.wait([everything, gone], return_when=asyncio.FIRST_COMPLETED)
             return everything.result() if everything.done() else None
@@ -165,20 +169,46 @@ class OpenAIServer:
                 task.cancel()
                 self.generator.cancel(job.request_id)
 
-    async def _stream(self, jobs: Sequence[Job], on_chunk: Callable[[int, Chunk], dict], usage: Callable[[list[Sample]], dict] | None, gone: asyncio.Future) -> AsyncIterator[str]:
-        """Events of every job's chunks as they come (`on_chunk(job index, chunk)` -> event), the
-        usage event when asked, then [DONE]. It ends when `gone` completes (the client left);
-        ending or closing it cancels the jobs still running."""
+    async def _open_streams(self, jobs: Sequence[Job]) -> list[AsyncIterator[Chunk]]:
+        """Every job's `Generator.stream`, opened before the response starts: a generator that
+        refuses a call when it is opened (`ApiError`) answers with its own status and body."""
+        streams: list[AsyncIterator[Chunk]] = []
+        try:
+            for job in jobs:
+                streams.append(self.generator.stream(job.prompt_ids, job.params, request_id=job.request_id))
+        except BaseException:
+            self._cancel_all(jobs)
+            for stream in streams:
+                await stream.aclose()
+            raise
+        return streams
+
+    def _cancel_all(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            self.generator.cancel(job.request_id)
+
+    def _event_stream(self, jobs: Sequence[Job], streams: Sequence[AsyncIterator[Chunk]], on_chunk: Callable[[int, Chunk], dict], usage: Callable[[list[Sample]], dict] | None) -> _EventStream:
+        return _EventStream(lambda gone: self._stream(jobs, streams, on_chunk, usage, gone), lambda: self._cancel_all(jobs))
+
+    async def _stream(self, jobs: Sequence[Job], streams: Sequence[AsyncIterator[Chunk]], on_chunk: Callable[[int, Chunk], dict], usage: Callable[[list[Sample]], dict] | None, gone: asyncio.Future) -> AsyncIterator[str]:
+        """Events of every job's chunks (from its opened `streams`) as they come (`on_chunk(job
+        index, chunk)` -> event), the usage event when asked, then [DONE]. It ends when `gone`
+        completes (the client left); ending or closing it cancels the jobs still running. A
+        stream that fails, or ends without its last chunk (the Sample), ends it with an error event."""
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(k: int, job: Job) -> None:
+        async def pump(k: int, stream: AsyncIterator[Chunk]) -> None:
+            last = False
             try:
-                async for chunk in self.generator.stream(job.prompt_ids, job.params, request_id=job.request_id):
+                async for chunk in stream:
                     queue.put_nowait((k, chunk))
-            except Exception as err:  # the generator failed: the client gets an error event
+                    last = chunk.sample is not None
+                if not last:
+                    queue.put_nowait((k, RuntimeError(f"the generator's stream of choice {k} ended without its last chunk (the Sample)")))
+            except Exception as err:  # the generator failed or refused: the client gets an error event
                 queue.put_nowait((k, err))
 
-        tasks = [asyncio.ensure_future(pump(k, job)) for k, job in enumerate(jobs)]
+        tasks = [asyncio.ensure_future(pump(k, stream)) for k, stream in enumerate(streams)]
         samples: list[Sample] = []
         try:
             while len(samples) < len(jobs):
@@ -188,6 +218,9 @@ class OpenAIServer:
                     getter.cancel()
                     return
                 k, item = getter.result()
+                if isinstance(item, ApiError):
+                    yield _event(item.body())
+                    return
                 if isinstance(item, Exception):
                     yield _event(ApiError(500, f"generation failed: {type(item).__name__}: {item}", kind="server_error").body())
                     return
@@ -222,7 +255,7 @@ class OpenAIServer:
         refuse_unsupported(req)
         prompts = self._completion_prompts(req.prompt)
         context = self.generator.max_positions
-        params = [sampling_params(req, len(p), context, self.eos_ids, DEFAULT_COMPLETION_TOKENS) for p in prompts]
+        params = [sampling_params(req, len(p), context, self.eos_ids, self.max_tokens) for p in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
         jobs = self._jobs(rid, prompts, params, req.n, req.seed)
         head = self._head("text_completion", rid, int(time.time()))
@@ -246,7 +279,7 @@ class OpenAIServer:
                 return {**head, "choices": [choice]}
 
             usage = (lambda samples: {**head, "choices": [], "usage": self._usage(prompts, samples)}) if req.stream_options and req.stream_options.include_usage else None
-            return _EventStream(lambda gone: self._stream(jobs, on_chunk, usage, gone))
+            return self._event_stream(jobs, await self._open_streams(jobs), on_chunk, usage)
         samples = await self._generate_all(jobs, http)
         if samples is None:
             return Response(status_code=CLIENT_GONE)
@@ -289,14 +322,14 @@ class OpenAIServer:
         except Exception as err:  # the template itself raised (jinja: a role or shape it does not take)
             raise ApiError(400, f"the chat template refused the messages: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", "messages", "invalid_value") from None
         check_token_ids(prompt, self.vocab, "the rendered chat")
-        params = sampling_params(req, len(prompt), self.generator.max_positions, self.eos_ids, None)
+        params = sampling_params(req, len(prompt), self.generator.max_positions, self.eos_ids, self.max_tokens)
         key = uuid.uuid4().hex
         rid = f"chatcmpl-{key}"
         jobs = self._jobs(rid, [prompt], [params], req.n, req.seed)
         names = [t["function"]["name"] for t in tools or []] if req.tool_choice != "none" else []
         stops = stop_strings(req)
         if req.stream:
-            return self._chat_stream(req, jobs, rid, f"call_{key}", names, stops)
+            return self._chat_stream(req, jobs, await self._open_streams(jobs), rid, f"call_{key}", names, stops)
         samples = await self._generate_all(jobs, http)
         if samples is None:
             return Response(status_code=CLIENT_GONE)
@@ -311,7 +344,7 @@ class OpenAIServer:
                             "prompt_token_ids": list(job.prompt_ids), "token_ids": list(sample.token_ids)})
         return {**self._head("chat.completion", rid, int(time.time())), "choices": choices, "usage": self._usage([prompt], samples)}
 
-    def _chat_stream(self, req: ChatRequest, jobs: Sequence[Job], rid: str, call_id: str, names: Sequence[str], stops: Sequence[str]) -> Response:
+    def _chat_stream(self, req: ChatRequest, jobs: Sequence[Job], streams: Sequence[AsyncIterator[Chunk]], rid: str, call_id: str, names: Sequence[str], stops: Sequence[str]) -> Response:
         head = self._head("chat.completion.chunk", rid, int(time.time()))
         states = [_Streamed() for _ in jobs]
         holds = (TOOL_CALL_OPEN,) if names else ()
@@ -339,18 +372,22 @@ class OpenAIServer:
             return {**head, "choices": [choice]}
 
         usage = (lambda samples: {**head, "choices": [], "usage": self._usage([jobs[0].prompt_ids], samples)}) if req.stream_options and req.stream_options.include_usage else None
-        return _EventStream(lambda gone: self._stream(jobs, on_chunk, usage, gone))
+        return self._event_stream(jobs, streams, on_chunk, usage)
 
 
-def build_app(generator: Generator, tokenizer, model_name: str, chat_template: bool, *, eos_token_ids: Collection[int] | None = None, any_model: bool = False) -> FastAPI:
+def build_app(
+    generator: Generator, tokenizer, model_name: str, chat_template: bool, *,
+    eos_token_ids: Collection[int] | None = None, any_model: bool = False, max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> FastAPI:
     """The FastAPI app serving `generator` as `model_name` (see the module docstring).
 
     `chat_template`: render chats with the tokenizer's template (else `tokens.render_messages`'
     plain form: system messages and one user message). `eos_token_ids`: the ids the generator
     stops on by default (the engine's `core.eos_ids`), which `stop_token_ids` adds to; default
     the tokenizer's EOS. `any_model`: answer requests whatever model they name (an agent
-    program's episode endpoint, where the policy is the only model); else an unknown name is a 404."""
-    server = OpenAIServer(generator, tokenizer, model_name, chat_template, eos_token_ids, any_model)
+    program's episode endpoint, where the policy is the only model); else an unknown name is a 404.
+    `max_tokens`: a request's max_tokens when it gives none (cut to the room the context leaves)."""
+    server = OpenAIServer(generator, tokenizer, model_name, chat_template, eos_token_ids, any_model, max_tokens)
     app = FastAPI(title="policyflow", summary=f"OpenAI-compatible API serving {model_name}", docs_url=None, redoc_url=None)
     app.state.server = server
 
@@ -374,7 +411,10 @@ def build_app(generator: Generator, tokenizer, model_name: str, chat_template: b
         return JSONResponse(ApiError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error").body(), status_code=500)
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health():
+        error = getattr(generator, "error", None)  # AsyncEngine: the error that stopped its decode loop
+        if error is not None:
+            return JSONResponse({"status": "error", "error": f"{type(error).__name__}: {error}"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")

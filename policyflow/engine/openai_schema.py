@@ -13,6 +13,7 @@ with a 400 that says so, never ignored: a trainer needs the policy's own distrib
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Collection, Sequence
 from typing import Any, Literal
@@ -24,8 +25,7 @@ from policyflow.engine.generator import SamplingParams
 from policyflow.types import Sample
 
 MAX_N = 128  # choices per prompt
-DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
-DEFAULT_CHAT_TOKENS = 1024  # a chat's max_tokens when neither the request nor the model's context bounds it
+DEFAULT_MAX_TOKENS = 1024  # a completion's or chat's max_tokens when the request gives none (`policyflow serve --max-tokens`)
 MAX_ECHO_CHARS = 80  # a request value quoted in an error message is clipped to this
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # engine -> OpenAI
 
@@ -193,19 +193,21 @@ def stop_strings(req: CompletionRequest | ChatRequest) -> tuple[str, ...]:
 
 
 def sampling_params(
-    req: CompletionRequest | ChatRequest, prompt_len: int, context: int | None, eos_ids: Collection[int], default_max_tokens: int | None
+    req: CompletionRequest | ChatRequest, prompt_len: int, context: int | None, eos_ids: Collection[int], default_max_tokens: int = DEFAULT_MAX_TOKENS
 ) -> SamplingParams:
     """The engine's `SamplingParams` for one prompt of `prompt_len` tokens (seed left None: see `with_seed`).
 
-    max_tokens: the request's (chat: max_completion_tokens first), else `default_max_tokens`,
-    else what the context leaves (at most `DEFAULT_CHAT_TOKENS` when the context is unknown);
-    prompt + max_tokens must fit `context` (400 `context_length_exceeded`). Stop token ids follow
+    max_tokens: the request's (chat: max_completion_tokens first), which with the prompt must fit
+    `context` (400 `context_length_exceeded`); else `default_max_tokens` (the server's
+    `--max-tokens`, for both endpoints: OpenAI's completions default of 16 is too short for a
+    reasoning model, and the whole context left would reserve its KV cache for every request)
+    cut to the room the context leaves. Stop token ids follow
     vLLM: the model's end tokens (`eos_ids`) and `stop_token_ids`, or with `ignore_eos` only the latter.
     """
     asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
     if context is not None and prompt_len >= context:
         raise ApiError(400, f"the prompt has {prompt_len} tokens; this model's maximum context length is {context} tokens, which leaves no room for a completion", "messages" if isinstance(req, ChatRequest) else "prompt", "context_length_exceeded")
-    max_tokens = asked or default_max_tokens or (context - prompt_len if context is not None else DEFAULT_CHAT_TOKENS)
+    max_tokens = asked or (default_max_tokens if context is None else min(default_max_tokens, context - prompt_len))
     if context is not None and prompt_len + max_tokens > context:
         raise ApiError(400, f"this model's maximum context length is {context} tokens; the prompt has {prompt_len} and max_tokens={max_tokens} asks for {prompt_len + max_tokens} in all; lower max_tokens or shorten the prompt", "max_tokens", "context_length_exceeded")
     stop_ids: tuple[int, ...] | None = None
@@ -225,9 +227,19 @@ def sampling_params(
         raise ApiError(400, str(err), None, "invalid_value") from None
 
 
+def choice_seed(seed: int, choice: int) -> int:
+    """The seed of choice `choice` of a request with `seed` s: s itself for choice 0 (a one-choice
+    request equals `SamplingParams(seed=s)` run locally), else the first 64 bits of
+    sha256("s/choice"), so that no choice of one request repeats a choice of another (s + i did:
+    choice 1 of seed 5 was choice 0 of seed 6)."""
+    if choice == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}/{choice}".encode()).digest()[:8], "little")
+
+
 def with_seed(params: SamplingParams, seed: int | None, choice: int) -> SamplingParams:
-    """Choice `choice` of a request with `seed` s draws from its own generator seeded s + choice (mod 2**64)."""
-    return params if seed is None else dataclasses.replace(params, seed=(seed + choice) % 2**64)
+    """Choice `choice` of a request with `seed` draws with `choice_seed(seed, choice)`."""
+    return params if seed is None else dataclasses.replace(params, seed=choice_seed(seed, choice))
 
 
 def check_token_ids(ids: Sequence[int], vocab: int, where: str) -> None:

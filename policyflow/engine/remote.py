@@ -21,7 +21,9 @@ closes the request's connection, which cancels it on the server; the caller's `g
 
 Construct it outside the event loop thread of the server it talks to: `__init__` reads
 `/v1/models` with a blocking call. One HTTP client per event loop (`generate_blocking` runs each
-call on a fresh loop).
+call on a fresh loop), closed when that loop shuts down (`asyncio.run`'s end: the loop's
+`shutdown_asyncgens`), so blocking runs leave no sockets open; `aclose()` closes this loop's
+client now and `close()` (from synchronous code) the ones left.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class RemoteGenerator:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._version = int(version)
         self._clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+        self._closers: dict[asyncio.AbstractEventLoop, AsyncIterator[None]] = {}  # per loop: closes its client at the loop's shutdown
         self._tasks: dict[str, asyncio.Task] = {}  # request id -> the task holding its connection
         try:
             listed = httpx.get(f"{self.base_url}/models", headers=self.headers, timeout=self.timeout)
@@ -135,11 +138,24 @@ class RemoteGenerator:
         if client is None:
             for old in [k for k in self._clients if k.is_closed()]:
                 del self._clients[old]
+                self._closers.pop(old, None)
             # idle connections are dropped after 1 s, well before a server closes them (uvicorn: 5 s):
             # a request sent on a connection the server is closing fails with ReadError
             limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=1.0)
             client = self._clients[loop] = httpx.AsyncClient(timeout=self.timeout, limits=limits, headers=self.headers)
+            closer = self._closers[loop] = self._close_at_shutdown(loop, client)
+            asyncio.ensure_future(anext(closer))  # runs it to its yield: the loop now finalises it at shutdown
         return client
+
+    async def _close_at_shutdown(self, loop: asyncio.AbstractEventLoop, client: httpx.AsyncClient) -> AsyncIterator[None]:
+        """Suspended until the loop's `shutdown_asyncgens` closes it, which closes `client`."""
+        try:
+            yield
+        finally:
+            if self._clients.get(loop) is client:
+                del self._clients[loop]
+            self._closers.pop(loop, None)
+            await client.aclose()
 
     async def _post(self, body: dict) -> dict:
         url = f"{self.base_url}/completions"
@@ -237,9 +253,30 @@ class RemoteGenerator:
 
     async def aclose(self) -> None:
         """Close this loop's HTTP client."""
-        client = self._clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
+        loop = asyncio.get_running_loop()
+        client = self._clients.pop(loop, None)
+        closer = self._closers.pop(loop, None)
+        if closer is not None:
+            await closer.aclose()  # its finally closes the client
+        elif client is not None:
             await client.aclose()
+
+    def close(self) -> None:
+        """Close the HTTP clients still open, from synchronous code (not on a running loop's thread):
+        those of loops that are not running are closed on their loop; a running loop's
+        (another thread's) is closed there. Clients of loops `asyncio.run` ended are closed already."""
+        for loop in list(self._clients):
+            if loop.is_closed():
+                self._clients.pop(loop, None)
+                self._closers.pop(loop, None)
+                continue
+            closer = self._closers.pop(loop, None)
+            client = self._clients.pop(loop)
+            done = closer.aclose() if closer is not None else client.aclose()
+            if loop.is_running():
+                asyncio.run_coroutine_threadsafe(done, loop).result(timeout=30)
+            else:
+                loop.run_until_complete(done)
 
 
 def _json(response: httpx.Response, url: str) -> dict:

@@ -7,13 +7,66 @@ engine's decode step (layer 1, no model or engine state).
 
 from __future__ import annotations
 
-import torch
-
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
 
 from policyflow.ops import ScalarOrRows, policy_log_distribution
 
-RowGenerators = Sequence[torch.Generator | None] | None  # per row: its own generator (a seeded request) or None (the shared one)
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _signed(x: int) -> int:
+    """A 64-bit pattern as the int64 that holds it."""
+    x &= _MASK64
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps mod 2**64)."""
+    z = (z ^ _shr(z, 30)) * _signed(_MIX1)
+    z = (z ^ _shr(z, 27)) * _signed(_MIX2)
+    return z ^ _shr(z, 31)
+
+
+def seed_keys(seeds: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Each seed's key for `counter_uniforms`: splitmix64(seed), int64 [N]."""
+    return _mix(torch.tensor([_signed(s) for s in seeds], dtype=torch.int64, device=device))
+
+
+def counter_uniforms(keys_N: torch.Tensor, positions_N: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """u_n = splitmix64(key_n + (position_n + 1)·golden) as a uniform in [0, 1): the top 53 bits
+    for float64, else 24 (exact in float32). A pure function of (seed, position): no state."""
+    z = _mix(keys_N + (positions_N + 1) * _signed(_GOLDEN))
+    bits = 53 if dtype == torch.float64 else 24
+    return _shr(z, 64 - bits).to(dtype) * (2.0 ** -bits)
+
+
+@dataclass(frozen=True)
+class RowSeeds:
+    """The seeded rows of a decode step: `seeded_N` (bool), their keys (`seed_keys`) and
+    positions (the index of the token each row draws now, counted from the request's first)."""
+
+    seeded_N: torch.Tensor
+    keys_N: torch.Tensor
+    positions_N: torch.Tensor
+
+    @staticmethod
+    def of(seeds: Sequence[int | None], positions: Sequence[int], device: torch.device | str = "cpu") -> RowSeeds:
+        seeded = [s is not None for s in seeds]
+        return RowSeeds(torch.tensor(seeded, device=device), seed_keys([s or 0 for s in seeds], device), torch.tensor(list(positions), dtype=torch.int64, device=device))
+
+    def at(self, positions: Sequence[int]) -> RowSeeds:
+        """The same rows drawing at other positions."""
+        return RowSeeds(self.seeded_N, self.keys_N, torch.tensor(list(positions), dtype=torch.int64, device=self.keys_N.device))
 
 
 def sample_tokens(
@@ -22,7 +75,7 @@ def sample_tokens(
     top_p: ScalarOrRows = 1.0,
     generator: torch.Generator | None = None,
     top_k: ScalarOrRows = 0,
-    row_generators: RowGenerators = None,
+    row_seeds: RowSeeds | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row; return (token ids [N], their behaviour log-probs [N]).
 
@@ -32,20 +85,19 @@ def sample_tokens(
     of it. `temperature`, `top_p` and `top_k` are numbers (shared by all rows: the cheap path)
     or [N] tensors.
 
-    Row n draws its uniform from `row_generators[n]` when that is a generator (a seeded
-    request: one draw per token sampled at T_n > 0, none for greedy tokens, so its stream
-    depends on its own tokens only) and from the shared `generator` otherwise. The shared
-    stream is drawn for every row as without `row_generators`, so unseeded rows are unchanged.
+    A seeded row (`row_seeds.seeded_N`, a seeded request) draws its uniform as
+    `counter_uniforms(key, position)`: a function of its seed and the index of the token it
+    draws only, so its tokens depend neither on the batch nor on an abort and resume. The other
+    rows draw from the shared `generator`, which is drawn for every row as without `row_seeds`,
+    so unseeded rows are unchanged.
     """
     logp_NV = policy_log_distribution(logits_NV, temperature, top_p, top_k)
     if not isinstance(temperature, torch.Tensor):
-        return _greedy(logp_NV) if temperature <= 0 else _draw(logp_NV, generator, row_generators)
+        return _greedy(logp_NV) if temperature <= 0 else _draw(logp_NV, generator, row_seeds)
     greedy_N = temperature <= 0
     if bool(greedy_N.all()):
         return _greedy(logp_NV)
-    if row_generators is not None and any(g is not None for g in row_generators):
-        row_generators = [None if greedy else g for g, greedy in zip(row_generators, greedy_N.tolist())]
-    tokens, chosen = _draw(logp_NV, generator, row_generators)
+    tokens, chosen = _draw(logp_NV, generator, row_seeds)
     if bool(greedy_N.any()):
         best, best_logp = _greedy(logp_NV)
         tokens, chosen = torch.where(greedy_N, best, tokens), torch.where(greedy_N, best_logp, chosen)
@@ -57,19 +109,17 @@ def _greedy(logp_NV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, logp_NV.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _draw(logp_NV: torch.Tensor, generator: torch.Generator | None, row_generators: RowGenerators = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _draw(logp_NV: torch.Tensor, generator: torch.Generator | None, row_seeds: RowSeeds | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse-CDF sampling, one uniform per row (much cheaper than `torch.multinomial`).
 
-    Returns (tokens, their log-probs). Rows with their own generator (`row_generators`) take
-    their uniform from it instead of the shared draw.
+    Returns (tokens, their log-probs). Seeded rows (`row_seeds`) take their counter-based
+    uniform instead of the shared draw.
     """
     cdf = logp_NV.exp().cumsum(-1)
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
-    if row_generators is not None:
-        own = [(n, g) for n, g in enumerate(row_generators) if g is not None]
-        if own:
-            rows = torch.tensor([n for n, _ in own], device=cdf.device)
-            u[rows] = torch.cat([torch.rand(1, 1, generator=g, device=cdf.device, dtype=cdf.dtype) for _, g in own])
+    if row_seeds is not None:
+        own = counter_uniforms(row_seeds.keys_N, row_seeds.positions_N, cdf.dtype)
+        u = torch.where(row_seeds.seeded_N[:, None], own[:, None], u)
     u = u * cdf[:, -1:]
     tokens = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
     chosen = logp_NV.gather(-1, tokens[:, None]).squeeze(-1)

@@ -11,8 +11,10 @@ the unbudgeted greedy completion cut after b tokens.
 
 Default budgets (`eval.budgets` empty): powers of two below the longest unbudgeted greedy
 episode (those within 25% of it left out), which is itself the last point (a cap it never reaches changes nothing, so it is not
-run again). Re-running at b costs at most b tokens per episode, so the whole ladder costs at
-most about twice the unbudgeted run.
+run again). Every budget b below the longest episode re-runs all problems, each episode for at
+most min(b, its unbudgeted length) tokens: the ladder (powers of two) costs under 2·L_max tokens
+per problem, L_max the longest episode's length, which is up to 2·L_max / (mean length) times
+the unbudgeted run, not twice it, when most episodes are much shorter than the longest.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every sampled request of an evaluation carries its own seed (`SamplingParams.seed`), derived
 from (run seed, problem set, problem index, sample index, call index) by `request_seed`. The
-engine draws a seeded request's tokens from a generator of its own, so an episode's tokens
+engine draws a seeded request's token i from a hash of (seed, i), so an episode's tokens
 depend only on the weights, its prompt and its seeds: never on how the problems were batched,
 on what else was in flight, or on whether the model runs here or behind an endpoint that
 honours OpenAI's `seed` (`policyflow serve` does). A shared `torch.Generator` gave none of that.
@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from policyflow.agent.env import group_builder
 from policyflow.agent.episode import EpisodeRunner
 from policyflow.engine import SamplingParams, run_blocking
+from policyflow.engine.generator import Chunk
 from policyflow.tasks.base import Problem, Task
 from policyflow.types import Sample, Trajectory
 
@@ -44,7 +45,7 @@ class SeededCalls:
     with `budget` its calls together generate at most `budget` tokens.
 
     Each call's `max_new_tokens` is cut to the budget left; once it is spent a call returns an
-    empty sample (finish reason "length") without asking the generator, so the episode can no
+    empty sample (finish reason "length"; a stream: one final chunk with it) without asking the generator, so the episode can no
     longer act and ends at its own limits."""
 
     def __init__(self, inner, episode_seed: tuple[int, str, int, int] | None, budget: int | None = None) -> None:
@@ -76,7 +77,8 @@ class SeededCalls:
 
     async def stream(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *, request_id: str | None = None) -> AsyncIterator:
         seeded = self._params(params)
-        if seeded is None:
+        if seeded is None:  # the budget is spent: the one final chunk of an empty completion
+            yield Chunk((), (), "", Sample(tuple(prompt_ids), (), (), (), "length", "", ()))
             return
         async for chunk in self.inner.stream(prompt_ids, seeded, request_id=request_id):
             self.generated += len(chunk.token_ids)
