@@ -77,7 +77,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policyflow.buffer import Ledger, RolloutBuffer, staleness_summary, token_staleness  # noqa: E402
-from policyflow.types import Call, Group, Segment, Timings, ToolStats, Trajectory  # noqa: E402
+from policyflow.types import Call, Group, Segment, ToolStats, Trajectory  # noqa: E402
 from policyflow.weights import SnapshotStore, should_update  # noqa: E402
 
 SwapMode = Literal["continue", "drain"]
@@ -210,9 +210,9 @@ def trajectory_record(r: Rollout, w: Workload) -> Trajectory:
         segments.append(Segment("gen", (0,) * len(versions), (0.0,) * len(versions), versions, turn=turn))
     all_versions = [v for vs in r.turn_versions for v in (vs[0], vs[-1])]
     return Trajectory(
-        id=f"{r.task_id}/{r.index}", task_id=r.task_id, group_id=r.task_id, segments=segments, calls=calls,
+        id=f"{r.task_id}/{r.index}", task_id=r.task_id, segments=segments, calls=calls,
         num_turns=len(r.turn_versions), tools=ToolStats(calls=len(r.turn_versions) - 1),
-        start_version=min(all_versions), end_version=max(all_versions), timings=Timings(tools_s=sum(r.tools_s)),
+        start_version=min(all_versions),
     )
 
 

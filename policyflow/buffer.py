@@ -16,7 +16,7 @@ One plain class, `RolloutBuffer`, decides three things for every mode (sync = η
       replacement may start (DAPO dynamic sampling: keep sampling until the batch is full);
     - a group dropped by the hard cutoff: it will never be trained, so a replacement may start
       (otherwise every stale drop would shrink the window for good and the run would stall);
-    - a group requeued (aborted: worker died, `abort` weight swap) or abandoned while running.
+    - a group requeued while running (aborted: worker died, `abort` weight swap).
   Slots kept: a group rejected by a no-refill filter (`zero_variance`) stays in the FIFO as a
   *hole*: it fills its place in its batch, which therefore trains on fewer groups.
 
@@ -37,9 +37,9 @@ a slow group finishes after later ones (fully async), it can be older than η: t
 is what makes "no trained token older than η_hard" an invariant.
 
 Task ledger: every task id is in exactly one state — running, requeued (pending reissue),
-buffered, trained, filtered, stale (dropped by the cutoff) or failed — so
+buffered, trained, filtered or stale (dropped by the cutoff) — so
 `issued = accepted ⊔ dropped ⊔ running ⊔ requeued` with `accepted = buffered ⊔ trained` and
-`dropped = filtered ⊔ stale ⊔ failed`; a trained task can never be trained again.
+`dropped = filtered ⊔ stale`; a trained task can never be trained again.
 
 The class is not thread-safe: use it from one thread (one event loop, or none at all). The
 sync methods work without an event loop; the async ones wait on changes made by the others.
@@ -117,7 +117,7 @@ def staleness_summary(staleness: Sequence[int]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Ledger:
-    """Where every issued task id is now; each id is in exactly one of the seven sets."""
+    """Where every issued task id is now; each id is in exactly one of the six sets."""
 
     running: frozenset[str]
     requeued: frozenset[str]  # released from running, waiting to be reissued
@@ -125,7 +125,6 @@ class Ledger:
     trained: frozenset[str]
     filtered: frozenset[str]  # rejected by a filter when put
     stale: frozenset[str]  # accepted, then dropped by the hard cutoff
-    failed: frozenset[str]  # abandoned
 
     @property
     def accepted(self) -> frozenset[str]:
@@ -133,7 +132,7 @@ class Ledger:
 
     @property
     def dropped(self) -> frozenset[str]:
-        return self.filtered | self.stale | self.failed
+        return self.filtered | self.stale
 
     @property
     def issued(self) -> frozenset[str]:
@@ -141,7 +140,7 @@ class Ledger:
 
 
 _HOLE = None  # the batch slot of a group rejected by a no-refill filter
-_STATES = ("running", "requeued", "buffered", "trained", "filtered", "stale", "failed")
+_STATES = ("running", "requeued", "buffered", "trained", "filtered", "stale")
 
 
 class RolloutBuffer:
@@ -193,7 +192,7 @@ class RolloutBuffer:
             key: 0.0
             for key in (
                 "async/dropped_stale_groups", "async/dropped_stale_trajectories", "async/dropped_stale_tokens",
-                "async/dropped_failed_groups", "async/filtered_tokens", "async/refills",
+                "async/filtered_tokens", "async/refills",
                 "async/requeues", "async/reissues",
             )
         } | {f"async/filtered/{name}": 0.0 for name in filters}
@@ -246,11 +245,6 @@ class RolloutBuffer:
             self._running[tid] = self.version
         return True
 
-    async def admit(self, task_ids: str | Sequence[str]) -> None:
-        """Wait until the admission bound lets these groups start, then start them."""
-        while not self.try_admit(task_ids):
-            await self.changed()
-
     @property
     def running(self) -> Mapping[str, int]:
         """Running task ids -> the version at their admission (read-only view)."""
@@ -268,15 +262,6 @@ class RolloutBuffer:
         self._state[task_id] = "requeued"
         self._requeued[task_id] = payload
         self._counts["async/requeues"] += 1
-        self._wake()
-
-    def abandon(self, task_id: str) -> None:
-        """Give up on a running or requeued task for good (counted as failed)."""
-        self._expect(task_id, "running", "requeued")
-        self._running.pop(task_id, None)
-        self._requeued.pop(task_id, None)
-        self._state[task_id] = "failed"
-        self._counts["async/dropped_failed_groups"] += 1
         self._wake()
 
     # ---- finished groups -------------------------------------------------------------------

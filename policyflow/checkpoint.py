@@ -51,14 +51,18 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class LoopState:
-    """Where the RL loop stands; everything needed to continue besides weights and optimizer."""
+    """Where the RL loop stands; everything needed to continue besides weights and optimizer.
+
+    Bounded: its size does not grow with the run. Problems are issued in index order, so
+    `next_problem` is all a resume needs to never re-issue one; the groups in flight when it
+    was saved (at most (η+1)·B) are dropped by a resume and listed for the record.
+    """
 
     step: int = 0
     version: int = 0
     next_problem: int = 0
     wall_seconds: float = 0.0
     eval_before: dict[str, Any] = field(default_factory=dict)
-    consumed_task_ids: list[str] = field(default_factory=list)  # trained, in order
     in_flight_task_ids: list[str] = field(default_factory=list)  # issued, not trained when saved: dropped by a resume
     counters: dict[str, float] = field(default_factory=dict)  # run totals of the cumulative metrics (continued by a resume)
 
@@ -268,6 +272,10 @@ def latest_good_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
     return None, notes
 
 
+# Fields older versions wrote into LoopState and nothing reads: a checkpoint holding them resumes unchanged.
+_DROPPED_LOOP_FIELDS = frozenset({"consumed_task_ids"})  # every trained task id, a list that grew with the run
+
+
 def load_state(folder: Path) -> dict[str, Any]:
     """The non-weight part of a checkpoint: loop state, optimizer state, RNG state (verified against the manifest).
 
@@ -277,7 +285,7 @@ def load_state(folder: Path) -> dict[str, Any]:
     verify_checkpoint(folder, only=(STATE_FILE,))
     try:
         blob = torch.load(folder / STATE_FILE, weights_only=False)
-        blob["loop"] = LoopState(**blob["loop"])
+        blob["loop"] = LoopState(**{k: v for k, v in blob["loop"].items() if k not in _DROPPED_LOOP_FIELDS})
     except Exception as err:
         raise CheckpointError(
             f"checkpoint {folder} is intact but this version of policyflow cannot read its {STATE_FILE} ({_reason(err)}); "

@@ -27,7 +27,7 @@ class JsonlWriter:
 CUMULATIVE = (
     "rollout/generated_tokens", "rollout/reward_errors", "async/weight_updates", "async/aborted_sequences",
     "async/aborted_tokens", "async/worker_restarts", "async/dropped_stale_groups", "async/dropped_stale_trajectories",
-    "async/dropped_stale_tokens", "async/dropped_failed_groups", "async/filtered_tokens", "async/refills",
+    "async/dropped_stale_tokens", "async/filtered_tokens", "async/refills",
     "async/requeues", "async/reissues", "async/issued_groups", "async/accepted_groups", "async/trained_groups",
 )
 

@@ -196,15 +196,6 @@ def lora_weights(model: PeftModel, dtype: torch.dtype) -> LoRAWeights:
     return LoRAWeights(base, factors, dtype)
 
 
-def merged_state_dict(model: PeftModel, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The plain model's state dict with every adapted weight replaced by W + (α/r)·B·A.
-
-    Keys are those of the model without peft (`...q_proj.weight`, not `...base_layer.weight`);
-    the adapter's own tensors are left out. The trained tensors are not modified.
-    """
-    return lora_weights(model, dtype).merged()
-
-
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """No FutureWarning lines from transformers' deprecations that peft trips over on every wrap."""

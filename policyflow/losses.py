@@ -396,25 +396,6 @@ def _keyword_params(key: str) -> dict[str, inspect.Parameter]:
     return {name: p for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-# Each loss's float hyperparameter defaults, read from the signatures (the one place they live).
-LOSS_DEFAULTS: dict[str, dict[str, float]] = {
-    key: {name: p.default for name, p in _keyword_params(key).items() if isinstance(p.default, float)}
-    for key in POLICY_LOSSES
-}
-
-
 def allowed_hyper(key: str) -> set[str]:
     """Non-tensor keyword arguments loss `key` accepts (e.g. clip_low, max_len, kl_kind)."""
     return set(_keyword_params(key)) - TENSOR_KWARGS
-
-
-def required_hyper(key: str) -> set[str]:
-    """Non-tensor keyword arguments loss `key` cannot run without (dr_grpo: max_len)."""
-    _keyword_params(key)
-    return {"max_len"} if LOSS_NEEDS[key].max_len else set()
-
-
-def required_tensors(key: str) -> set[str]:
-    """Tensor keyword arguments the trainer must pass to loss `key` (decoupled_ppo: prox_logprobs)."""
-    _keyword_params(key)
-    return {"prox_logprobs"} if LOSS_NEEDS[key].proximal else set()

@@ -30,18 +30,6 @@ def overlong_penalty(lengths: Tensor, max_len: int, cache_len: int) -> Tensor:
     return torch.where(lengths > max_len, -1.0, ramp.clamp(-1.0, 0.0))
 
 
-def format_gate(rewards: Tensor, ok: Tensor, penalty: float = 0.0) -> Tensor:
-    """The reward where the output is well formed (`ok` true), else the constant `penalty`."""
-    rewards = _float(rewards)
-    return torch.where(ok.bool(), rewards, penalty)
-
-
-def count_penalty(counts: Tensor, per_item: float, max_penalty: float | None = None) -> Tensor:
-    """−per_item · count (e.g. per search or tool call), floored at −max_penalty when given."""
-    penalty = -per_item * _float(counts)
-    return penalty if max_penalty is None else penalty.clamp(min=-max_penalty)
-
-
 def search_penalty_reward(
     correct: Tensor, num_searches: Tensor, format_ok: Tensor, *, penalty: float = 0.1, format_weight: float = 0.1
 ) -> dict[str, Tensor]:

@@ -79,7 +79,7 @@ def demonstration_rows(
             segments.append(Segment("obs", tuple(ids), turn=k, text=kept))
         else:
             raise ValueError(f"a demonstration turn is 'gen' or 'obs', got {kind!r}")
-    demo = Trajectory(id="sft", task_id="sft", group_id="sft", segments=segments, calls=calls)
+    demo = Trajectory(id="sft", task_id="sft", segments=segments, calls=calls)
     return [(ids, mask) for ids, mask, _, _ in episode_rows(demo)]
 
 

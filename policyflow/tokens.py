@@ -255,13 +255,11 @@ def episode_rows(trajectory: Trajectory) -> list[Row]:
 def collate(
     trajectories: Sequence[Trajectory],
     advantages_B: torch.Tensor,
-    group_index_B: torch.Tensor,
     pad_id: int,
 ) -> TrainBatch:
     """Right-pad the rows of every episode into a TrainBatch (one row per `episode_rows` entry).
 
-    `advantages_B` and `group_index_B` are per episode; every row of episode b gets its
-    advantage and group, and `episode_index_B` says which episode a row came from. Each token's
+    `advantages_B` is per episode; every row of episode b gets its advantage. Each token's
     sampling policy goes into `temperature_BT`, `top_p_BT`, `top_k_BT` (`NO_POLICY` off the
     generated tokens); they are None when no episode records policies.
     """
@@ -291,10 +289,7 @@ def collate(
         attention_mask_BT=(torch.arange(T)[None, :] < lengths_B[:, None]).long(),
         loss_mask_BT=padded(1, 0, torch.float32),
         behav_logprobs_BT=padded(2, 0.0, torch.float32),
-        versions_BT=padded(3, -1, torch.long),
         advantages_B=advantages_B.to(torch.float32)[episode_index_B],
-        group_index_B=group_index_B[episode_index_B],
-        episode_index_B=episode_index_B,
         **per_token,
     )
 

@@ -71,7 +71,6 @@ class Segment:
     logprobs: tuple[float, ...] | None = None
     versions: tuple[int, ...] | None = None
     turn: int = 0
-    tag: str | None = None
     text: str = ""
     policies: tuple[TokenPolicy, ...] | None = None
 
@@ -100,17 +99,6 @@ class Call:
 
     context: tuple[int, ...]  # indices into Trajectory.segments
     produced: int  # index of the gen segment
-    position_offset: int = 0
-
-
-@dataclass
-class Timings:
-    """Where an episode's wall time went: engine calls, env steps (tools, and waiting for a tool
-    slot), and the rest of its group's time (waiting for the engine or for the other members)."""
-
-    generation_s: float = 0.0
-    tools_s: float = 0.0  # time inside `env.step`; `Trajectory.tools.seconds` is the tools' own run time
-    queue_s: float = 0.0
 
 
 @dataclass
@@ -164,7 +152,6 @@ class Trajectory:
 
     id: str
     task_id: str
-    group_id: str
     segments: list[Segment]
     calls: list[Call]
     reward: float = 0.0
@@ -172,11 +159,9 @@ class Trajectory:
     completion_text: str = ""
     num_turns: int = 1
     tools: ToolStats = field(default_factory=ToolStats)  # the tool calls of this episode's steps
-    start_version: int = 0
-    end_version: int = 0
+    start_version: int = 0  # the generator's version when the episode started
     status: TrajectoryStatus = "complete"
     finish_reason: FinishReason = "eos"
-    timings: Timings = field(default_factory=Timings)
     step_info: list[dict[str, Any]] = field(default_factory=list)  # the env's `StepResult.info`, one per step
 
     @property
@@ -240,10 +225,7 @@ class TrainBatch:
     attention_mask_BT: torch.Tensor
     loss_mask_BT: torch.Tensor
     behav_logprobs_BT: torch.Tensor
-    versions_BT: torch.Tensor
     advantages_B: torch.Tensor
-    group_index_B: torch.Tensor
-    episode_index_B: torch.Tensor | None = None  # the episode each row comes from (None: one row per episode)
     temperature_BT: torch.Tensor | None = None  # float32
     top_p_BT: torch.Tensor | None = None  # float32
     top_k_BT: torch.Tensor | None = None  # long

@@ -105,11 +105,6 @@ class SnapshotStore:
         version = self.latest_version
         return version, dict(self._snapshots[version])
 
-    def get(self, version: int) -> dict[str, torch.Tensor]:
-        if version not in self._snapshots:
-            raise _missing(version, self.versions, self.keep)
-        return dict(self._snapshots[version])
-
     def __contains__(self, version: object) -> bool:
         return version in self._snapshots
 
@@ -258,12 +253,6 @@ class FileSnapshotStore:
             except SnapshotMissingError:
                 continue
         raise SnapshotMissingError(f"snapshots in {self.folder} changed faster than they could be read")
-
-    def get(self, version: int) -> dict[str, torch.Tensor]:
-        try:
-            return load_snapshot(self.folder, version)
-        except SnapshotMissingError:
-            raise _missing(version, self.versions, self.keep) from None
 
     def __contains__(self, version: object) -> bool:
         return isinstance(version, int) and snapshot_path(self.folder, version).exists()

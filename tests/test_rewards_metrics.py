@@ -1,4 +1,4 @@
-"""Reward shaping (overlong, gates, penalties) and pass@k."""
+"""Reward shaping (overlong, search penalty) and pass@k."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from policyflow.metrics import pass_at_k, pass_at_k_batch
-from policyflow.rewards import count_penalty, format_gate, overlong_penalty, search_penalty_reward
+from policyflow.rewards import overlong_penalty, search_penalty_reward
 
 F64 = torch.float64
 
@@ -30,14 +30,6 @@ def test_overlong_penalty_hard_cut_and_errors():
     torch.testing.assert_close(overlong_penalty(torch.tensor([0, 5, 10]), 10, 10), torch.tensor([0.0, -0.5, -1.0]))
     with pytest.raises(ValueError, match="cache_len"):
         overlong_penalty(torch.tensor([1]), max_len=4, cache_len=5)
-
-
-def test_format_gate_and_count_penalty():
-    gated = format_gate(torch.tensor([1.0, 0.5, 1.0]), torch.tensor([True, False, True]), penalty=-1.0)
-    torch.testing.assert_close(gated, torch.tensor([1.0, -1.0, 1.0]))
-    torch.testing.assert_close(format_gate(torch.tensor([1, 1]), torch.tensor([0, 1])), torch.tensor([0.0, 1.0]))
-    torch.testing.assert_close(count_penalty(torch.tensor([0, 1, 3]), 0.1), torch.tensor([0.0, -0.1, -0.3]))
-    torch.testing.assert_close(count_penalty(torch.tensor([0, 1, 3]), 0.1, max_penalty=0.2), torch.tensor([0.0, -0.1, -0.2]))
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:

@@ -21,6 +21,7 @@ from policyflow.config import Config, ConfigError, describe_fields, load_config,
 from policyflow.session import build_task
 from policyflow.tasks import CountdownTask, JsonlTask, SearchQATask, TaskError
 from policyflow.tasks.reward_fn import load_reward_fn
+from policyflow.policy import PolicySpec
 
 
 def _refused(*overrides: str) -> str:
@@ -225,10 +226,10 @@ def test_a_lone_surrogate_never_reaches_the_tokenizer(tmp_path: Path) -> None:
     path = tmp_path / "sur.jsonl"
     path.write_text("\n".join([*GOOD, '{"prompt": "x\\ud800", "answer": "1"}']) + "\n")
     cfg = load_config(None, ["task.name=jsonl", f"task.path={path}", "task.on_bad_row=skip"])
-    task = build_task(cfg)
+    task = build_task(PolicySpec.of(cfg))
     assert task.bad_rows == [5] and {p.prompt for p in task.eval_problems()} | {task.train_problem(i).prompt for i in range(8)} == {f"q{i}" for i in range(4)}
     with pytest.raises(TaskError, match=r"sur\.jsonl:5: column 'prompt' holds a lone surrogate"):
-        build_task(load_config(None, ["task.name=jsonl", f"task.path={path}"]))
+        build_task(PolicySpec.of(load_config(None, ["task.name=jsonl", f"task.path={path}"])))
 
 
 def test_a_valid_surrogate_pair_bom_blank_lines_and_crlf_are_fine(tmp_path: Path) -> None:
@@ -288,7 +289,7 @@ def test_absurd_search_corpus_is_refused_at_once_naming_the_real_field(tmp_path:
     assert MAX_ENTITIES == NAME_SPACE // 4
     cfg = load_config(None, ["task.name=search_qa", "task.search.num_entities=1000000", f"task.search.corpus_dir={tmp_path}"])
     with pytest.raises(TaskError) as err:
-        build_task(cfg)
+        build_task(PolicySpec.of(cfg))
     assert str(err.value).startswith(f"task.search.num_entities=1000000 is more places than search_qa can name: at most {MAX_ENTITIES}")
     assert "task.num_entities" not in str(err.value).replace("task.search.num_entities", "")
     task = SearchQATask(num_entities=MAX_ENTITIES, num_eval_entities=40, num_eval=20, corpus_dir=tmp_path)  # the cap itself works

@@ -254,7 +254,7 @@ class ProgramEnv(Env):
         from policyflow.agent.program_server import MODEL_NAME, ProgramCalls, episode_route  # the HTTP stack loads only where episodes run
 
         calls = ProgramCalls(runner)
-        traj = Trajectory(id=id, task_id=task_id, group_id=task_id, segments=calls.segments, calls=calls.calls, num_turns=0, start_version=runner.generator.version)
+        traj = Trajectory(id=id, task_id=task_id, segments=calls.segments, calls=calls.calls, num_turns=0, start_version=runner.generator.version)
         async with episode_route(calls, runner.tokenizer, runner.chat_template) as base_url:
             run = await run_program(self.program, problem_json(self.problem), program_environment(self.program, base_url, id, MODEL_NAME))
         calls.close()
@@ -274,11 +274,8 @@ class ProgramEnv(Env):
         if reported and reported.answer is not None:
             info["answer"] = reported.answer
         traj.step_info.append(info)
-        traj.timings.generation_s = calls.generation_s
-        traj.timings.tools_s = max(0.0, run.seconds - calls.generation_s)  # the program's own time
         versions = [v for s in traj.segments if s.versions for v in s.versions]
         traj.start_version = min(versions, default=traj.start_version)
-        traj.end_version = max(versions, default=traj.start_version)
         return traj
 
 
