@@ -37,8 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import save_figure, shared_warm_start  # noqa: E402
 from policyflow import coordinator  # noqa: E402
-from policyflow.config import Config, load_config  # noqa: E402
+from policyflow.config import load_config  # noqa: E402
 from policyflow.evaluate import accuracy  # noqa: E402
+from policyflow.policy import PolicySpec  # noqa: E402
 from policyflow.workers import TrainerWorker  # noqa: E402
 
 PROBE_SEED = 20_240_611  # sampling seed of every measurement (not a run seed: no stream is shared with rollouts)
@@ -54,8 +55,8 @@ def probe_trainer(step_points: list[int], time_points: list[float], split: str, 
     """A TrainerWorker that measures sampled accuracy at the planned points and appends to `log`."""
 
     class ProbeTrainer(TrainerWorker):
-        def __init__(self, cfg: Config, *args, **kwargs) -> None:
-            super().__init__(cfg, *args, **kwargs)
+        def __init__(self, spec: PolicySpec, *args, **kwargs) -> None:
+            super().__init__(spec, *args, **kwargs)
             s = self.session
             if split == "heldout":
                 self.problems = list(s.eval_problems[:prompts])
@@ -73,7 +74,7 @@ def probe_trainer(step_points: list[int], time_points: list[float], split: str, 
 
         def probe(self, kind: str, point: float, rl_seconds: float, reward: float | None) -> None:
             start = time.perf_counter()
-            runner = self.session.runner.with_params(temperature=self.cfg.eval.temperature, top_p=1.0, top_k=0)
+            runner = self.session.runner.with_params(temperature=self.spec.eval.temperature, top_p=1.0, top_k=0)
             acc, _ = accuracy(runner, self.session.task, self.problems, torch.Generator(runner.generator.device).manual_seed(PROBE_SEED))
             self.probe_seconds += time.perf_counter() - start
             log.append({"kind": kind, "point": point, "step": self.steps, "rl_seconds": rl_seconds, "accuracy": acc, "reward": reward})

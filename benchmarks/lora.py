@@ -44,6 +44,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     from policyflow.config import load_config
     from policyflow.types import TrainBatch
     from policyflow.weights import FileSnapshotStore, SnapshotStore, snapshot_path
+    from policyflow.policy import PolicySpec
     from policyflow.workers import TrainerWorker
 
     torch.set_num_threads(args.threads)
@@ -55,8 +56,8 @@ def run_variant(args: argparse.Namespace) -> dict:
         f"run.output_dir={work}", "run.progress=false", f"run.threads={args.threads}", "eval.num_prompts=1",
     ])
     files = FileSnapshotStore(work / "snapshots", keep=1)
-    worker = TrainerWorker(cfg, files)
-    worker.begin_rl(str(work))
+    worker = TrainerWorker(PolicySpec.of(cfg, run_dir=work), files)
+    worker.begin_rl()
     model = worker.session.model
     B, T = args.batch, args.tokens
     generator = torch.Generator().manual_seed(0)

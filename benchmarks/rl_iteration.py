@@ -34,6 +34,7 @@ from policyflow.config import load_config  # noqa: E402
 from policyflow.engine import SamplingParams  # noqa: E402
 from policyflow.rollout import build_batch, rollout_groups  # noqa: E402
 from policyflow.trainer import Trainer  # noqa: E402
+from policyflow.policy import PolicySpec  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(None, [f"run.threads={args.threads}", "train.prompts_per_step=32", "train.group_size=8", f"sampling.max_new_tokens={args.new_tokens}"])
-    session = open_session(cfg)
+    session = open_session(PolicySpec.of(cfg))
     params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, ignore_eos=True)  # same work every repeat
     trainer = Trainer(session.model, cfg.train, cfg.loss, cfg.sampling)
     generator = torch.Generator().manual_seed(0)
@@ -60,7 +61,7 @@ def main() -> None:
         for i, t in enumerate(t for g in groups for t in g.trajectories):
             t.reward = float(i % 3)  # dense, varied: every group has variance
         sampled = time.perf_counter()
-        batch, _ = build_batch(groups, cfg, session.tokenizer.pad_token_id)
+        batch, _ = build_batch(groups, cfg.train, cfg.advantage, session.tokenizer.pad_token_id)
         metrics = trainer.step(batch)
         done = time.perf_counter()
         if repeat:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from policyflow.config import load_config  # noqa: E402
 from policyflow.rollout import rollout_groups  # noqa: E402
 from policyflow.session import open_session  # noqa: E402
+from policyflow.policy import PolicySpec  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     args = parser.parse_args()
     cfg = load_config(ROOT / "configs" / "demo.yaml", [f"model.path={args.model}", "task.num_eval=500", "run.progress=false"])
-    s = open_session(cfg)
+    s = open_session(PolicySpec.of(cfg))
     problems = [s.task.train_problem(40_000_000 + i) for i in range(args.prompts)]
     G, runner = cfg.train.group_size, s.runner.with_params(top_p=1.0, top_k=0)
     generator = torch.Generator().manual_seed(cfg.run.seed)

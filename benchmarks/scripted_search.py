@@ -78,9 +78,9 @@ class ScriptedSearchTask:
 class ScriptedSearchWorker(RolloutWorker):
     """A rollout worker whose episodes follow the script (needs task.name=search_qa)."""
 
-    def __init__(self, cfg, store, *, seed: int, rng=None) -> None:
-        super().__init__(cfg, store, seed=seed, rng=rng)
+    def __init__(self, spec, store, *, seed: int, engine_slots: int, rng=None) -> None:
+        super().__init__(spec, store, seed=seed, engine_slots=engine_slots, rng=rng)
         if not isinstance(self.task, SearchQATask):
-            raise ValueError(f"ScriptedSearchWorker needs task.name=search_qa, got {cfg.task.name!r}")
-        self.task = ScriptedSearchTask(self.task, cfg.agent.max_turns - 1)
+            raise ValueError(f"ScriptedSearchWorker needs task.name=search_qa, got {spec.task.name!r}")
+        self.task = ScriptedSearchTask(self.task, spec.agent.max_turns - 1)
         self.runner = self.runner.with_params(ignore_eos=True, stop=())

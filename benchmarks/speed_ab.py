@@ -35,6 +35,7 @@ from policyflow.config import load_config  # noqa: E402
 from policyflow.rollout import build_batch, rollout_groups  # noqa: E402
 from policyflow.session import open_session  # noqa: E402
 from policyflow.trainer import Trainer  # noqa: E402
+from policyflow.policy import PolicySpec  # noqa: E402
 
 
 def load_module(path: Path, name: str) -> types.ModuleType:
@@ -59,7 +60,7 @@ def main() -> None:
 
     cfg = load_config(None, [f"run.threads={args.threads}", "train.prompts_per_step=32", "train.group_size=8",
                              f"sampling.max_new_tokens={args.new_tokens}"])
-    session = open_session(cfg)
+    session = open_session(PolicySpec.of(cfg))
     backend = session.runner.generator.core.backend
     new_prefill = backend._prefill
     arms = {
@@ -78,7 +79,7 @@ def main() -> None:
             for k, t in enumerate(t for g in groups for t in g.trajectories):
                 t.reward = float(k % 3)  # dense, varied: every group has variance
             sampled = time.perf_counter()
-            batch, _ = build_batch(groups, cfg, session.tokenizer.pad_token_id)
+            batch, _ = build_batch(groups, cfg.train, cfg.advantage, session.tokenizer.pad_token_id)
             trainer.step(batch)
             done = time.perf_counter()
             if i:

@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", type=Path, default=None, help="run folder to continue from its latest checkpoint")
         if name == "eval":
             p.add_argument("--model", type=Path, default=None, help="model folder (default: model.path or the tiny model); with --endpoint only its tokenizer is read")
-            p.add_argument("--endpoint", default=None, help="evaluate the model behind an OpenAI-compatible server instead, by its base URL including /v1 (e.g. http://127.0.0.1:8000/v1); prompts go as token ids of --model's tokenizer")
+            p.add_argument("--endpoint", default=None, help="evaluate the model behind an OpenAI-compatible server instead, by its base URL including /v1 (e.g. http://127.0.0.1:8000/v1); prompts go as token ids of --model's tokenizer (or model.path's; required unless the endpoint names its model by a folder that exists here, as policyflow serve does)")
             p.add_argument("--endpoint-model", default=None, help="the model name to ask the endpoint for (default: the first one its /v1/models lists)")
         if name == "config":
             p.add_argument("--fields", action="store_true", help="list every field with default and description")
@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", required=True, help="model folder: a Hugging Face folder or a policyflow checkpoint (LoRA ones merged); clients name it as typed here")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--max-tokens", type=int, default=1024, help="a request's max_tokens when it gives none, chat and completions alike, cut to the room the context leaves (default 1024)")
     serve.add_argument("--debug", action="store_true", help="show the full traceback of an error (normally one line)")
     return parser
 
@@ -117,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from policyflow.serve import serve
 
-        serve(args.model, args.host, args.port)
+        serve(args.model, args.host, args.port, args.max_tokens)
         return 0
     if args.command == "view":
         from policyflow.view import write_view

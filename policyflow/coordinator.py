@@ -12,6 +12,10 @@ batch is sampled entirely by the current policy; one_step_off (η 1, drain) samp
 while batch v trains; async (η ≥ 1, continue) keeps engines busy and swaps weights between
 decode steps. The runtime (inline or process) only decides where the trainer and the
 workers run.
+
+The components serve one policy (`policy.PolicySpec`); a one-policy run is the one-role case.
+One step of one policy is `rl_step(PolicyRun)`, which `_run_rl` calls in its loop and a
+self-play driver can call for either role.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,8 +35,9 @@ from policyflow.checkpoint import LoopState, check_destination, save_model_folde
 from policyflow.config import Config
 from policyflow.evaluate import EvalResult, write_report
 from policyflow.logging import JsonlWriter, Progress, RunTotals, plot_run
+from policyflow.policy import PolicySpec
 from policyflow.pool import RolloutPool, task_index
-from policyflow.runtime import make_runtime
+from policyflow.runtime import Handle, make_runtime
 from policyflow.rundir import RunFolder, RunInterrupted, RunLock, StopOnCtrlC, open_run_folder
 from policyflow.session import configured_evaluation, open_endpoint, open_session, pick_device
 from policyflow.sft import warm_start
@@ -49,7 +54,7 @@ def train(cfg: Config, *, resume: Path | None = None, log=print) -> dict:
 
 async def run_rl(cfg: Config, *, resume: Path | None = None, log=print, worker_cls: type = RolloutWorker) -> dict:
     """`train` as a coroutine; `worker_cls` replaces the rollout worker (fault-injection tests)."""
-    pick_device(cfg)  # run.device=cuda without a GPU fails here, before anything is written
+    pick_device(PolicySpec.of(cfg))  # run.device=cuda without a GPU fails here, before anything is written
     check_trackers(cfg.run.trackers)  # and so does run.trackers=[wandb] without wandb installed
     folder = open_run_folder(cfg, resume)  # locked until the run ends
     try:
@@ -64,7 +69,8 @@ async def run_rl(cfg: Config, *, resume: Path | None = None, log=print, worker_c
 
 async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: StopOnCtrlC) -> dict:
     run_dir, checkpoint = folder.path, folder.checkpoint
-    p, B = cfg.pipeline, cfg.train.prompts_per_step
+    spec = PolicySpec.of(cfg, run_dir=run_dir)  # the one role; its folder is the run folder
+    p, B = cfg.pipeline, spec.train.prompts_per_step
     threads = thread_share(cfg.run.threads, processes=1 + p.rollout_workers if p.runtime == "process" else 1)
     torch.set_num_threads(threads if p.runtime == "inline" else 1)  # the driver itself computes little in the process runtime
     keep = p.max_lag + 2
@@ -74,15 +80,15 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
     pool: RolloutPool | None = None
     metrics_log: MetricsWriter | None = None  # every metric line, SFT's included, goes through it to every tracker (run.trackers)
     try:
-        trainer = await runtime.spawn(TrainerWorker, cfg, store, str(checkpoint) if checkpoint else None, name="trainer", cpus=threads)
+        trainer = await runtime.spawn(TrainerWorker, spec, store, str(checkpoint) if checkpoint else None, checkpoints=cfg.checkpoint, name="trainer", cpus=threads)
         log(f"{await trainer.call('describe')}; pipeline: {p.mode} (η {p.eta}, η_hard {p.eta_hard}, {p.swap_mode}), {p.rollout_workers} rollout worker(s), {p.runtime} runtime; run folder: {run_dir}")
         if checkpoint is None:
             loop, worker_rng = LoopState(), []
             metrics_log = _open_trackers(cfg, run_dir, first_step=0)
-            if cfg.sft.max_steps > 0:
+            if spec.sft.max_steps > 0:
                 sft = await _warm_start(trainer, metrics_log)
                 log(f"SFT warm-start: {sft['steps']} steps, {sft['seconds']:.0f}s, greedy held-out accuracy {sft['accuracy_greedy']:.1%}")
-            await trainer.call("begin_rl", str(run_dir))  # the KL reference (and with LoRA the adapter's base) is the model RL starts from
+            await trainer.call("begin_rl")  # the KL reference (and with LoRA the adapter's base) is the model RL starts from
             loop.eval_before = await trainer.call("evaluate")
             metrics_log.write({"step": 0, "wall_seconds": 0.0, **EvalResult(**loop.eval_before).as_metrics()})
             log(_accuracy_line("before RL", loop.eval_before))
@@ -94,86 +100,43 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
         totals = RunTotals(loop.counters)  # cumulative counters continue from the checkpoint's
         await trainer.call("publish")  # version loop.version, which every engine starts from
         buffer = RolloutBuffer(
-            B, p.eta, p.eta_hard, filters=("dynamic_sampling",) if cfg.train.dynamic_sampling else (),
-            refill_limit=cfg.train.max_resample_rounds * B, start_version=loop.version,
+            B, p.eta, p.eta_hard, filters=("dynamic_sampling",) if spec.train.dynamic_sampling else (),
+            refill_limit=spec.train.max_resample_rounds * B, start_version=loop.version,
         )
-        pool = RolloutPool(runtime, cfg, store, buffer, next_index=loop.next_problem, worker_cls=worker_cls, rng_states=worker_rng, cpus=threads)
-        await pool.start(before_producing=lambda: _probe_engines(trainer, pool, loop.version, cfg))  # a bad weight hand-over stops the run here
-        probed_trained = False  # engines are probed again once one holds a version this run trained (LoRA's B is 0 before)
+        pool = RolloutPool(runtime, spec, p, store, buffer, next_index=loop.next_problem, worker_cls=worker_cls, rng_states=worker_rng, cpus=threads)
+        await pool.start(before_producing=lambda: _probe_engines(trainer, pool, loop.version, spec))  # a bad weight hand-over stops the run here
 
-        progress = Progress(cfg.train.steps, loop.step, cfg.run.progress)
-        wall_start = time.perf_counter() - loop.wall_seconds
-        loop_start, idle_s, tokens_before = time.perf_counter(), 0.0, 0.0
-        budget = cfg.train.time_budget_s or float("inf")
-        checkpointed_at = loop.step if checkpoint else None
+        run = PolicyRun(
+            spec, trainer, pool, buffer, loop, totals, samples_log, Progress(spec.train.steps, loop.step, spec.progress),
+            checkpoint_every=cfg.checkpoint.every, samples_every=cfg.run.samples_every,
+            wall_start=time.perf_counter() - loop.wall_seconds, checkpointed_at=loop.step if checkpoint else None,
+        )
         pending: dict | None = None  # the last step's metrics line, written together with the final evaluation
-
-        def finished() -> bool:
-            return loop.step >= cfg.train.steps or time.perf_counter() - wall_start >= budget
-
-        last = finished()
+        last = run.finished()
         stop.graceful = True  # from here Ctrl-C finishes the current step and records it
         while not last and not stop.requested:
-            step_start = time.perf_counter()
-            # 1. The oldest B finished groups; the time spent waiting is trainer idle time.
-            #    Ctrl-C here stops before the step begins; during steps 2-5 it lets the step finish.
-            groups = await stop.unless_requested(pool.guard(buffer.wait_for_batch(B, loop.version)))
-            if groups is None:
+            line = await rl_step(run, stop)
+            if line is None:  # Ctrl-C while waiting for the batch: the step did not begin
                 break
-            idle_s += time.perf_counter() - step_start
-            groups.sort(key=lambda g: task_index(g.task_id))  # issue order: a batch does not depend on finishing order
-            # 2. One policy version: advantages, μ epochs × minibatches, the new weights published.
-            metrics = await trainer.call("train_step", groups)
-            loop.step, loop.version = loop.step + 1, loop.version + 1
-            loop.consumed_task_ids += [g.task_id for g in groups]
-            # 3. Bookkeeping before new groups start (in sync mode nothing is in flight now).
-            if cfg.eval.every and loop.step % cfg.eval.every == 0 and loop.step < cfg.train.steps:
-                metrics |= EvalResult(**await trainer.call("evaluate")).as_metrics()
-            loop.wall_seconds = time.perf_counter() - wall_start
-            if cfg.checkpoint.every and loop.step % cfg.checkpoint.every == 0 and loop.step < cfg.train.steps:
-                await _checkpoint(trainer, pool, buffer, loop, run_dir, totals)
-                checkpointed_at = loop.step
-            # 4. Engines take the new weights (eagerly, or when they lag more than max_lag), then
-            #    the admission window moves one batch.
-            await pool.update_weights(loop.version)
-            if not probed_trained:  # before new groups start (sync: the engines are idle)
-                gap = await _probe_engines(trainer, pool, loop.version, cfg)
-                probed_trained = gap is not None
-                metrics |= {"async/probe_logprob_gap": gap} if probed_trained else {}
-            buffer.set_version(loop.version)
-            # 5. Metrics: this batch, the buffer (staleness, waste), the engines, the clock.
-            pool_metrics = pool.metrics()
-            now = time.perf_counter()
-            metrics |= buffer.metrics() | pool_metrics | {
-                "async/trainer_idle_fraction": idle_s / max(now - loop_start, 1e-9),
-                "perf/step_seconds": now - step_start,
-                "perf/rollout_tokens_per_s": (pool_metrics["rollout/generated_tokens"] - tokens_before) / max(now - step_start, 1e-9),
-            }
-            tokens_before = pool_metrics["rollout/generated_tokens"]
-            line = {"step": loop.step, "wall_seconds": loop.wall_seconds, **totals.of(metrics)}
-            last = finished() or stop.requested  # a Ctrl-C stop records this step whatever run.log_every says
+            last = run.finished() or stop.requested  # a Ctrl-C stop records this step whatever run.log_every says
             if last:
                 pending = line
             elif loop.step % cfg.run.log_every == 0:
                 metrics_log.write(line)
-            if loop.step % cfg.run.samples_every == 0:  # whole episodes of the first SAMPLE_GROUPS groups (docs/trackers.md)
-                for record in await trainer.call("step_records", loop.step, SAMPLE_GROUPS):
-                    samples_log.write(record)
-            progress.update(metrics)
-        progress.close()
+        run.progress.close()
         if stop.requested:  # Ctrl-C: the last completed step is recorded (metrics line and checkpoint), then stop
             if pending is not None:
                 metrics_log.write(pending)
-            if checkpointed_at != loop.step:
-                await _checkpoint(trainer, pool, buffer, loop, run_dir, totals)
+            if run.checkpointed_at != loop.step:
+                await _checkpoint(run)
             raise RunInterrupted(f"interrupted at step {loop.step}; resume with `policyflow train --resume {run_dir}`", stop.signum)
         await pool.stop()
 
         eval_after = await trainer.call("evaluate")
-        loop.wall_seconds = time.perf_counter() - wall_start
+        loop.wall_seconds = time.perf_counter() - run.wall_start
         if pending is not None:  # one line per step: the last step's metrics and the final evaluation
             metrics_log.write(pending | EvalResult(**eval_after).as_metrics())  # wall_seconds: when the step ended
-        final = await _checkpoint(trainer, pool, buffer, loop, run_dir, totals)
+        final = await _checkpoint(run)
     finally:
         if pool is not None:
             await pool.stop()
@@ -191,11 +154,11 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
         "steps": loop.step,
         "plot": str(plot) if plot else None,
         "pipeline": {"mode": p.mode, "runtime": p.runtime, "eta": p.eta, "eta_hard": p.eta_hard, "swap": p.swap_mode, "max_lag": p.max_lag, "rollout_workers": p.rollout_workers},
-        "groups": {name: len(getattr(ledger, name)) for name in ("trained", "buffered", "running", "requeued", "filtered", "stale", "failed")},
+        "groups": {name: len(getattr(ledger, name)) for name in ("trained", "buffered", "running", "requeued", "filtered", "stale")},
         "async": {k: v for k, v in totals.of(buffer.metrics() | pool.metrics()).items() if k.startswith("async/")},
         "resume_overrides": folder.resume_overrides,
     }
-    if cfg.eval.report:  # the final model's full report, by `policyflow eval`'s own path (off in the timed demos)
+    if spec.eval.report:  # the final model's full report, by `policyflow eval`'s own path (off in the timed demos)
         summary["eval_report"] = str(eval_report(cfg, Path(final), step=loop.step)[1])
         log(f"evaluation report: {summary['eval_report']}")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -204,23 +167,101 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
     return summary
 
 
-async def _probe_engines(trainer, pool: RolloutPool, version: int, cfg: Config) -> float | None:
+@dataclass
+class PolicyRun:
+    """One policy's RL as the driver holds it: its trainer and rollout pool, the buffer between
+    them, its loop state, counters and samples log, and the step's clocks. `rl_step` moves it
+    one step; a self-play driver holds one per role and steps whichever role's turn it is."""
+
+    spec: PolicySpec
+    trainer: Handle
+    pool: RolloutPool
+    buffer: RolloutBuffer
+    loop: LoopState
+    totals: RunTotals
+    samples_log: JsonlWriter
+    progress: Progress
+    checkpoint_every: int  # checkpoint.every (0: only at the end)
+    samples_every: int  # run.samples_every
+    wall_start: float  # perf_counter() when this policy's RL clock (loop.wall_seconds) read 0
+    checkpointed_at: int | None = None  # the step of the last checkpoint written or resumed from
+    loop_start: float = field(default_factory=time.perf_counter)  # this process's first step: trainer idle fraction
+    idle_s: float = 0.0  # waiting for batches since loop_start
+    tokens_before: float = 0.0  # rollout/generated_tokens at the last step (tokens per second)
+    probed_trained: bool = False  # engines are probed again once one holds a version this run trained (LoRA's B is 0 before)
+
+    def finished(self) -> bool:
+        """train.steps done, or train.time_budget_s spent."""
+        budget = self.spec.train.time_budget_s or float("inf")
+        return self.loop.step >= self.spec.train.steps or time.perf_counter() - self.wall_start >= budget
+
+
+async def rl_step(run: PolicyRun, stop: StopOnCtrlC) -> dict | None:
+    """One RL step of one policy: wait for a batch → train_step → eval, checkpoint → weight update →
+    its metrics line, which is returned for the caller to write (None: Ctrl-C came while waiting,
+    and the step did not begin)."""
+    spec, trainer, pool, buffer, loop = run.spec, run.trainer, run.pool, run.buffer, run.loop
+    B = spec.train.prompts_per_step
+    step_start = time.perf_counter()
+    # 1. The oldest B finished groups; the time spent waiting is trainer idle time.
+    #    Ctrl-C here stops before the step begins; during steps 2-5 it lets the step finish.
+    groups = await stop.unless_requested(pool.guard(buffer.wait_for_batch(B, loop.version)))
+    if groups is None:
+        return None
+    run.idle_s += time.perf_counter() - step_start
+    groups.sort(key=lambda g: task_index(g.task_id))  # issue order: a batch does not depend on finishing order
+    # 2. One policy version: advantages, μ epochs × minibatches, the new weights published.
+    metrics = await trainer.call("train_step", groups)
+    loop.step, loop.version = loop.step + 1, loop.version + 1
+    # 3. Bookkeeping before new groups start (in sync mode nothing is in flight now).
+    if spec.eval.every and loop.step % spec.eval.every == 0 and loop.step < spec.train.steps:
+        metrics |= EvalResult(**await trainer.call("evaluate")).as_metrics()
+    loop.wall_seconds = time.perf_counter() - run.wall_start
+    if run.checkpoint_every and loop.step % run.checkpoint_every == 0 and loop.step < spec.train.steps:
+        await _checkpoint(run)
+        run.checkpointed_at = loop.step
+    # 4. Engines take the new weights (eagerly, or when they lag more than max_lag), then
+    #    the admission window moves one batch.
+    await pool.update_weights(loop.version)
+    if not run.probed_trained:  # before new groups start (sync: the engines are idle)
+        gap = await _probe_engines(trainer, pool, loop.version, spec)
+        run.probed_trained = gap is not None
+        metrics |= {"async/probe_logprob_gap": gap} if run.probed_trained else {}
+    buffer.set_version(loop.version)
+    # 5. Metrics: this batch, the buffer (staleness, waste), the engines, the clock.
+    pool_metrics = pool.metrics()
+    now = time.perf_counter()
+    metrics |= buffer.metrics() | pool_metrics | {
+        "async/trainer_idle_fraction": run.idle_s / max(now - run.loop_start, 1e-9),
+        "perf/step_seconds": now - step_start,
+        "perf/rollout_tokens_per_s": (pool_metrics["rollout/generated_tokens"] - run.tokens_before) / max(now - step_start, 1e-9),
+    }
+    run.tokens_before = pool_metrics["rollout/generated_tokens"]
+    line = {"step": loop.step, "wall_seconds": loop.wall_seconds, **run.totals.of(metrics)}
+    if loop.step % run.samples_every == 0:  # whole episodes of the first SAMPLE_GROUPS groups (docs/trackers.md)
+        for record in await trainer.call("step_records", loop.step, SAMPLE_GROUPS):
+            run.samples_log.write(record)
+    run.progress.update(metrics)
+    return line
+
+
+async def _probe_engines(trainer, pool: RolloutPool, version: int, spec: PolicySpec) -> float | None:
     """The engines holding `version` continue a prompt greedily and the trainer recomputes the
     log-probs (`workers.check_probe`): a `PolicyMismatch` line when they disagree beyond the
     dtype's tolerance. Returns the largest gap seen, or None when no engine holds `version`."""
     gaps = []
     for sample in await pool.probes(version):
-        gaps.append(check_probe(sample, await trainer.call("probe_logprobs", sample), getattr(torch, cfg.model.dtype)))
+        gaps.append(check_probe(sample, await trainer.call("probe_logprobs", sample), getattr(torch, spec.model.dtype)))
     return max(gaps) if gaps else None
 
 
-async def _checkpoint(trainer, pool: RolloutPool, buffer: RolloutBuffer, loop: LoopState, run_dir: Path, totals: RunTotals) -> str:
-    """Weights, optimizer, RNG (trainer and engines) and the loop state; in-flight groups are recorded as dropped."""
-    ledger = buffer.ledger()
-    loop.next_problem = pool.next_index
-    loop.counters = totals.counters(buffer.metrics() | pool.metrics())
-    loop.in_flight_task_ids = sorted(ledger.running | ledger.buffered | ledger.requeued)
-    return await trainer.call("save_checkpoint", str(run_dir), loop, await pool.rng_states())
+async def _checkpoint(run: PolicyRun) -> str:
+    """Weights, optimizer, RNG (trainer and engines) and the loop state, in the policy's folder; in-flight groups are recorded as dropped."""
+    ledger = run.buffer.ledger()
+    run.loop.next_problem = run.pool.next_index
+    run.loop.counters = run.totals.counters(run.buffer.metrics() | run.pool.metrics())
+    run.loop.in_flight_task_ids = sorted(ledger.running | ledger.buffered | ledger.requeued)
+    return await run.trainer.call("save_checkpoint", run.loop, await run.pool.rng_states())
 
 
 def _accuracy_line(label: str, result: dict) -> str:
@@ -255,8 +296,8 @@ def run_sft(cfg: Config, log=print) -> Path:
     An existing runs/<name>/sft is refused before any work unless run.overwrite=true; the run
     folder is locked meanwhile, and the model is written beside it and renamed into place.
     """
-    out = cfg.run_dir / "sft"
-    pick_device(cfg)  # run.device=cuda without a GPU fails here, before anything is written
+    out, spec = cfg.run_dir / "sft", PolicySpec.of(cfg)
+    pick_device(spec)  # run.device=cuda without a GPU fails here, before anything is written
     check_destination(out, reads=Path(cfg.model.path) if cfg.model.path else None, overwrite=cfg.run.overwrite, how="run.overwrite=true")
     configure_threads(cfg.run.threads)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -265,11 +306,11 @@ def run_sft(cfg: Config, log=print) -> Path:
     if note:
         log(note)
     try:
-        session = open_session(cfg, master_weights=True)
+        session = open_session(spec, master_weights=True)
         result = warm_start(
-            session.model, session.tokenizer, session.task, cfg.sft, chat_template=cfg.model.chat_template,
-            greedy_accuracy=session.greedy_accuracy, compute_dtype=getattr(torch, cfg.model.dtype),
-            context=context_policy(cfg.agent.context), max_obs_tokens=cfg.agent.max_obs_tokens,
+            session.model, session.tokenizer, session.task, spec.sft, chat_template=spec.model.chat_template,
+            greedy_accuracy=session.greedy_accuracy, compute_dtype=getattr(torch, spec.model.dtype),
+            context=context_policy(spec.agent.context), max_obs_tokens=spec.agent.max_obs_tokens,
             on_eval=lambda step, accuracy: log(f"SFT step {step}: greedy held-out accuracy {accuracy:.1%}"),
         )
         folder = save_model_folder(out, session.model, session.tokenizer, "the SFT model")
@@ -292,10 +333,15 @@ def eval_report(cfg: Config, model_path: Path | None = None, *, endpoint: str | 
     of the model behind an OpenAI-compatible `endpoint` (`session.open_endpoint`), written to a new
     folder under runs/<name>/eval/ (`evaluate.write_report`); returns the headline and the folder."""
     configure_threads(cfg.run.threads)
+    spec = PolicySpec.of(cfg)
     if endpoint:
-        runner, task, problems, tokenizer = open_endpoint(cfg, endpoint, endpoint_model, model_path)
+        runner, task, problems, tokenizer = open_endpoint(spec, endpoint, endpoint_model, model_path)
+        try:
+            evaluation = configured_evaluation(spec, runner, task, problems)
+        finally:
+            runner.generator.close()
     else:
-        session = open_session(cfg, model_path=model_path)
+        session = open_session(spec, model_path=model_path)
         runner, task, problems, tokenizer = session.runner, session.task, session.eval_problems, session.tokenizer
-    evaluation = configured_evaluation(cfg, runner, task, problems)
+        evaluation = configured_evaluation(spec, runner, task, problems)
     return evaluation.result, write_report(cfg.run_dir, evaluation, task, tokenizer=tokenizer, step=step)

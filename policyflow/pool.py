@@ -22,7 +22,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from policyflow.buffer import RolloutBuffer
-from policyflow.config import Config
+from policyflow.config import PipelineConfig
+from policyflow.policy import PolicySpec
 from policyflow.runtime import Handle, Runtime, WorkerDied
 from policyflow.session import build_task
 from policyflow.tasks.base import Problem
@@ -55,12 +56,15 @@ class _Slot:
 
 
 class RolloutPool:
+    """The `pipeline.rollout_workers` rollout workers of one policy (`spec`), fed from `buffer`
+    and moved forward from `store`."""
+
     def __init__(
-        self, runtime: Runtime, cfg: Config, store, buffer: RolloutBuffer, *,
+        self, runtime: Runtime, spec: PolicySpec, pipeline: PipelineConfig, store, buffer: RolloutBuffer, *,
         next_index: int, worker_cls: type = RolloutWorker, rng_states: list | None = None, cpus: float = 1,
         problems: Callable[[int], Problem] | None = None,
     ) -> None:
-        self.runtime, self.cfg, self.store, self.buffer = runtime, cfg, store, buffer
+        self.runtime, self.spec, self.pipeline, self.store, self.buffer = runtime, spec, pipeline, store, buffer
         self.next_index = next_index  # the first training problem never issued
         self.problems = problems  # index -> problem; None: the task's training set (built on first use)
         self._next_spec: GroupSpec | None = None
@@ -75,7 +79,7 @@ class RolloutPool:
 
     async def start(self, before_producing: Callable[[], Awaitable[Any]] | None = None) -> None:
         """Spawn the workers, await `before_producing()` (if given: the engines are idle then), start producing."""
-        n = self.cfg.pipeline.rollout_workers
+        n = self.pipeline.rollout_workers
         self.slots = list(await asyncio.gather(*(self._spawn(i, generation=0) for i in range(n))))
         if before_producing is not None:
             await before_producing()
@@ -103,7 +107,7 @@ class RolloutPool:
 
     async def update_weights(self, version: int) -> None:
         """Move workers lagging more than pipeline.max_lag versions to the latest snapshot."""
-        p = self.cfg.pipeline
+        p = self.pipeline
         due = [s for s in self.slots if s.handle.alive and should_update(s.version, version, p.max_lag)]
         results = await asyncio.gather(*(s.handle.call("update_weights", p.swap_mode) for s in due), return_exceptions=True)
         for slot, result in zip(due, results):
@@ -155,9 +159,12 @@ class RolloutPool:
 
     # -- tasks -------------------------------------------------------------------------------
     async def _spawn(self, i: int, generation: int) -> _Slot:
-        seed = self.cfg.run.seed + 1000 * i + 1_000_003 * generation
+        seed = self.spec.seed + 1000 * i + 1_000_003 * generation
         rng = self._rng_states[i] if generation == 0 and i < len(self._rng_states) else None
-        handle = await self.runtime.spawn(self.worker_cls, self.cfg, self.store, seed=seed, rng=rng, name=f"rollout-{i}", cpus=self.cpus)
+        handle = await self.runtime.spawn(
+            self.worker_cls, self.spec, self.store, seed=seed, engine_slots=self.pipeline.engine_slots, rng=rng,
+            name=f"rollout-{i}", cpus=self.cpus,
+        )
         return _Slot(i, handle, version=await handle.call("held_version"))
 
     async def _produce(self) -> None:
@@ -180,7 +187,7 @@ class RolloutPool:
             return payload
         if self._next_spec is None or self._next_spec.index != self.next_index:
             if self.problems is None:
-                self.problems = build_task(self.cfg).train_problem
+                self.problems = build_task(self.spec).train_problem
             self._next_spec = GroupSpec(task_id(self.next_index), self.next_index, self.problems(self.next_index))
         return self._next_spec
 
@@ -221,8 +228,8 @@ class RolloutPool:
             self._lost[key] += slot.stats.get(key, 0.0)
         slot.stats = {}
         while True:
-            if self.restarts > self.cfg.pipeline.max_worker_restarts:
-                raise RuntimeError(f"rollout workers died {self.restarts} times (pipeline.max_worker_restarts={self.cfg.pipeline.max_worker_restarts}); last: {err}")
+            if self.restarts > self.pipeline.max_worker_restarts:
+                raise RuntimeError(f"rollout workers died {self.restarts} times (pipeline.max_worker_restarts={self.pipeline.max_worker_restarts}); last: {err}")
             try:
                 self.slots[slot.index] = await self._spawn(slot.index, generation=self.restarts)
                 break

@@ -17,7 +17,7 @@ import torch
 from policyflow.advantages import ADVANTAGES, has_signal
 from policyflow.agent.env import group_builder
 from policyflow.agent.episode import EpisodeRunner
-from policyflow.config import Config
+from policyflow.config import AdvantageConfig, TrainConfig
 from policyflow.engine import run_blocking, using_generator
 from policyflow.rewards import overlong_penalty
 from policyflow.tasks.base import Problem, Task
@@ -52,8 +52,9 @@ def episode_record(
 
     Per segment: its token ids, each token's own text (`tokenizer.decode([id])`; null without a
     `tokenizer`), its loss mask as training uses it (`segment_loss_masks`), and for gen segments
-    the behaviour log-probs and policy versions. `version` is the trainer's version when written
-    (eval: the model's), so a token's staleness is `version` − its version. `advantage` is the
+    the behaviour log-probs and policy versions. `version` is the policy version the step trained
+    (its batch's π_θ before the update; eval: the model's), so a token's staleness is `version` −
+    its version, as the buffer's async/staleness metrics count it. `advantage` is the
     episode's advantage in its step's batch (`ScoredEpisodes.advantage_by_episode`); None when
     the episode was not trained (zero-variance group, masked truncation, filtered, or eval).
     `prompt` defaults to the text of the first prompt segment."""
@@ -102,29 +103,28 @@ def shape_overlong(groups: Sequence[Group], max_len: int, cache_len: int) -> Non
 
 @dataclass(frozen=True)
 class ScoredEpisodes:
-    """The episodes one step trains on, in batch order, with their advantages and group indices
-    (what `collate` pads into the TrainBatch)."""
+    """The episodes one step trains on, in batch order, with their advantages (what `collate`
+    pads into the TrainBatch)."""
 
     trajectories: list[Trajectory]
     advantages_B: torch.Tensor
-    group_index_B: torch.Tensor
 
     def collate(self, pad_id: int) -> TrainBatch:
-        return collate(self.trajectories, self.advantages_B, self.group_index_B, pad_id)
+        return collate(self.trajectories, self.advantages_B, pad_id)
 
     def advantage_by_episode(self) -> dict[str, float]:
         """{episode id: advantage} of the trained episodes (samples.jsonl's `advantage`), in float32 as the batch holds it."""
         return {t.id: a for t, a in zip(self.trajectories, self.advantages_B.to(torch.float32).tolist())}
 
 
-def build_batch(groups: list[Group], cfg: Config, pad_id: int) -> tuple[TrainBatch | None, dict[str, float]]:
+def build_batch(groups: list[Group], train: TrainConfig, advantage: AdvantageConfig, pad_id: int) -> tuple[TrainBatch | None, dict[str, float]]:
     """`score_groups`, padded into a TrainBatch (None when no episode is trained)."""
-    scored, stats = score_groups(groups, cfg)
+    scored, stats = score_groups(groups, train, advantage)
     return (scored.collate(pad_id) if scored is not None else None), stats
 
 
-def score_groups(groups: list[Group], cfg: Config) -> tuple[ScoredEpisodes | None, dict[str, float]]:
-    """Advantages per group, zero-variance groups left out (counted): the episodes a step trains on.
+def score_groups(groups: list[Group], train: TrainConfig, advantage: AdvantageConfig) -> tuple[ScoredEpisodes | None, dict[str, float]]:
+    """Advantages per group (estimator `advantage.name`), zero-variance groups left out (counted): the episodes a step trains on.
 
     With `train.mask_truncated`, truncated samples take no part: they are out of their group's
     baseline (mean, std, ranking) and out of the batch. Rows the estimator does not keep (GFPO's
@@ -133,8 +133,8 @@ def score_groups(groups: list[Group], cfg: Config) -> tuple[ScoredEpisodes | Non
     applied to its included members.
     """
     stats = {"rollout/groups_zero_variance": 0.0}
-    included = [[not (cfg.train.mask_truncated and t.status == "truncated") for t in g.trajectories] for g in groups]
-    if cfg.train.skip_zero_variance:
+    included = [[not (train.mask_truncated and t.status == "truncated") for t in g.trajectories] for g in groups]
+    if train.skip_zero_variance:
         signal = [has_signal([t.reward for t, inc in zip(g.trajectories, flags) if inc]) for g, flags in zip(groups, included)]
         stats["rollout/groups_zero_variance"] = float(len(groups) - sum(signal))
         groups = [g for g, ok in zip(groups, signal) if ok]
@@ -146,14 +146,14 @@ def score_groups(groups: list[Group], cfg: Config) -> tuple[ScoredEpisodes | Non
     group_ids_B = torch.tensor([i for i, g in enumerate(groups) for _ in g.trajectories])
     lengths_B = torch.tensor([t.num_gen_tokens for t in trajectories], dtype=torch.float64)
     include_B = torch.tensor([flag for flags in included for flag in flags], dtype=torch.bool)
-    a = cfg.advantage
+    a = advantage
     hyper = {"k": a.gfpo_k, "metric": a.gfpo_metric} if a.name == "gfpo" else {}
     advantages_B, keep_B = ADVANTAGES[a.name](rewards_B, group_ids_B, lengths_B, include_B, **hyper)
     stats["rollout/gfpo_kept_fraction"] = float(keep_B.float().mean())
     if not bool(keep_B.any()):
         return None, stats
     rows = keep_B.nonzero().squeeze(-1).tolist()
-    return ScoredEpisodes([trajectories[b] for b in rows], advantages_B[keep_B], group_ids_B[keep_B]), stats
+    return ScoredEpisodes([trajectories[b] for b in rows], advantages_B[keep_B]), stats
 
 
 def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:

@@ -21,6 +21,9 @@ The staleness of a group is its oldest token (`Group.min_version`), whatever tur
 
 `TrainerWorker` owns the policy being optimised: SFT warm-start, evaluation, one RL step per
 batch of groups, publishing each new version to the snapshot store, and checkpoints.
+
+Each serves one policy (DESIGN.md §5): it takes that policy's `PolicySpec` and writes only under
+the policy's folder (`PolicySpec.folder`), never the whole `Config`.
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ import torch
 
 from policyflow.agent.context import context_policy
 from policyflow.agent.env import group_builder
-from policyflow.checkpoint import LoopState, load_state, rng_state, save_checkpoint, save_model_folder, set_rng_state, verify_checkpoint
-from policyflow.config import Config
+from policyflow.checkpoint import LoopState, load_state, save_checkpoint, save_model_folder, set_rng_state, verify_checkpoint
+from policyflow.config import CheckpointConfig
 from policyflow.engine import AsyncEngine, SamplingParams
 from policyflow.logging import Progress
 from policyflow.lora import RUN_BASE_REF, adapter_base_path, attach_lora, is_adapter_folder, is_lora, load_adapter, lora_weights
 from policyflow.model import load_pretrained, num_parameters
+from policyflow.policy import PolicySpec
 from policyflow.rollout import episode_record, rollout_metrics, score_groups, shape_overlong
 from policyflow.session import build_task, episode_runner, load_policy, model_context, open_session, pick_device, sampling_params
 from policyflow.sft import warm_start
@@ -52,8 +56,8 @@ from policyflow.trainer import Trainer, compute_precision, sequence_logprobs
 from policyflow.types import Group, Sample
 
 
-REFERENCE_DIR = "reference"  # <run_dir>/reference/: the KL reference (HF format), written once per run
-BASE_DIR = "base"  # <run_dir>/base/: with LoRA, the frozen base under the adapter (HF format), written once per run
+REFERENCE_DIR = "reference"  # <policy folder>/reference/: the KL reference (HF format), written once per run
+BASE_DIR = "base"  # <policy folder>/base/: with LoRA, the frozen base under the adapter (HF format), written once per run
 
 
 @dataclass(frozen=True)
@@ -78,20 +82,22 @@ class WorkerReport:
 
 
 class RolloutWorker:
-    """One engine and the episodes running on it. Construct it inside the process (and loop) that runs it."""
+    """One engine of one policy (`spec`) and the episodes running on it, at most `engine_slots`
+    sequences decoded at once (pipeline.engine_slots). Construct it inside the process (and
+    loop) that runs it."""
 
-    def __init__(self, cfg: Config, store, *, seed: int, rng: torch.Tensor | None = None) -> None:
-        model, self.tokenizer = load_policy(cfg)
-        self.cfg = cfg
-        self.task = build_task(cfg, self.tokenizer, model_context(model.config))
+    def __init__(self, spec: PolicySpec, store, *, seed: int, engine_slots: int, rng: torch.Tensor | None = None) -> None:
+        model, self.tokenizer = load_policy(spec)
+        self.spec = spec
+        self.task = build_task(spec, self.tokenizer, model_context(model.config))
         self.store = store
         version, state = store.latest()
-        generator = torch.Generator(pick_device(cfg)).manual_seed(seed)
+        generator = torch.Generator(pick_device(spec)).manual_seed(seed)
         if rng is not None:
             generator.set_state(rng)
-        self.engine = AsyncEngine(model, self.tokenizer, version=version, max_batch=cfg.pipeline.engine_slots, generator=generator)
+        self.engine = AsyncEngine(model, self.tokenizer, version=version, max_batch=engine_slots, generator=generator)
         self.engine.update_weights(state, version)
-        self.runner = episode_runner(cfg, self.engine, self.tokenizer, sampling_params(cfg, self.task))
+        self.runner = episode_runner(spec, self.engine, self.tokenizer, sampling_params(spec, self.task))
         self._open: dict[str, asyncio.Task] = {}  # task id -> the task running its group
         self._held: deque[GroupSpec] = deque()  # submitted during a drain: start after the swap
         self._draining = False  # a drain swap waits for the running groups to finish
@@ -153,7 +159,7 @@ class RolloutWorker:
         recomputes (`TrainerWorker.probe_logprobs`) to check both run the same policy. Greedy
         draws no random numbers, so the sampling of the run itself is not changed."""
         problem = self.task.eval_problems()[0]
-        prompt = task_prompt_ids(self.tokenizer, self.task, problem, self.cfg.model.chat_template)  # as RL renders it
+        prompt = task_prompt_ids(self.tokenizer, self.task, problem, self.spec.model.chat_template)  # as RL renders it
         room = (self.engine.max_positions or len(prompt) + PROBE_TOKENS) - len(prompt)
         params = SamplingParams(temperature=0.0, max_new_tokens=max(1, min(PROBE_TOKENS, room)), ignore_eos=True)
         return await self.engine.generate(prompt, params)
@@ -180,9 +186,10 @@ class RolloutWorker:
     async def _run_group(self, spec: GroupSpec) -> None:
         try:
             builder = group_builder(self.task, spec.problem)
-            group, errors = await self.runner.run_group(builder, self.cfg.train.group_size, task_id=spec.task_id)
-            if self.cfg.train.overlong_cache_len is not None:
-                shape_overlong([group], self.cfg.sampling.max_new_tokens, self.cfg.train.overlong_cache_len)
+            train = self.spec.train
+            group, errors = await self.runner.run_group(builder, train.group_size, task_id=spec.task_id)
+            if train.overlong_cache_len is not None:
+                shape_overlong([group], self.spec.sampling.max_new_tokens, train.overlong_cache_len)
             self.stats["groups"] += 1
             self.stats["reward_errors"] += errors
             self.stats["tokens"] += sum(t.num_gen_tokens for t in group.trajectories)
@@ -220,23 +227,26 @@ class RolloutWorker:
 
 
 class TrainerWorker:
-    """The policy being optimised, with its optimizer; publishes every new version to `store`."""
+    """The policy of `spec` being optimised, with its optimizer; publishes every new version to
+    `store`, and writes its checkpoints (keeping `checkpoints.keep_last`), KL reference and LoRA
+    base under `spec.folder`. `checkpoint`: a checkpoint of this policy to start from (resume)."""
 
-    def __init__(self, cfg: Config, store, checkpoint: str | None = None) -> None:
-        self.cfg = cfg
+    def __init__(self, spec: PolicySpec, store, checkpoint: str | None = None, *, checkpoints: CheckpointConfig | None = None) -> None:
+        self.spec = spec
         self.store = store
+        self.keep_last = (checkpoints or CheckpointConfig()).keep_last
         adapter = checkpoint is not None and is_adapter_folder(checkpoint)
-        if checkpoint is not None and adapter != (cfg.model.lora.rank > 0):
-            raise ValueError(f"checkpoint {checkpoint} {'holds' if adapter else 'holds no'} LoRA adapter but model.lora.rank={cfg.model.lora.rank}; resume with the run's own config")
+        if checkpoint is not None and adapter != (spec.model.lora.rank > 0):
+            raise ValueError(f"checkpoint {checkpoint} {'holds' if adapter else 'holds no'} LoRA adapter but model.lora.rank={spec.model.lora.rank}; resume with the run's own config")
         if adapter:
             verify_checkpoint(Path(checkpoint))  # the adapter files are read here, not by open_session
         start = adapter_base_path(checkpoint) if adapter else checkpoint  # a LoRA checkpoint: its base, then the adapter
-        self.session = open_session(cfg, model_path=start, master_weights=True)  # fp32 master weights
-        self.compute_dtype = getattr(torch, cfg.model.dtype)  # bf16/fp16 models compute under autocast
+        self.session = open_session(spec, model_path=start, master_weights=True)  # fp32 master weights
+        self.compute_dtype = getattr(torch, spec.model.dtype)  # bf16/fp16 models compute under autocast
         self._sft_steps = 0  # warm-start steps taken here (none: the weights are still model.path's)
         self._metric_lines: deque[dict] = deque()  # SFT metric lines waiting for the driver's writer (`take_metrics`)
         self._stop_sft = threading.Event()  # set when the driver gives up on a warm-start (Ctrl-C): it stops at its next step
-        self._last_step: tuple[list[Group], dict[str, float]] = ([], {})  # the last step's groups and advantages (`step_records`)
+        self._last_step: tuple[list[Group], dict[str, float], int] = ([], {}, 0)  # the last step's groups, advantages and the version they trained (`step_records`)
         self._use_model(load_adapter(self.session.model, checkpoint, trainable=True) if adapter else self.session.model)
 
     def _use_model(self, model: torch.nn.Module) -> None:
@@ -246,16 +256,16 @@ class TrainerWorker:
         if model is not s.model:  # the evaluation engine must run the adapter: a fresh one over the wrapped modules
             s.engine.close()
             s.model, s.engine = model, AsyncEngine(model.get_base_model(), s.tokenizer)
-        train = self.cfg.train
+        train = self.spec.train
         if is_lora(model):  # the adapter's own lr: train.lr × model.lora.lr_multiplier
-            train = train.model_copy(update={"lr": train.lr * self.cfg.model.lora.lr_multiplier})
-        self.trainer = Trainer(model, train, self.cfg.loss, self.cfg.sampling, compute_dtype=self.compute_dtype)
+            train = train.model_copy(update={"lr": train.lr * self.spec.model.lora.lr_multiplier})
+        self.trainer = Trainer(model, train, self.spec.loss, self.spec.sampling, compute_dtype=self.compute_dtype)
 
     def describe(self) -> str:
         s = self.session
         trained = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
-        rank = self.cfg.model.lora.rank
-        lr = f"RL lr {self.cfg.train.lr:g} × {self.cfg.model.lora.lr_multiplier:g}"
+        rank = self.spec.model.lora.rank
+        lr = f"RL lr {self.spec.train.lr:g} × {self.spec.model.lora.lr_multiplier:g}"
         lora = f" (LoRA rank {rank}, {lr}: {trained:,} trained)" if is_lora(s.model) else f" (LoRA rank {rank} added when RL starts, {lr})" if rank else ""
         return f"model: {num_parameters(s.model):,} parameters{lora} on {s.device}; task: {s.task.name}"
 
@@ -263,8 +273,8 @@ class TrainerWorker:
         """Supervised warm-start (sft.*) with a progress bar. Its metric lines ({"sft_step", "sft/loss"}
         every 10 steps, {"sft_step", "sft/accuracy_greedy"} at each evaluation) wait in `take_metrics`
         for the driver, which writes every metric of the run (`trackers.MetricsWriter`)."""
-        cfg, s = self.cfg, self.session
-        bar = Progress(cfg.sft.max_steps, 0, cfg.run.progress, desc="sft")
+        spec, s = self.spec, self.session
+        bar = Progress(spec.sft.max_steps, 0, spec.progress, desc="sft")
 
         def on_step(step: int, loss: float) -> None:
             if self._stop_sft.is_set():
@@ -276,9 +286,9 @@ class TrainerWorker:
         def on_eval(step: int, accuracy: float) -> None:
             self._metric_lines.append({"sft_step": step, "sft/accuracy_greedy": accuracy})
 
-        result = warm_start(s.model, s.tokenizer, s.task, cfg.sft, chat_template=cfg.model.chat_template, greedy_accuracy=s.greedy_accuracy,
-                            on_step=on_step, on_eval=on_eval, compute_dtype=self.compute_dtype, context=context_policy(cfg.agent.context),
-                            max_obs_tokens=cfg.agent.max_obs_tokens)
+        result = warm_start(s.model, s.tokenizer, s.task, spec.sft, chat_template=spec.model.chat_template, greedy_accuracy=s.greedy_accuracy,
+                            on_step=on_step, on_eval=on_eval, compute_dtype=self.compute_dtype, context=context_policy(spec.agent.context),
+                            max_obs_tokens=spec.agent.max_obs_tokens)
         self._sft_steps += result.steps
         bar.close()
         return asdict(result)
@@ -303,26 +313,26 @@ class TrainerWorker:
     def evaluate(self) -> dict[str, Any]:
         return asdict(self.session.evaluate())
 
-    def begin_rl(self, run_dir: str) -> None:
+    def begin_rl(self) -> None:
         """The current weights (after any warm-start) are where RL starts.
 
         With LoRA (model.lora.rank > 0) they become the frozen base of a fresh adapter: model.path
-        itself when no warm-start ran, else a copy stored once in <run_dir>/base/ (the adapter
+        itself when no warm-start ran, else a copy stored once in <policy folder>/base/ (the adapter
         checkpoints name this folder). With train.kl_coef > 0
         they are the KL reference: with LoRA the base with the adapter disabled; otherwise a copy,
-        stored once in <run_dir>/reference/ so that a resumed run uses the same one.
+        stored once in <policy folder>/reference/ so that a resumed run uses the same one.
         """
-        lora = self.cfg.model.lora
+        lora, folder = self.spec.model.lora, self.spec.folder
         if lora.rank > 0:
-            if self.cfg.model.path and self._sft_steps == 0:  # outside the run: named by its absolute path
-                base_ref = str(Path(self.cfg.model.path).expanduser().resolve())
-            else:  # the run's own copy, named relative to each checkpoint (<run>/checkpoints/step-N)
-                self._save_once(Path(run_dir) / BASE_DIR, "the LoRA base")
+            if self.spec.model.path and self._sft_steps == 0:  # outside the run: named by its absolute path
+                base_ref = str(Path(self.spec.model.path).expanduser().resolve())
+            else:  # the run's own copy, named relative to each checkpoint (<folder>/checkpoints/step-N)
+                self._save_once(folder / BASE_DIR, "the LoRA base")
                 base_ref = RUN_BASE_REF
             self._use_model(attach_lora(self.session.model, lora, base_ref))
-        elif self.cfg.train.kl_coef > 0:
-            self._save_once(Path(run_dir) / REFERENCE_DIR, "the KL reference")
-        if self.cfg.train.kl_coef > 0:
+        elif self.spec.train.kl_coef > 0:
+            self._save_once(folder / REFERENCE_DIR, "the KL reference")
+        if self.spec.train.kl_coef > 0:
             self.trainer.set_reference()
 
     def _save_once(self, folder: Path, what: str) -> Path:
@@ -333,7 +343,7 @@ class TrainerWorker:
         folder = run_dir / REFERENCE_DIR
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(
-                f"train.kl_coef={self.cfg.train.kl_coef} but {folder} (the KL reference this run started from) is missing; "
+                f"train.kl_coef={self.spec.train.kl_coef} but {folder} (the KL reference this run started from) is missing; "
                 "resume with train.kl_coef=0 or start a new run"
             )
         verify_checkpoint(folder)
@@ -358,9 +368,9 @@ class TrainerWorker:
     def train_step(self, groups: list[Group]) -> dict[str, float]:
         """Advantages, one policy version (μ epochs × minibatches), publish. Returns float metrics;
         the groups and their advantages stay for `step_records`."""
-        scored, metrics = score_groups(groups, self.cfg)
+        scored, metrics = score_groups(groups, self.spec.train, self.spec.advantage)
         metrics |= rollout_metrics(groups)
-        self._last_step = (groups, scored.advantage_by_episode() if scored is not None else {})
+        self._last_step = (groups, scored.advantage_by_episode() if scored is not None else {}, self.trainer.version)  # the version they trained
         if scored is not None:
             metrics |= self.trainer.step(scored.collate(self.session.tokenizer.pad_token_id).to(self.session.device))
         else:
@@ -371,31 +381,29 @@ class TrainerWorker:
     def step_records(self, step: int, max_groups: int) -> list[dict]:
         """samples.jsonl lines (`rollout.episode_record`) of every episode of the first `max_groups`
         groups of the last `train_step`, with their advantages (None: not trained) and token texts."""
-        groups, advantages = self._last_step
+        groups, advantages, version = self._last_step
         return [
-            episode_record(t, kind="train", step=step, version=self.trainer.version, prompt=g.prompt, answer=g.answer,
+            episode_record(t, kind="train", step=step, version=version, prompt=g.prompt, answer=g.answer,
                            advantage=advantages.get(t.id), tokenizer=self.session.tokenizer)
             for g in groups[:max_groups] for t in g.trajectories
         ]
 
-    def save_checkpoint(self, run_dir: str, loop: LoopState, worker_rng: list) -> str:
+    def save_checkpoint(self, loop: LoopState, worker_rng: list) -> str:
+        """<policy folder>/checkpoints/step-N: weights, optimizer, RNG, `loop` and the rollout workers' RNG states."""
         s = self.session
-        return str(save_checkpoint(Path(run_dir), s.model, s.tokenizer, self.trainer.optimizer, loop, None, self.cfg.checkpoint.keep_last, extra={"worker_rng": worker_rng}))
+        return str(save_checkpoint(self.spec.folder, s.model, s.tokenizer, self.trainer.optimizer, loop, None, self.keep_last, extra={"worker_rng": worker_rng}))
 
     def restore(self, checkpoint: str) -> tuple[LoopState, list]:
         """Optimizer, version and RNG state of `checkpoint` (its weights were loaded at construction)."""
         state = load_state(Path(checkpoint))
-        if self.cfg.train.kl_coef > 0 and is_lora(self.session.model):
+        if self.spec.train.kl_coef > 0 and is_lora(self.session.model):
             self.trainer.set_reference()  # the base the adapter was loaded on, adapter disabled
-        elif self.cfg.train.kl_coef > 0:
-            self._load_reference(Path(checkpoint).parent.parent)  # <run>/checkpoints/step-N
+        elif self.spec.train.kl_coef > 0:
+            self._load_reference(Path(checkpoint).parent.parent)  # <policy folder>/checkpoints/step-N
         self.trainer.optimizer.load_state_dict(state["optimizer"])
         self.trainer.version = state["loop"].version
         set_rng_state(state["rng"])
         return state["loop"], state.get("worker_rng") or []
-
-    def rng_state(self) -> dict:
-        return rng_state()
 
     @torch.no_grad()
     def probe_logprobs(self, sample: Sample) -> list[float]:

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from policyflow import coordinator
-from policyflow.checkpoint import load_state
+from policyflow.checkpoint import STATE_FILE, load_state, write_manifest
 from policyflow.rollout import build_batch, rollout_groups
 from policyflow.session import open_session
 from policyflow.trainer import Trainer, sequence_logprobs
 from policyflow.weights import SnapshotStore
 from policyflow.workers import GroupSpec, RolloutWorker
+from policyflow.policy import PolicySpec
 
 QUIET = dict(log=lambda *_: None)
 
@@ -32,26 +33,39 @@ def _final_loop(summary: dict):
     return load_state(Path(summary["final_checkpoint"]))["loop"]
 
 
+def _trained_task_ids(cfg) -> list[list[str]]:
+    """The task ids each step trained, in batch order, from samples.jsonl (complete with
+    run.samples_every=1 and at most coordinator.SAMPLE_GROUPS groups per step)."""
+    assert cfg.run.samples_every == 1 and cfg.train.prompts_per_step <= coordinator.SAMPLE_GROUPS
+    steps: dict[int, list[str]] = {}
+    for line in (cfg.run_dir / "samples.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        ids = steps.setdefault(record["step"], [])
+        if record["task_id"] not in ids:
+            ids.append(record["task_id"])
+    return [steps[step] for step in sorted(steps)]
+
+
 def test_sync_mode_reproduces_plain_synchronous_rl_exactly(small_config) -> None:
-    cfg = small_config("sft.max_steps=0", "eval.every=0", "train.steps=3", "train.epochs=2", "train.minibatches=2")
-    summary = coordinator.train(cfg, **QUIET)
+    cfg = small_config("sft.max_steps=0", "eval.every=0", "train.steps=3", "train.epochs=2", "train.minibatches=2", "run.samples_every=1")
+    coordinator.train(cfg, **QUIET)
     logged = _steps(cfg)
 
     # The same run written as the textbook loop: sample B groups with the current policy, train.
-    session = open_session(cfg)
+    session = open_session(PolicySpec.of(cfg))
     trainer = Trainer(session.model, cfg.train, cfg.loss, cfg.sampling)
     generator = torch.Generator().manual_seed(cfg.run.seed)
     B, G = cfg.train.prompts_per_step, cfg.train.group_size
     for step in range(3):
         problems = [session.task.train_problem(i) for i in range(step * B, (step + 1) * B)]
         groups, _ = rollout_groups(session.runner, session.task, problems, G, generator)
-        batch, _ = build_batch(groups, cfg, session.tokenizer.pad_token_id)
+        batch, _ = build_batch(groups, cfg.train, cfg.advantage, session.tokenizer.pad_token_id)
         out = trainer.step(batch)
         rewards = [t.reward for g in groups for t in g.trajectories]
         assert logged[step]["rollout/reward_mean"] == sum(rewards) / len(rewards)
         assert logged[step]["loss/total"] == pytest.approx(out["loss/total"], rel=1e-6, abs=1e-9)
         assert logged[step]["async/staleness_max"] == 0
-    assert _final_loop(summary).consumed_task_ids == [f"train-{i}" for i in range(3 * B)]
+    assert _trained_task_ids(cfg) == [[f"train-{i}" for i in range(step * B, (step + 1) * B)] for step in range(3)]
 
 
 @pytest.mark.parametrize("overrides", [
@@ -62,7 +76,7 @@ def test_sync_mode_reproduces_plain_synchronous_rl_exactly(small_config) -> None
     ("pipeline.mode=async", "pipeline.max_lag=1", "pipeline.rollout_workers=2"),
 ])
 def test_stale_modes_keep_their_bounds_and_account_for_every_group(small_config, overrides) -> None:
-    cfg = small_config(*overrides, "eval.every=0", "train.steps=5")
+    cfg = small_config(*overrides, "eval.every=0", "train.steps=5", "run.samples_every=1")
     assert cfg.loss.name == "decoupled_ppo"  # the default objective once data can be stale
     summary = coordinator.train(cfg, **QUIET)
     p = cfg.pipeline
@@ -90,8 +104,9 @@ def test_stale_modes_keep_their_bounds_and_account_for_every_group(small_config,
         assert 0 < m["async/engine_utilisation"] <= 1 and 0 <= m["async/trainer_idle_fraction"] < 1
     loop = _final_loop(summary)
     counts = summary["groups"]
-    assert len(set(loop.consumed_task_ids)) == len(loop.consumed_task_ids) == counts["trained"] == 5 * cfg.train.prompts_per_step
-    issued = counts["trained"] + counts["buffered"] + counts["running"] + counts["requeued"] + counts["stale"] + counts["filtered"] + counts["failed"]
+    trained = [tid for step in _trained_task_ids(cfg) for tid in step]
+    assert len(set(trained)) == len(trained) == counts["trained"] == 5 * cfg.train.prompts_per_step
+    issued = counts["trained"] + counts["buffered"] + counts["running"] + counts["requeued"] + counts["stale"] + counts["filtered"]
     assert issued == summary["async"]["async/issued_groups"] == loop.next_problem
     if p.swap_mode == "abort":
         assert summary["async"]["async/aborted_tokens"] > 0
@@ -119,10 +134,10 @@ async def _collect(worker: RolloutWorker, n: int) -> list:
 
 def _worker(small_config, *overrides):
     cfg = small_config(*overrides)
-    session = open_session(cfg)
+    session = open_session(PolicySpec.of(cfg))
     store = SnapshotStore(keep=3)
     store.publish(0, session.model.state_dict())
-    return cfg, session, store, RolloutWorker(cfg, store, seed=0)
+    return cfg, session, store, RolloutWorker(PolicySpec.of(cfg), store, seed=0, engine_slots=cfg.pipeline.engine_slots)
 
 
 def _spec(worker: RolloutWorker, i: int) -> GroupSpec:
@@ -177,7 +192,7 @@ def test_abort_swap_keeps_per_version_logprobs_exact(small_config) -> None:
 
     (group,) = asyncio.run(run())
     old_model = session.model
-    new_model = open_session(cfg).model
+    new_model = open_session(PolicySpec.of(cfg)).model
     new_model.load_state_dict(new_weights)
     assert worker.engine.stats["aborted_tokens"] > 0
     mixed = 0
@@ -216,7 +231,7 @@ def test_workers_that_keep_dying_end_the_run_after_max_restarts(small_config) ->
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_sigkilled_worker_is_replaced_and_nothing_is_lost_or_trained_twice(small_config, lora_rank: int) -> None:
-    cfg = small_config("pipeline.mode=async", "pipeline.runtime=process", "pipeline.rollout_workers=2", "eval.every=0", "train.steps=5", "sft.max_steps=0", f"model.lora.rank={lora_rank}")
+    cfg = small_config("pipeline.mode=async", "pipeline.runtime=process", "pipeline.rollout_workers=2", "eval.every=0", "train.steps=5", "sft.max_steps=0", f"model.lora.rank={lora_rank}", "run.samples_every=1")
     from tests.workers_for_tests import DiesOnce
 
     summary = asyncio.run(coordinator.run_rl(cfg, worker_cls=DiesOnce, **QUIET))
@@ -224,25 +239,37 @@ def test_sigkilled_worker_is_replaced_and_nothing_is_lost_or_trained_twice(small
     stats = summary["async"]
     assert stats["async/worker_restarts"] == 1 and stats["async/requeues"] >= 1
     loop = _final_loop(summary)
-    assert len(loop.consumed_task_ids) == len(set(loop.consumed_task_ids)) == 5 * cfg.train.prompts_per_step
+    trained = [tid for step in _trained_task_ids(cfg) for tid in step]
+    assert len(trained) == len(set(trained)) == 5 * cfg.train.prompts_per_step
     counts = summary["groups"]
     # Every issued task is trained, still in flight, or counted as dropped: nothing vanished with the worker.
-    accounted = set(loop.consumed_task_ids) | set(loop.in_flight_task_ids)
-    assert len(accounted) + counts["stale"] + counts["filtered"] + counts["failed"] == loop.next_problem
+    accounted = set(trained) | set(loop.in_flight_task_ids)
+    assert len(accounted) + counts["stale"] + counts["filtered"] == loop.next_problem
     assert stats["async/reissues"] + counts["requeued"] == stats["async/requeues"]
 
 
 def test_async_resume_drops_in_flight_work_and_never_trains_a_task_twice(small_config) -> None:
-    first = small_config("pipeline.mode=async", "eval.every=0", "train.steps=2")
+    first = small_config("pipeline.mode=async", "eval.every=0", "train.steps=2", "run.samples_every=1")
     summary = coordinator.train(first, **QUIET)
     saved = _final_loop(summary)
     assert saved.in_flight_task_ids  # async: groups were in flight when the checkpoint was written
-    more = small_config("pipeline.mode=async", "eval.every=0", "train.steps=4")
+    before = _trained_task_ids(first)
+    _as_written_by_an_older_version(Path(summary["final_checkpoint"]), [tid for step in before for tid in step])
+    more = small_config("pipeline.mode=async", "eval.every=0", "train.steps=4", "run.samples_every=1")
     summary = coordinator.train(more, resume=first.run_dir, **QUIET)
     loop = _final_loop(summary)
     assert summary["steps"] == 4 and loop.version == 4
-    assert loop.consumed_task_ids[: len(saved.consumed_task_ids)] == saved.consumed_task_ids
-    assert len(set(loop.consumed_task_ids)) == len(loop.consumed_task_ids)
-    assert not set(saved.in_flight_task_ids) & set(loop.consumed_task_ids)
-    first_new = min(int(t.rsplit("-", 1)[1]) for t in loop.consumed_task_ids[len(saved.consumed_task_ids):])
-    assert first_new >= saved.next_problem
+    steps = _trained_task_ids(more)
+    assert len(steps) == 4 and steps[:2] == before
+    trained = [tid for step in steps for tid in step]
+    assert len(set(trained)) == len(trained)
+    assert not set(saved.in_flight_task_ids) & set(trained)
+    assert min(int(t.rsplit("-", 1)[1]) for step in steps[2:] for t in step) >= saved.next_problem
+
+
+def _as_written_by_an_older_version(checkpoint: Path, trained: list[str]) -> None:
+    """Put back the unbounded `consumed_task_ids` list older versions kept in the loop state (manifest rewritten)."""
+    blob = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    blob["loop"]["consumed_task_ids"] = trained
+    torch.save(blob, checkpoint / STATE_FILE)
+    write_manifest(checkpoint)

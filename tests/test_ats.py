@@ -28,6 +28,7 @@ from policyflow.session import open_session
 from policyflow.tokens import NO_POLICY, collate
 from policyflow.trainer import Trainer, TokenPolicies, sequence_logprobs
 from policyflow.types import Segment, TokenPolicy, Trajectory
+from policyflow.policy import PolicySpec
 
 TEXT = TokenPolicy(0.8, 0.9, 0)  # the issue's text policy; code at T = 0
 QUIET = dict(log=lambda *_: None)
@@ -293,20 +294,20 @@ def test_collate_carries_each_tokens_policy_and_leaves_greedy_tokens_out_of_the_
     greedy, hot = TokenPolicy(0.0, 0.9, 0), TokenPolicy(1.2, 0.8, 5)
     segments = [Segment("prompt", (5, 6)), Segment("gen", (7, 8, 9), (-0.1, -0.2, -0.3), (0, 0, 0), policies=(TEXT, greedy, hot)),
                 Segment("obs", (4,)), Segment("gen", (3,), (-0.4,), (1,), policies=(greedy,))]
-    t = Trajectory(id="e", task_id="t", group_id="t", segments=segments, calls=[])
-    batch = collate([t], torch.tensor([1.0]), torch.tensor([0]), pad_id=0)
+    t = Trajectory(id="e", task_id="t", segments=segments, calls=[])
+    batch = collate([t], torch.tensor([1.0]), pad_id=0)
     assert batch.loss_mask_BT.tolist() == [[0, 0, 1, 0, 1, 0, 0]]
     assert batch.behav_logprobs_BT[0].tolist() == pytest.approx([0, 0, -0.1, -0.2, -0.3, 0, -0.4])
     assert batch.temperature_BT[0].tolist() == pytest.approx([1, 1, 0.8, 0, 1.2, 1, 0])
     assert batch.top_p_BT[0].tolist() == pytest.approx([1, 1, 0.9, 0.9, 0.8, 1, 0.9])
     assert batch.top_k_BT.tolist() == [[0, 0, 0, 0, 5, 0, 0]]
-    untagged = Trajectory(id="u", task_id="t", group_id="t", segments=[Segment("gen", (1,), (0.0,), (0,))], calls=[])
-    assert collate([untagged], torch.tensor([1.0]), torch.tensor([0]), pad_id=0).temperature_BT is None
+    untagged = Trajectory(id="u", task_id="t", segments=[Segment("gen", (1,), (0.0,), (0,))], calls=[])
+    assert collate([untagged], torch.tensor([1.0]), pad_id=0).temperature_BT is None
     with pytest.raises(ValueError, match="with and without per-token policies"):
-        collate([t, untagged], torch.tensor([1.0, 1.0]), torch.tensor([0, 0]), pad_id=0)
+        collate([t, untagged], torch.tensor([1.0, 1.0]), pad_id=0)
     # An episode that ended before its first turn (a prompt, nothing generated) trains nothing and needs no policy.
-    unstarted = Trajectory(id="p", task_id="t", group_id="t", segments=[Segment("prompt", (5, 6, 7))], calls=[])
-    mixed = collate([t, unstarted], torch.tensor([1.0, 1.0]), torch.tensor([0, 1]), pad_id=0)
+    unstarted = Trajectory(id="p", task_id="t", segments=[Segment("prompt", (5, 6, 7))], calls=[])
+    mixed = collate([t, unstarted], torch.tensor([1.0, 1.0]), pad_id=0)
     assert mixed.loss_mask_BT[1].tolist() == [0] * 7 and mixed.temperature_BT[1].tolist() == [1.0] * 7
 
 
@@ -314,7 +315,7 @@ def _code_config(small_config, code_temperature: str, *overrides: str):
     """Text at T 0.8, top_p 0.9; code opens at the letter the model writes most and closes at the next one."""
     base = ["sampling.temperature=0.8", "sampling.top_p=0.9", "sampling.max_new_tokens=24", "train.prompts_per_step=4",
             "train.group_size=6", "sft.max_steps=0", "eval.every=0", *overrides]
-    session = open_session(small_config(*base, "agent.code_temperature="))
+    session = open_session(PolicySpec.of(small_config(*base, "agent.code_temperature=")))
     problems = [session.task.train_problem(i) for i in range(8)]
     groups, _ = rollout_groups(session.runner, session.task, problems, 6, torch.Generator().manual_seed(0))
     counts = Counter(c for g in groups for t in g.trajectories for c in t.completion_text if c.isalpha())  # a letter: plain text in an override
@@ -330,7 +331,7 @@ def test_rollouts_switch_policy_at_the_markers_and_the_first_step_is_on_policy(s
     every token (the old trainer) would not give."""
     cfg = _code_config(small_config, code_temperature)
     rule = SegmentPolicy(cfg.agent.code_open, cfg.agent.code_close, float(code_temperature), TEXT.top_p)
-    session = open_session(cfg)
+    session = open_session(PolicySpec.of(cfg))
     problems = [session.task.train_problem(i) for i in range(cfg.train.prompts_per_step)]
     groups, _ = rollout_groups(session.runner, session.task, problems, cfg.train.group_size, torch.Generator().manual_seed(0))
     code_tokens = 0
@@ -345,7 +346,7 @@ def test_rollouts_switch_policy_at_the_markers_and_the_first_step_is_on_policy(s
                 argmax = session.model(input_ids=ids).logits[0, len(prompt.token_ids) - 1:-1].argmax(-1)
             assert all(gen.token_ids[i] == int(argmax[i]) for i in code)
     assert code_tokens >= 5
-    batch, _ = build_batch(groups, cfg, session.tokenizer.pad_token_id)
+    batch, _ = build_batch(groups, cfg.train, cfg.advantage, session.tokenizer.pad_token_id)
     trained = batch.loss_mask_BT.bool()
     trained_temperatures = {round(v, 4) for v in batch.temperature_BT[trained].tolist()}
     assert trained_temperatures == ({0.8} if rule.temperature == 0 else {0.8, 0.3})

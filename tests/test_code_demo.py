@@ -11,6 +11,7 @@ from policyflow.agent.tool_env import PerEpisodeToolGroupBuilder, ToolGroupBuild
 from policyflow.config import load_config
 from policyflow.session import build_task
 from policyflow.tasks.multiply import MultiplyTask
+from policyflow.policy import PolicySpec
 from tests.conftest import SMALL
 
 
@@ -62,7 +63,7 @@ def test_stateful_and_hermes_builders():
 
 def test_config_builds_the_task(tmp_path):
     cfg = load_config("configs/code.yaml", [f"run.output_dir={tmp_path}"])
-    task = build_task(cfg)
+    task = build_task(PolicySpec.of(cfg))
     assert isinstance(task, MultiplyTask) and (task.min_digits, task.max_digits) == (3, 4)
     assert task.demo_code_fraction == cfg.task.code.demo_code_fraction and task.settings.timeout_s == cfg.task.code.timeout_s
 

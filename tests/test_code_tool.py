@@ -18,6 +18,7 @@ from policyflow.tasks.code_tests import code_tests_result, extract_code, split_t
 from policyflow.tools import ToolPool
 from policyflow.tools.code import ExecResult
 from policyflow.tools.python_tool import CodeError, CodeSettings, Notebook, code_tool, format_result
+from policyflow.policy import PolicySpec
 
 PROBLEM = Problem("p0", "12*34", "408")
 
@@ -158,7 +159,7 @@ def test_jsonl_code_tests_from_config(tmp_path):
     path = tmp_path / "code.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"Write add {i}", "tests": TESTS}) + "\n" for i in range(5)))
     cfg = load_config(None, ["task.name=jsonl", f"task.path={path}", "task.reward=code_tests", "task.code.timeout_s=3", f"run.output_dir={tmp_path}"])
-    task = build_task(cfg)
+    task = build_task(PolicySpec.of(cfg))
     assert isinstance(task, JsonlTask) and task.code["timeout_s"] == 3.0 and task.code["isolation"] == "namespaces"
     score = task.score(list(task.eval_problems()), ["```python\ndef add(a, b): return a + b\n```"] * len(task.eval_problems()))
     assert score.rewards == [1.0] * len(task.eval_problems()) and all(score.correct)

@@ -20,6 +20,7 @@ from policyflow.tokens import collate, episode_rows
 from policyflow.trainer import Trainer, sequence_logprobs
 from policyflow.weights import SnapshotStore
 from policyflow.workers import GroupSpec, RolloutWorker
+from policyflow.policy import PolicySpec
 from tests.envs_for_tests import ScriptedBuilder, ScriptedEnv
 
 PROBLEM = Problem("p0", "What is 12+30? ", "42")
@@ -57,9 +58,8 @@ def test_trainer_recomputes_the_engines_logprobs_for_every_generated_token(tiny,
         assert [c.context for c in t.calls] == expected and [c.produced for c in t.calls] == [1, 3, 5, 7]
 
     advantages_B = torch.tensor([-1.0, 0.0, 1.0])
-    batch = collate(episodes, advantages_B, torch.zeros(3, dtype=torch.long), pad_id=0)
+    batch = collate(episodes, advantages_B, pad_id=0)
     assert batch.num_sequences == 3 * rows_per_episode
-    assert batch.episode_index_B.tolist() == [b for b in range(3) for _ in range(rows_per_episode)]
     assert batch.advantages_B.tolist() == [a for a in (-1.0, 0.0, 1.0) for _ in range(rows_per_episode)]
     assert int(batch.loss_mask_BT.sum()) == sum(t.num_gen_tokens for t in episodes) == 3 * 4 * 5  # each token trained exactly once
 
@@ -129,10 +129,10 @@ def test_max_obs_tokens_cuts_observations(tiny) -> None:
 
 def _worker(small_config, *overrides):
     cfg = small_config("sampling.max_new_tokens=4", "sampling.stop=[]", *overrides)
-    session = open_session(cfg)
+    session = open_session(PolicySpec.of(cfg))
     store = SnapshotStore(keep=3)
     store.publish(0, session.model.state_dict())
-    worker = RolloutWorker(cfg, store, seed=0)
+    worker = RolloutWorker(PolicySpec.of(cfg), store, seed=0, engine_slots=cfg.pipeline.engine_slots)
     gate, waiting = asyncio.Event(), [0]
     worker.task.group_builder = lambda problem: ScriptedBuilder(problem, turns=3, gate=gate, waiting=waiting)
     return cfg, session, store, worker, gate, waiting
@@ -195,7 +195,7 @@ def test_continue_gives_later_turns_the_new_version_and_the_group_its_oldest(sma
     group = asyncio.run(run())["train-0"]
     assert _turn_versions(group) == [{0}, {1}, {1}]
     assert group.min_version == 0  # the staleness cutoff looks at the oldest token of any turn
-    assert all(t.start_version == 0 and t.end_version == 1 for t in group.trajectories)
+    assert all(t.start_version == 0 and max(v for s in t.segments if s.versions for v in s.versions) == 1 for t in group.trajectories)
 
 
 def test_abort_mid_turn_keeps_every_token_exact_under_its_own_version(small_config) -> None:
@@ -215,12 +215,14 @@ def test_abort_mid_turn_keeps_every_token_exact_under_its_own_version(small_conf
     new_model = copy.deepcopy(old_model)
     new_model.load_state_dict(new_weights)
     assert worker.engine.stats["aborted_tokens"] > 0
-    batch = collate(group.trajectories, torch.zeros(len(group.trajectories)), torch.zeros(len(group.trajectories), dtype=torch.long), pad_id=0)
+    batch = collate(group.trajectories, torch.zeros(len(group.trajectories)), pad_id=0)
     mask = batch.loss_mask_BT.bool()
+    rows = [row for t in group.trajectories for row in episode_rows(t)]
+    versions_BT = torch.tensor([row[3] + [-1] * (batch.input_ids_BT.shape[1] - len(row[3])) for row in rows])
     for version, model in ((0, old_model), (1, new_model)):
         with torch.no_grad():
             ref_BT = sequence_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT)
-        picked = mask & (batch.versions_BT == version)
+        picked = mask & (versions_BT == version)
         assert picked.any()
         assert (ref_BT[picked] - batch.behav_logprobs_BT[picked]).abs().max().item() < 1e-4
 

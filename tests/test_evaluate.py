@@ -14,6 +14,7 @@ from policyflow.problems import Score
 from policyflow.session import open_session
 from policyflow.tasks.base import Problem, Task
 from policyflow.types import Sample
+from policyflow.policy import PolicySpec
 
 
 class ScriptedGenerator:
@@ -118,7 +119,7 @@ def test_pass_at_ks() -> None:
 
 def test_sampled_episodes_do_not_depend_on_batching(small_config) -> None:
     """The same problem gives the same sampled tokens whether it is evaluated with the others or alone."""
-    session = open_session(small_config("task.name=arithmetic", "task.max_digits=2", "sampling.max_new_tokens=8"))
+    session = open_session(PolicySpec.of(small_config("task.name=arithmetic", "task.max_digits=2", "sampling.max_new_tokens=8")))
     runner = session.runner.with_params(temperature=1.0, top_p=1.0, top_k=0)
     problems = session.eval_problems[:4]
     together = run_problems(runner, session.task, problems, 3, run_seed=11)

@@ -238,21 +238,20 @@ def test_collate_pads_every_row_like_a_row_by_row_copy() -> None:
     def episode(prompt: list[int], gen: list[int], version: int) -> Trajectory:
         segments = [Segment("prompt", tuple(prompt)),
                     Segment("gen", tuple(gen), tuple(-0.25 * (i + 1) for i in range(len(gen))), (version,) * len(gen))]
-        return Trajectory(id="e", task_id="t", group_id="t", segments=segments, calls=[], num_turns=1, start_version=0)
+        return Trajectory(id="e", task_id="t", segments=segments, calls=[], num_turns=1, start_version=0)
 
     episodes = [episode([5, 6, 7], [8, 9], 3), episode([5], [4, 4, 4, 4], 1), episode([2, 2], [3], 0)]
-    batch = collate(episodes, torch.tensor([1.0, -1.0, 0.5]), torch.tensor([0, 0, 1]), pad_id=11)
+    batch = collate(episodes, torch.tensor([1.0, -1.0, 0.5]), pad_id=11)
     T = 5
     for b, t in enumerate(episodes):
-        (ids, mask, lps, vers), = episode_rows(t)
+        (ids, mask, lps, _), = episode_rows(t)
         n = len(ids)
         assert batch.input_ids_BT[b].tolist() == ids + [11] * (T - n)
         assert batch.attention_mask_BT[b].tolist() == [1] * n + [0] * (T - n)
         assert batch.loss_mask_BT[b].tolist() == mask + [0] * (T - n)
         assert batch.behav_logprobs_BT[b].tolist() == lps + [0.0] * (T - n)
-        assert batch.versions_BT[b].tolist() == vers + [-1] * (T - n)
     assert batch.loss_mask_BT.dtype == batch.behav_logprobs_BT.dtype == torch.float32
-    assert batch.input_ids_BT.dtype == batch.attention_mask_BT.dtype == batch.versions_BT.dtype == torch.long
+    assert batch.input_ids_BT.dtype == batch.attention_mask_BT.dtype == torch.long
     assert batch.advantages_B.tolist() == [1.0, -1.0, 0.5]
 
 

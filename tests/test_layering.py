@@ -12,7 +12,7 @@ LAYERS = {
     "types": 0, "ops": 0, "losses": 0, "advantages": 0, "rewards": 0, "metrics": 0,
     "config": 1, "config_sections": 1, "problems": 1, "model": 1, "tokens": 1, "engine": 1, "tasks": 1, "tools": 1, "agent": 1,
     "trainer": 1, "checkpoint": 1, "logging": 1, "evaluate": 1, "selfplay": 1, "threads": 1,
-    "rollout": 1, "sft": 1, "session": 1, "lora": 1, "rundir": 1, "yamlfile": 1, "trackers": 1,
+    "rollout": 1, "sft": 1, "session": 1, "policy": 1, "lora": 1, "rundir": 1, "yamlfile": 1, "trackers": 1,
     "buffer": 2, "weights": 2, "coordinator": 2, "runtime": 2, "pool": 2, "workers": 2,
     "cli": 4, "__main__": 4, "__init__": 4, "view": 4, "serve": 4,
 }

@@ -14,11 +14,12 @@ from transformers import AutoModelForCausalLM
 
 from policyflow import cli, coordinator
 from policyflow.config import ConfigError
-from policyflow.lora import attach_lora, lora_weights, merged_state_dict
+from policyflow.lora import attach_lora, lora_weights
 from policyflow.model import build_tiny
 from policyflow.trainer import sequence_logprobs
 from policyflow.weights import FileSnapshotStore, SnapshotStore, snapshot_path
 from policyflow.workers import GroupSpec, RolloutWorker, TrainerWorker
+from policyflow.policy import PolicySpec
 
 QUIET = dict(log=lambda *_: None)
 LORA = ("model.lora.rank=4", "model.lora.alpha=8", "train.lr=1e-2")
@@ -55,7 +56,7 @@ def test_merged_weights_give_the_adapted_model_and_leave_the_base_untouched(smal
         for name, p in wrapped.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)  # B starts at 0; a trained adapter is not
-    merged = merged_state_dict(wrapped)
+    merged = lora_weights(wrapped, torch.float32).merged()  # what the stores publish
     assert set(merged) == set(base_state)  # the plain model's names, no adapter tensors
     q = "model.layers.0.self_attn.q_proj"
     layer = wrapped.get_base_model().get_submodule(q)
@@ -84,8 +85,8 @@ def test_file_store_moves_only_the_adapter_and_merges_the_same_weights(small_con
         weights = lora_weights(wrapped, torch.bfloat16)
         files.publish(version, weights)
         memory.publish(version, weights)
-        loaded, held = files.get(version), memory.get(version)
-        assert loaded.keys() == held.keys() and all(torch.equal(loaded[k], held[k]) for k in held)
+        (v_loaded, loaded), (v_held, held) = files.latest(), memory.latest()
+        assert v_loaded == v_held == version and loaded.keys() == held.keys() and all(torch.equal(loaded[k], held[k]) for k in held)
         assert held["model.layers.1.mlp.down_proj.weight"].dtype == torch.bfloat16
     (base,) = (tmp_path / "snap").glob("base-*.safetensors")
     adapter_bytes = snapshot_path(tmp_path / "snap", 2).stat().st_size
@@ -94,7 +95,7 @@ def test_file_store_moves_only_the_adapter_and_merges_the_same_weights(small_con
     resumed = FileSnapshotStore(tmp_path / "snap", keep=2)  # a resumed trainer writes its base afresh
     resumed.publish(3, lora_weights(wrapped, torch.bfloat16))
     (new_base,) = (tmp_path / "snap").glob("base-*.safetensors")
-    assert new_base != base and torch.equal(resumed.get(3)["model.embed_tokens.weight"], memory.get(2)["model.embed_tokens.weight"])
+    assert new_base != base and torch.equal(resumed.latest()[1]["model.embed_tokens.weight"], memory.latest()[1]["model.embed_tokens.weight"])
 
 
 def test_engine_samples_the_adapted_policy_not_the_base(small_config) -> None:
@@ -102,9 +103,9 @@ def test_engine_samples_the_adapted_policy_not_the_base(small_config) -> None:
     and differ clearly from the base model's: an engine left on the base would be caught."""
     cfg = small_config(*LORA, "train.kl_coef=0.05", "sampling.temperature=0.8", "sampling.top_p=0.9")
     store = SnapshotStore(keep=3)
-    trainer = TrainerWorker(cfg, store)
+    trainer = TrainerWorker(PolicySpec.of(cfg), store)
     trainer.warm_start()  # SFT trains the full model; its gradients must not linger on the frozen base
-    trainer.begin_rl(str(cfg.run_dir))
+    trainer.begin_rl()
     model = trainer.session.model
     assert all(p.grad is None for p in model.parameters())
     base_before = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if ".lora_" not in k}
@@ -113,7 +114,7 @@ def test_engine_samples_the_adapted_policy_not_the_base(small_config) -> None:
     assert trained == {id(p) for n, p in model.named_parameters() if "lora_" in n}
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
     trainer.publish()
-    worker = RolloutWorker(cfg, store, seed=0)
+    worker = RolloutWorker(PolicySpec.of(cfg), store, seed=0, engine_slots=cfg.pipeline.engine_slots)
     B = cfg.train.prompts_per_step
 
     async def sample(first: int) -> list:

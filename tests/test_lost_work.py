@@ -19,6 +19,7 @@ from policyflow.cli import main
 from policyflow.lora import attach_lora
 from policyflow.model import ModelLoadError, build_tiny, load_pretrained
 from policyflow.workers import PolicyMismatch, TrainerWorker
+from policyflow.policy import PolicySpec
 from tests.test_run_safety import _ctrl_c_cli, _steps
 
 QUIET = {"log": lambda *_: None}
@@ -240,11 +241,11 @@ def test_eval_prints_one_json_line_and_nothing_else(small_config, monkeypatch, c
 
 
 def test_lora_trains_at_its_own_learning_rate(small_config) -> None:
-    full = TrainerWorker(small_config("train.lr=1e-4"), store=None)
+    full = TrainerWorker(PolicySpec.of(small_config("train.lr=1e-4")), store=None)
     assert full.trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
     cfg = small_config(*LORA, "train.lr=1e-4", "sft.max_steps=0")
-    lora = TrainerWorker(cfg, store=None)
-    lora.begin_rl(str(cfg.run_dir))
+    lora = TrainerWorker(PolicySpec.of(cfg), store=None)
+    lora.begin_rl()
     assert lora.trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * cfg.model.lora.lr_multiplier)
     assert cfg.model.lora.lr_multiplier == 4.0
 

@@ -258,7 +258,7 @@ def single_turn_tasks(tmp_path_factory) -> list:
 def test_single_turn_scoring_takes_any_completions(single_turn_tasks, completions: list[str]) -> None:
     for task in single_turn_tasks:
         builder = SingleTurnGroupBuilder(task, task.eval_problems()[0])
-        trajectories = [Trajectory(id=str(j), task_id="t", group_id="t", segments=[], calls=[], completion_text=c) for j, c in enumerate(completions)]
+        trajectories = [Trajectory(id=str(j), task_id="t", segments=[], calls=[], completion_text=c) for j, c in enumerate(completions)]
         score = asyncio.run(builder.score_group(trajectories))
         assert len(score.rewards) == len(score.parts) == len(completions) and 0 <= score.errors <= len(completions)
         assert all(isinstance(r, float) and math.isfinite(r) for r in score.rewards)
@@ -276,7 +276,7 @@ class _PickyTask(ArithmeticTask):
 def test_a_completion_the_task_cannot_score_gets_zero_and_is_counted() -> None:
     task = _PickyTask()
     problem = task.eval_problems()[0]
-    trajectories = [Trajectory(id=str(j), task_id="t", group_id="t", segments=[], calls=[], completion_text=c) for j, c in enumerate([problem.answer, "!", "1"])]
+    trajectories = [Trajectory(id=str(j), task_id="t", segments=[], calls=[], completion_text=c) for j, c in enumerate([problem.answer, "!", "1"])]
     score = asyncio.run(SingleTurnGroupBuilder(task, problem).score_group(trajectories))
     assert score.rewards == [1.0, 0.0, 0.0] and score.errors == 1 and [p["correct"] for p in score.parts] == [1.0, 0.0, 0.0]
 

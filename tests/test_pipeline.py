@@ -17,13 +17,14 @@ from policyflow.session import open_session
 from policyflow.sft import SFT_PROBLEM_OFFSET, warm_start
 from policyflow.tokens import sft_batch
 from policyflow.trainer import Trainer, sequence_logprobs
+from policyflow.policy import PolicySpec
 
 
 def _one_batch(cfg):
-    session = open_session(cfg)
+    session = open_session(PolicySpec.of(cfg))
     problems = [session.task.train_problem(i) for i in range(cfg.train.prompts_per_step)]
     groups, errors = rollout_groups(session.runner, session.task, problems, cfg.train.group_size, torch.Generator().manual_seed(0))
-    batch, stats = build_batch(groups, cfg, session.tokenizer.pad_token_id)
+    batch, stats = build_batch(groups, cfg.train, cfg.advantage, session.tokenizer.pad_token_id)
     return session, groups, batch, stats | {"rollout/reward_errors": errors}
 
 
@@ -49,14 +50,14 @@ def test_zero_variance_groups_are_skipped_and_counted(small_config) -> None:
     session, groups, _, _ = _one_batch(cfg)
     for t in groups[0].trajectories:
         t.reward = 0.5
-    batch, stats = build_batch(groups, cfg, session.tokenizer.pad_token_id)
+    batch, stats = build_batch(groups, cfg.train, cfg.advantage, session.tokenizer.pad_token_id)
     assert stats["rollout/groups_zero_variance"] == 1
     assert batch.num_sequences == (len(groups) - 1) * cfg.train.group_size
 
 
 def test_sft_lowers_the_loss(small_config) -> None:
     cfg = small_config("task.name=arithmetic", "sft.max_steps=30", "sft.lr=3e-3", "sft.warmup_steps=5", "sft.target_accuracy=1.0", "sft.eval_every=100")
-    session = open_session(cfg)
+    session = open_session(PolicySpec.of(cfg))
     problems = [session.task.train_problem(i) for i in range(16)]
     prompts = encode_prompts(session.tokenizer, session.task, problems, False)
     completions = [session.tokenizer(session.task.sft_completion(p), add_special_tokens=False)["input_ids"] + [1] for p in problems]
@@ -75,7 +76,7 @@ def test_sft_lowers_the_loss(small_config) -> None:
 def test_sft_draws_its_problems_from_task_sft_problem(small_config, monkeypatch) -> None:
     """The warm-start asks `Task.sft_problem` (batch after batch, from SFT_PROBLEM_OFFSET), not train_problem."""
     cfg = small_config("task.name=arithmetic", "sft.max_steps=2", "sft.batch_size=3", "sft.target_accuracy=1.0", "sft.eval_every=100")
-    session = open_session(cfg)
+    session = open_session(PolicySpec.of(cfg))
     asked: list[int] = []
     train_problem = session.task.train_problem
 
@@ -186,7 +187,7 @@ def test_every_advantage_builds_a_batch(small_config, advantage: str) -> None:
 
 def test_sft_reports_each_greedy_evaluation_and_stops_at_the_target(small_config) -> None:
     cfg = small_config("task.name=arithmetic", "sft.max_steps=50", "sft.warmup_steps=5", "sft.target_accuracy=0.5", "sft.eval_every=10")
-    session = open_session(cfg)
+    session = open_session(PolicySpec.of(cfg))
     accuracies = iter([0.1, 0.2, 0.6, 0.9])  # the first is the check before any step (step 0)
     seen: list[tuple[int, float]] = []
     result = warm_start(session.model, session.tokenizer, session.task, cfg.sft, chat_template=False,

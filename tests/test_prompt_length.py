@@ -11,6 +11,7 @@ from policyflow.tasks import TaskError
 from policyflow.tasks.base import Problem
 from policyflow.tasks.length import PromptFit, PromptTooLongError
 from policyflow.tokens import render_prompt
+from policyflow.policy import PolicySpec
 
 # Tiny model: 1 token per character, context 256; with max_new_tokens 6 a prompt may take 250 tokens.
 LIMIT = 250
@@ -31,7 +32,7 @@ def _cfg(small_config, path: Path, *extra: str):
 def test_a_long_prompt_is_refused_with_its_row_count_and_limit(small_config, tmp_path: Path) -> None:
     path = _rows(tmp_path, "x" * 290 + "3+4=")
     with pytest.raises(PromptTooLongError) as err:
-        build_task(_cfg(small_config, path))
+        build_task(PolicySpec.of(_cfg(small_config, path)))
     assert str(err.value) == (
         "rows.jsonl:3: the prompt is 294 tokens, but the model's context of 256 tokens minus sampling.max_new_tokens=6 "
         "leaves 250; shorten it, or set task.on_long_prompt=truncate (keep its last tokens) or skip (drop such rows)"
@@ -41,10 +42,10 @@ def test_a_long_prompt_is_refused_with_its_row_count_and_limit(small_config, tmp
 def test_truncate_keeps_the_last_tokens_and_skip_drops_the_row(small_config, tmp_path: Path) -> None:
     prompt = "".join(str(i % 10) for i in range(290)) + "3+4="
     path = _rows(tmp_path, prompt)
-    task = build_task(_cfg(small_config, path, "task.on_long_prompt=truncate"))
+    task = build_task(PolicySpec.of(_cfg(small_config, path, "task.on_long_prompt=truncate")))
     rows = {p.id: p for p in [*task.eval_problems(), *(task.train_problem(i) for i in range(task.num_train))]}
     assert rows["rows.jsonl:3"].prompt == prompt[-LIMIT:] and len(rows) == 26
-    task = build_task(_cfg(small_config, path, "task.on_long_prompt=skip"))
+    task = build_task(PolicySpec.of(_cfg(small_config, path, "task.on_long_prompt=skip")))
     ids = {p.id for p in [*task.eval_problems(), *(task.train_problem(i) for i in range(task.num_train))]}
     assert "rows.jsonl:3" not in ids and len(ids) == 25
 
@@ -53,8 +54,8 @@ def test_a_10_mb_row_is_never_tokenized_and_never_reaches_the_engine(small_confi
     huge = "7" * 10_000_000 + "+1="
     path = _rows(tmp_path, huge)
     with pytest.raises(PromptTooLongError, match=r"^rows.jsonl:3: the prompt is 10,000,003 characters, so at least 2,000,000 tokens, but"):
-        build_task(_cfg(small_config, path))
-    session = open_session(_cfg(small_config, path, "task.on_long_prompt=truncate"))
+        build_task(PolicySpec.of(_cfg(small_config, path)))
+    session = open_session(PolicySpec.of(_cfg(small_config, path, "task.on_long_prompt=truncate")))
     task = session.task
     problems = [*task.eval_problems(), *(task.train_problem(i) for i in range(task.num_train))]
     lengths = {p.id: len(render_prompt(session.tokenizer, task.render_prompt(p), False)) for p in problems}
@@ -81,7 +82,7 @@ def test_the_character_bound_is_checked_before_tokenizing() -> None:
 def test_generated_tasks_refuse_rather_than_truncate(small_config) -> None:
     cfg = small_config("task.name=countdown", "model.tiny.max_positions=40", "sampling.max_new_tokens=30", "task.on_long_prompt=truncate")
     with pytest.raises(TaskError, match=r"the prompt is \d+ tokens, but the model's context of 40 tokens minus sampling.max_new_tokens=30 leaves 10"):
-        build_task(cfg)
+        build_task(PolicySpec.of(cfg))
 
 
 def test_cli_reports_a_long_prompt_in_one_line(tmp_path: Path, capsys) -> None:
@@ -96,6 +97,6 @@ def test_cli_reports_a_long_prompt_in_one_line(tmp_path: Path, capsys) -> None:
 def test_agent_max_total_tokens_caps_the_prompt_too(small_config) -> None:
     """A call sees at most agent.max_total_tokens: a prompt must leave it one token to write (else every episode ran 0 turns)."""
     with pytest.raises(PromptTooLongError) as err:
-        build_task(small_config("agent.max_total_tokens=4"))
+        build_task(PolicySpec.of(small_config("agent.max_total_tokens=4")))
     assert "(and agent.max_total_tokens=4) leaves 3;" in str(err.value)
-    assert build_task(small_config("agent.max_total_tokens=64")).eval_problems()
+    assert build_task(PolicySpec.of(small_config("agent.max_total_tokens=64"))).eval_problems()

@@ -15,6 +15,7 @@ from policyflow.agent.env import group_builder
 from policyflow.config import load_config
 from policyflow.session import build_task
 from policyflow.tasks.search_qa import SearchQATask
+from policyflow.policy import PolicySpec
 from tests.conftest import SMALL
 
 ARGS = dict(seed=3, num_entities=60, num_eval_entities=12, num_eval=30)
@@ -37,7 +38,7 @@ def test_switch_off_leaves_the_task_as_it_was(tmp_path):
     assert _demonstrations_digest(tmp_path) == DIGEST_BEFORE_CODE_TOOL
     assert _demonstrations_digest(tmp_path, code_tool=False) == DIGEST_BEFORE_CODE_TOOL
     cfg = load_config("configs/search.yaml", [f"run.output_dir={tmp_path}"])
-    assert cfg.task.search.code_tool is False and build_task(cfg).code_tool is False
+    assert cfg.task.search.code_tool is False and build_task(PolicySpec.of(cfg)).code_tool is False
 
 
 @pytest.fixture
@@ -100,7 +101,7 @@ def test_code_alone_is_not_charged_the_search_penalty(task):
 
 def test_config_builds_and_runs_two_steps(tmp_path):
     cfg = load_config("configs/search_code.yaml", [f"run.output_dir={tmp_path}"])
-    task = build_task(cfg)
+    task = build_task(PolicySpec.of(cfg))
     assert task.code_tool and task.code_settings.timeout_s == cfg.task.code.timeout_s and cfg.agent.max_turns >= 4
     assert cfg.agent.code_temperature == 1.0
     small = [*SMALL, f"run.output_dir={tmp_path}", "task.search.num_entities=60", "task.search.num_eval_entities=12",

@@ -12,6 +12,7 @@ from policyflow.agent.env import group_builder
 from policyflow.agent.tool_env import ToolEnv
 from policyflow.tasks import TaskError, make_task
 from policyflow.tasks.search_qa import SearchQATask, make_entities
+from policyflow.policy import PolicySpec
 
 
 @pytest.fixture
@@ -213,7 +214,7 @@ def test_built_from_config(tmp_path):
         "task.name=search_qa", "task.search.num_entities=30", "task.search.num_eval_entities=5", "task.num_eval=7",
         "task.search.search_penalty=0.3", "task.search.top_k=2", "agent.max_obs_tokens=64", f"run.output_dir={tmp_path}",
     ])
-    task = build_task(cfg)
+    task = build_task(PolicySpec.of(cfg))
     assert isinstance(task, SearchQATask) and len(task.entities) == 30 and len(task.eval_problems()) == 7
     assert task.settings.penalty == 0.3 and task.search_args == {"k": 2, "latency_s": 0.0}
     assert task.corpus_path().parent == tmp_path / "cache" / "search_qa"

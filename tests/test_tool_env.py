@@ -28,6 +28,7 @@ from policyflow.tokens import episode_rows
 from policyflow.tools import Tool, ToolPool
 from policyflow.tools.search import SearchIndex, search_tool
 from policyflow.types import Sample
+from policyflow.policy import PolicySpec
 
 # A chat template with tools (rendered before the conversation) and tool-role messages, for the
 # character tokenizer: enough of Qwen's shape to test Hermes prompts and observations.
@@ -182,7 +183,7 @@ def test_hermes_sft_rows_are_the_rows_rl_trains_tools_included(tmp_path, two_loo
     assert traj.reward_parts == pytest.approx({"correct": 1.0, "search_penalty": -0.1, "format": 0.1})
 
     cfg = load_config(None, ["task.name=search_qa", "task.search.tool_format=hermes", "model.chat_template=true"])
-    fit = prompt_fit(cfg, tok, 100_000, tools=task.prompt_tools())
+    fit = prompt_fit(PolicySpec.of(cfg), tok, 100_000, tools=task.prompt_tools())
     assert fit.count(task.render_prompt(problem)) == len(sft_prompt)
 
     rl_rows = [(ids, mask) for ids, mask, *_ in episode_rows(traj)]

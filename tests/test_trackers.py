@@ -20,6 +20,7 @@ from policyflow.trackers import WANDB_MISSING, open_trackers
 from policyflow.types import Call, Segment, TokenPolicy, Trajectory
 from policyflow.weights import SnapshotStore
 from policyflow.workers import TrainerWorker
+from policyflow.policy import PolicySpec
 
 
 def _lines(path: Path) -> list[dict]:
@@ -155,13 +156,13 @@ def test_samples_records_hold_the_episodes_as_the_batch_trained_them(small_confi
     versions, loss masks that concatenate to its row of the batch, and the batch's advantage
     (None for the episodes of a zero-variance group, which were not trained)."""
     cfg = small_config()
-    trainer = TrainerWorker(cfg, SnapshotStore(keep=3))
+    trainer = TrainerWorker(PolicySpec.of(cfg), SnapshotStore(keep=3))
     s = trainer.session
     problems = [s.task.train_problem(i) for i in range(cfg.train.prompts_per_step)]
     groups, _ = rollout_groups(s.runner, s.task, problems, cfg.train.group_size, torch.Generator().manual_seed(0))
     for t in groups[1].trajectories:  # a group with nothing to learn: left out of the batch
         t.reward = 0.5
-    batch, _ = build_batch(groups, cfg, s.tokenizer.pad_token_id)
+    batch, _ = build_batch(groups, cfg.train, cfg.advantage, s.tokenizer.pad_token_id)
     trainer.train_step(groups)
     records = trainer.step_records(7, max_groups=2)
     assert [r["episode_id"] for r in records] == [t.id for g in groups[:2] for t in g.trajectories]
@@ -169,7 +170,7 @@ def test_samples_records_hold_the_episodes_as_the_batch_trained_them(small_confi
     by_id = {t.id: (t, g) for g in groups for t in g.trajectories}
     for r in json.loads(json.dumps(records)):  # as written to the file
         t, g = by_id[r["episode_id"]]
-        assert (r["kind"], r["step"], r["version"], r["task_id"], r["prompt"], r["answer"]) == ("train", 7, 1, t.task_id, g.prompt, g.answer)
+        assert (r["kind"], r["step"], r["version"], r["task_id"], r["prompt"], r["answer"]) == ("train", 7, 0, t.task_id, g.prompt, g.answer)  # the version the batch trained (its tokens' own: staleness 0)
         assert (r["reward"], r["reward_parts"], r["status"], r["finish_reason"]) == (t.reward, t.reward_parts, t.status, t.finish_reason)
         assert [seg["token_ids"] for seg in r["segments"]] == [list(seg.token_ids) for seg in t.segments]
         assert [seg["logprobs"] for seg in r["segments"]] == [list(seg.logprobs) if seg.logprobs else None for seg in t.segments]
@@ -201,10 +202,10 @@ def test_segment_loss_masks_are_the_training_rows_masks_with_greedy_tokens_and_p
         _segment("prompt", [5, 6, 7]), _segment("gen", [8, 9, 10, 11], [1.0, 0.0, 0.0, 1.0]),
         _segment("obs", [12, 13]), _segment("gen", [14, 15, 1], [1.0, 1.0, 1.0], version=4),
     ]
-    t = Trajectory("e/0", "e", "e", segments, [Call((0,), 1), Call((0, 2), 3)])  # the second call drops segment 1
+    t = Trajectory("e/0", "e", segments, [Call((0,), 1), Call((0, 2), 3)])  # the second call drops segment 1
     masks = segment_loss_masks(t)
     assert masks == [[0, 0, 0], [1, 0, 0, 1], [0, 0], [1, 1, 1]]
-    batch = collate([t], torch.tensor([0.5]), torch.tensor([0]), pad_id=0)
+    batch = collate([t], torch.tensor([0.5]), pad_id=0)
     rows = [(0, 1), (0, 2, 3)]
     for b, indices in enumerate(rows):
         n = int(batch.attention_mask_BT[b].sum())
@@ -222,8 +223,8 @@ def test_a_run_writes_whole_groups_to_samples_jsonl(small_config) -> None:
     records = _lines(cfg.run_dir / "samples.jsonl")
     B, G = cfg.train.prompts_per_step, cfg.train.group_size
     assert {r["step"] for r in records} == {2} and len(records) == min(B, coordinator.SAMPLE_GROUPS) * G
-    assert {r["version"] for r in records} == {2} and len({r["episode_id"] for r in records}) == len(records)
+    assert {r["version"] for r in records} == {1} and len({r["episode_id"] for r in records}) == len(records)  # step 2 trains version 1
     for r in records:
         gen = [seg for seg in r["segments"] if seg["kind"] == "gen"]
         assert gen and all(len(seg["token_ids"]) == len(seg["token_texts"]) == len(seg["loss_mask"]) == len(seg["logprobs"]) == len(seg["versions"]) for seg in gen)
-        assert all(v in (0, 1) for seg in gen for v in seg["versions"])  # sampled by version 0 or 1, written at version 2
+        assert all(v in (0, 1) for seg in gen for v in seg["versions"])  # sampled by version 0 or 1, trained at version 1: staleness 0 or 1

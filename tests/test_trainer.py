@@ -20,14 +20,15 @@ from policyflow.sft import warm_start
 from policyflow.trainer import Trainer, sequence_logprobs
 from policyflow.weights import SnapshotStore
 from policyflow.workers import TrainerWorker
+from policyflow.policy import PolicySpec
 
 
 def one_batch(cfg, session=None, seed: int = 0):
     """Rollouts of the first B training problems by the session's engine, as a TrainBatch."""
-    session = session or open_session(cfg)
+    session = session or open_session(PolicySpec.of(cfg))
     problems = [session.task.train_problem(i) for i in range(cfg.train.prompts_per_step)]
     groups, _ = rollout_groups(session.runner, session.task, problems, cfg.train.group_size, torch.Generator().manual_seed(seed))
-    batch, _ = build_batch(groups, cfg, session.tokenizer.pad_token_id)
+    batch, _ = build_batch(groups, cfg.train, cfg.advantage, session.tokenizer.pad_token_id)
     assert batch is not None
     return session, batch
 
@@ -130,7 +131,7 @@ def _rows(cfg) -> list[dict]:
 
 
 def _post_sft_weights(cfg) -> dict[str, torch.Tensor]:
-    session = open_session(cfg)
+    session = open_session(PolicySpec.of(cfg))
     warm_start(session.model, session.tokenizer, session.task, cfg.sft, chat_template=False, greedy_accuracy=session.greedy_accuracy)
     return {k: v.clone() for k, v in session.model.state_dict().items()}
 
@@ -157,7 +158,7 @@ def test_kl_reference_is_the_model_after_sft_and_survives_resume(small_config) -
 
     post_sft = _post_sft_weights(stopped)
     checkpoint = latest_checkpoint(stopped.run_dir)
-    worker = TrainerWorker(resumed, SnapshotStore(2), checkpoint=str(checkpoint))
+    worker = TrainerWorker(PolicySpec.of(resumed), SnapshotStore(2), checkpoint=str(checkpoint))
     worker.restore(str(checkpoint))
     reference = worker.trainer.ref_model.state_dict()
     policy = worker.session.model.state_dict()
@@ -173,7 +174,7 @@ def test_resume_without_the_stored_reference_refuses(small_config) -> None:
     shutil.rmtree(cfg.run_dir / "reference")
     checkpoint = str(latest_checkpoint(cfg.run_dir))
     with pytest.raises(FileNotFoundError, match="KL reference"):
-        TrainerWorker(cfg, SnapshotStore(2), checkpoint=checkpoint).restore(checkpoint)
+        TrainerWorker(PolicySpec.of(cfg), SnapshotStore(2), checkpoint=checkpoint).restore(checkpoint)
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,10 +183,10 @@ def test_resume_without_the_stored_reference_refuses(small_config) -> None:
 
 def test_bf16_model_keeps_fp32_master_weights_and_a_tiny_lr_step_changes_them(small_config) -> None:
     cfg = small_config("model.dtype=bfloat16", "train.lr=1e-6")
-    worker = TrainerWorker(cfg, SnapshotStore(2))
+    worker = TrainerWorker(PolicySpec.of(cfg), SnapshotStore(2))
     model = worker.session.model
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    engine_session = open_session(cfg)  # what a rollout worker holds: the model in bf16
+    engine_session = open_session(PolicySpec.of(cfg))  # what a rollout worker holds: the model in bf16
     assert {p.dtype for p in engine_session.model.parameters()} == {torch.bfloat16}
     _, batch = one_batch(cfg, engine_session)
     before = snapshot(model)
@@ -206,9 +207,9 @@ def test_bf16_model_keeps_fp32_master_weights_and_a_tiny_lr_step_changes_them(sm
 
 def test_bf16_trainer_logprobs_agree_with_the_bf16_engine(small_config) -> None:
     cfg = small_config("model.dtype=bfloat16", "sampling.temperature=0.8", "sampling.top_p=0.7")
-    engine_session = open_session(cfg)
+    engine_session = open_session(PolicySpec.of(cfg))
     _, batch = one_batch(cfg, engine_session)
-    master = open_session(cfg, master_weights=True).model
+    master = open_session(PolicySpec.of(cfg), master_weights=True).model
     trainer = Trainer(master, cfg.train, cfg.loss, cfg.sampling, compute_dtype=torch.bfloat16)
     with torch.no_grad():
         recomputed_BT = trainer._logprobs(master, batch.input_ids_BT, batch.attention_mask_BT)

@@ -23,6 +23,7 @@ from policyflow.engine import SamplingParams
 from policyflow.model import build_char_tokenizer
 from policyflow.session import build_task
 from policyflow.tasks import CountdownTask, TaskError
+from policyflow.policy import PolicySpec
 from tests.conftest import SMALL
 from tests.test_tool_env import RecordingEngine
 
@@ -103,10 +104,10 @@ def test_the_examples_episodes_use_its_tool_and_reward_parts() -> None:
 def test_task_options_reach_a_registered_tasks_other_arguments(tmp_path: Path) -> None:
     """A registered task's constructor arguments beyond its task.* fields come from task.options
     (countdown's format_reward); options may not override the task.* settings."""
-    task = build_task(load_config(None, ["task.name=countdown", "task.options={format_reward: 0.25}"]))
+    task = build_task(PolicySpec.of(load_config(None, ["task.name=countdown", "task.options={format_reward: 0.25}"])))
     assert isinstance(task, CountdownTask) and task.format_reward == 0.25
     with pytest.raises(TaskError, match=r"task.options sets \['seed'\] for task.name=countdown, which takes them from its own task.\* settings"):
-        build_task(load_config(None, ["task.name=countdown", "task.options={seed: 3}"]))
+        build_task(PolicySpec.of(load_config(None, ["task.name=countdown", "task.options={seed: 3}"])))
 
 
 GOOD_TASK = """
@@ -159,7 +160,7 @@ def test_a_class_that_breaks_the_contract_is_one_clear_line(user_folder: Path, c
     expected = expected.replace("{file}", str(folder / "usertasks.py")).replace("{folder}", str(folder))
     overrides = [f"task.name={name}", f"task.options={json.dumps(options)}"]
     with pytest.raises(TaskError) as err:
-        build_task(load_config(None, overrides))
+        build_task(PolicySpec.of(load_config(None, overrides)))
     assert str(err.value) == expected
     capsys.readouterr()
     assert main(["eval", *overrides, "model.tiny.hidden_size=32", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "run.progress=false"]) == 1
@@ -167,7 +168,7 @@ def test_a_class_that_breaks_the_contract_is_one_clear_line(user_folder: Path, c
 
 
 def test_a_good_user_class_loads_with_its_options(user_folder: Path) -> None:
-    task = build_task(load_config(None, ["task.name=usertasks:Tiny", "task.options={size: 3}"]))
+    task = build_task(PolicySpec.of(load_config(None, ["task.name=usertasks:Tiny", "task.options={size: 3}"])))
     assert type(task).__name__ == "Tiny" and len(task.eval_problems()) == 3
 
 

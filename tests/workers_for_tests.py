@@ -22,7 +22,7 @@ class DiesOnce(RolloutWorker):
     def _first_to_die(self) -> bool:
         """Create the run's marker file atomically: exactly one worker process succeeds."""
         try:
-            os.close(os.open(Path(self.cfg.run_dir) / "killed-a-worker", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.close(os.open(Path(self.spec.folder) / "killed-a-worker", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return False
         return True

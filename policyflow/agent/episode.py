@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import time
 
 from policyflow.agent.context import full_context
 from policyflow.agent.env import ContextPolicy, Env, EnvGroupBuilder, StepResult
@@ -94,7 +93,7 @@ class EpisodeRunner:
         window = generator.max_positions or float("inf")  # the model's own limit, when it has one
         self.max_total_tokens = min(agent.max_total_tokens or window, window)
         self._prompt_ids: dict[tuple[str, str], tuple[int, ...]] = {}  # a group's G episodes share one prompt
-        self._segments = params.segment_policies + code_segment_policies(agent, params)
+        self.segment_policies = params.segment_policies + code_segment_policies(agent, params)  # the run's, GRPO-ATS code policies added
 
     def with_params(self, **changes) -> EpisodeRunner:
         """The same runner with some sampling settings changed (e.g. temperature=0 for greedy evaluation)."""
@@ -102,7 +101,6 @@ class EpisodeRunner:
 
     async def run_group(self, builder: EnvGroupBuilder, n: int, *, task_id: str) -> tuple[Group, int]:
         """The `n` episodes of `builder`'s problem, run at once; returns the group and its reward-error count."""
-        start = time.perf_counter()
         envs = await builder.make_envs(n)
         trajectories = list(await asyncio.gather(*(self.run(env, id=f"{task_id}/{j}", task_id=task_id) for j, env in enumerate(envs))))
         errors = 0
@@ -112,9 +110,6 @@ class EpisodeRunner:
             for t, reward, parts in zip(trajectories, score.rewards, score.parts):
                 t.reward += reward
                 t.reward_parts = _add_parts(t.reward_parts, parts)
-        elapsed = time.perf_counter() - start
-        for t in trajectories:
-            t.timings.queue_s = max(0.0, elapsed - t.timings.generation_s - t.timings.tools_s)
         problem = builder.problem
         return Group(id=task_id, task_id=task_id, prompt=problem.prompt, answer=problem.answer, trajectories=trajectories), errors
 
@@ -133,8 +128,8 @@ class EpisodeRunner:
         prompt_ids = self._render_prompt(prompt_text, env.tools)
         segments = [Segment("prompt", tuple(prompt_ids), text=prompt_text)]
         calls: list[Call] = []
-        params = dataclasses.replace(self.params, stop=tuple(dict.fromkeys(self.params.stop + tuple(env.stop))), segment_policies=self._segments)
-        traj = Trajectory(id=id, task_id=task_id, group_id=task_id, segments=segments, calls=calls, num_turns=0, start_version=self.generator.version)
+        params = dataclasses.replace(self.params, stop=tuple(dict.fromkeys(self.params.stop + tuple(env.stop))), segment_policies=self.segment_policies)
+        traj = Trajectory(id=id, task_id=task_id, segments=segments, calls=calls, num_turns=0, start_version=self.generator.version)
         status = "truncated"  # unless the env says done
         for turn in range(self.agent.max_turns):
             context = tuple(self.context(segments))
@@ -142,15 +137,11 @@ class EpisodeRunner:
             room = min(params.max_new_tokens, self.max_total_tokens - len(prompt))
             if room < 1:
                 break
-            start = time.perf_counter()
             sample = await self.generator.generate(prompt, dataclasses.replace(params, max_new_tokens=room))
-            traj.timings.generation_s += time.perf_counter() - start
             segments.append(Segment("gen", sample.token_ids, sample.logprobs, sample.versions, turn=turn, text=sample.text, policies=sample.policies))
             calls.append(Call(context=context, produced=len(segments) - 1))
             traj.finish_reason = sample.finish_reason
-            start = time.perf_counter()
             result = await env.step(sample.text)
-            traj.timings.tools_s += time.perf_counter() - start
             self._record(traj, result)
             if result.done:
                 cut = sample.finish_reason == "length" and (room < params.max_new_tokens or env.cut_action_truncates)
@@ -167,7 +158,6 @@ class EpisodeRunner:
         traj.completion_text = "".join(s.text for s in segments[1:])
         versions = [v for s in segments if s.versions for v in s.versions]
         traj.start_version = min(versions, default=traj.start_version)
-        traj.end_version = max(versions, default=traj.start_version)
         return traj
 
     def _render_prompt(self, text: str, tools: list[dict] | None) -> tuple[int, ...]:

@@ -4,7 +4,7 @@ Components (rollout worker, trainer) are plain classes whose methods may be `asy
 usable and testable with no runtime at all. A runtime only places them and carries calls:
 
     runtime = make_runtime("process")
-    trainer = await runtime.spawn(TrainerWorker, cfg, store, name="trainer", cpus=1)
+    trainer = await runtime.spawn(TrainerWorker, spec, store, name="trainer", cpus=1)
     metrics = await trainer.call("train_step", groups)
     await runtime.shutdown()
 

@@ -26,7 +26,6 @@ import inspect
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from policyflow.tasks.arithmetic import ArithmeticTask
@@ -39,48 +38,48 @@ from policyflow.tasks.reward_fn import raised_at
 from policyflow.tasks.search_qa import SearchQATask
 
 if TYPE_CHECKING:
-    from policyflow.config import Config
+    from policyflow.policy import PolicySpec
 
 USER_TASK = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")  # package.module:Class
 
 
 @dataclass(frozen=True)
 class TaskEntry:
-    """A built-in task: its class, and its constructor arguments from the config."""
+    """A built-in task: its class, and its constructor arguments from the policy's settings (`PolicySpec`)."""
 
     cls: type[Task]
-    settings: Callable[[Config], dict[str, Any]]
+    settings: Callable[[PolicySpec], dict[str, Any]]
 
 
-def _search_qa(cfg: Config) -> dict[str, Any]:
-    search = cfg.task.search.model_dump()
-    search["corpus_dir"] = search["corpus_dir"] or str(Path(cfg.run.output_dir) / "cache" / "search_qa")
+def _search_qa(spec: PolicySpec) -> dict[str, Any]:
+    search = spec.task.search.model_dump()
+    search["corpus_dir"] = search["corpus_dir"] or str(spec.cache_dir / "search_qa")
     if search["code_tool"]:  # the code tool's sandbox settings are the multiply task's (task.code.*)
-        search["code"] = cfg.task.code.model_dump(include={"timeout_s", "memory_mb", "packages", "isolation", "concurrency"})
-    return dict(seed=cfg.task.seed, num_eval=cfg.task.num_eval, **search)
+        search["code"] = spec.task.code.model_dump(include={"timeout_s", "memory_mb", "packages", "isolation", "concurrency"})
+    return dict(seed=spec.task.seed, num_eval=spec.task.num_eval, **search)
 
 
-def _multiply(cfg: Config) -> dict[str, Any]:
-    return dict(seed=cfg.task.seed, num_eval=cfg.task.num_eval, min_digits=cfg.task.min_digits, max_digits=cfg.task.max_digits, **cfg.task.code.model_dump())
+def _multiply(spec: PolicySpec) -> dict[str, Any]:
+    return dict(seed=spec.task.seed, num_eval=spec.task.num_eval, min_digits=spec.task.min_digits, max_digits=spec.task.max_digits, **spec.task.code.model_dump())
 
 
 TASKS: dict[str, TaskEntry] = {
-    "arithmetic": TaskEntry(ArithmeticTask, lambda cfg: dict(seed=cfg.task.seed, min_digits=cfg.task.min_digits, max_digits=cfg.task.max_digits, num_eval=cfg.task.num_eval)),
-    "countdown": TaskEntry(CountdownTask, lambda cfg: dict(
-        seed=cfg.task.seed, num_eval=cfg.task.num_eval, num_numbers=cfg.task.num_numbers, max_number=cfg.task.max_number, max_target=cfg.task.max_target,
+    "arithmetic": TaskEntry(ArithmeticTask, lambda spec: dict(seed=spec.task.seed, min_digits=spec.task.min_digits, max_digits=spec.task.max_digits, num_eval=spec.task.num_eval)),
+    "countdown": TaskEntry(CountdownTask, lambda spec: dict(
+        seed=spec.task.seed, num_eval=spec.task.num_eval, num_numbers=spec.task.num_numbers, max_number=spec.task.max_number, max_target=spec.task.max_target,
     )),
-    "jsonl": TaskEntry(JsonlTask, lambda cfg: dict(
-        path=cfg.task.path, prompt_column=cfg.task.prompt_column, answer_column=cfg.task.answer_column, reward=cfg.task.reward,
-        eval_path=cfg.task.eval_path, eval_fraction=cfg.task.eval_fraction, seed=cfg.task.seed, on_bad_row=cfg.task.on_bad_row,
-        reward_timeout_s=cfg.task.reward_timeout_s, code=cfg.task.code.model_dump(include={"timeout_s", "memory_mb", "packages", "isolation", "concurrency"}),
-        chat_template=cfg.model.chat_template,
+    "jsonl": TaskEntry(JsonlTask, lambda spec: dict(
+        path=spec.task.path, prompt_column=spec.task.prompt_column, answer_column=spec.task.answer_column, reward=spec.task.reward,
+        eval_path=spec.task.eval_path, eval_fraction=spec.task.eval_fraction, seed=spec.task.seed, on_bad_row=spec.task.on_bad_row,
+        reward_timeout_s=spec.task.reward_timeout_s, code=spec.task.code.model_dump(include={"timeout_s", "memory_mb", "packages", "isolation", "concurrency"}),
+        chat_template=spec.model.chat_template,
     )),
     "search_qa": TaskEntry(SearchQATask, _search_qa),
     "multiply": TaskEntry(MultiplyTask, _multiply),
-    "agent_program": TaskEntry(AgentProgramTask, lambda cfg: dict(  # task.options: command, timeout_s, env, cwd
-        path=cfg.task.path, prompt_column=cfg.task.prompt_column, answer_column=cfg.task.answer_column, reward=cfg.task.reward,
-        eval_path=cfg.task.eval_path, eval_fraction=cfg.task.eval_fraction, seed=cfg.task.seed, on_bad_row=cfg.task.on_bad_row,
-        chat_template=cfg.model.chat_template,
+    "agent_program": TaskEntry(AgentProgramTask, lambda spec: dict(  # task.options: command, timeout_s, env, cwd
+        path=spec.task.path, prompt_column=spec.task.prompt_column, answer_column=spec.task.answer_column, reward=spec.task.reward,
+        eval_path=spec.task.eval_path, eval_fraction=spec.task.eval_fraction, seed=spec.task.seed, on_bad_row=spec.task.on_bad_row,
+        chat_template=spec.model.chat_template,
     )),
 }
 
@@ -90,11 +89,11 @@ def is_user_task(name: str) -> bool:
     return name not in TASKS and USER_TASK.fullmatch(name) is not None
 
 
-def configured_task(cfg: Config) -> Task:
-    """The task `cfg.task.name` names, built with its settings and `task.options`."""
-    name, options = cfg.task.name, dict(cfg.task.options)
+def configured_task(spec: PolicySpec) -> Task:
+    """The task `spec.task.name` names, built with its settings and `task.options`."""
+    name, options = spec.task.name, dict(spec.task.options)
     if name in TASKS:
-        kwargs = TASKS[name].settings(cfg)
+        kwargs = TASKS[name].settings(spec)
         clash = sorted(set(options) & set(kwargs))
         if clash:
             raise TaskError(f"task.options sets {clash} for task.name={name}, which takes them from its own task.* settings; set those instead")

@@ -1,0 +1,69 @@
+"""One policy's settings: what its trainer, rollout workers, pool and batch builder serve (DESIGN.md §5).
+
+A run trains one or more policies, each under a role name. A component serves one of them:
+it takes a `PolicySpec`, never the whole `Config`, and writes only under the policy's own
+folder. A one-policy run is the one-role case (role "policy"), whose folder is the run folder
+itself, so its layout is `runs/<name>/checkpoints/step-N` as it always was; any other role
+writes under `runs/<name>/<role>/` (self-play: a challenger and a solver, a teacher and a
+student). What belongs to the run, not to a policy (the pipeline, the snapshot store,
+checkpoint cadence, the metrics files and `summary.json`), stays with the driver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from policyflow.config import Config
+from policyflow.config_sections import (
+    AdvantageConfig,
+    AgentConfig,
+    EvalConfig,
+    LossConfig,
+    ModelConfig,
+    SFTConfig,
+    SamplingConfig,
+    TaskConfig,
+    TrainConfig,
+)
+
+ONE_ROLE = "policy"  # the role of a one-policy run, whose folder is the run folder
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """Everything one policy needs: its sections of the config, where it runs, and its folder.
+
+    A plain frozen record of frozen config sections: it pickles, so it crosses the process
+    runtime's boundary as the component's constructor argument."""
+
+    role: str  # the policy's name in the run ("policy" for a one-policy run; "challenger", "solver", ...)
+    folder: Path  # what it writes (checkpoints/, reference/, base/): runs/<name>/, or runs/<name>/<role>/
+    model: ModelConfig
+    task: TaskConfig  # its problems and rewards: a challenger writes problems, the solver answers them
+    sampling: SamplingConfig
+    sft: SFTConfig
+    train: TrainConfig
+    loss: LossConfig
+    advantage: AdvantageConfig
+    eval: EvalConfig
+    agent: AgentConfig
+    seed: int
+    device: str  # run.device: auto, cpu or cuda (`session.pick_device`)
+    threads: int  # run.threads (0: the process's share of the cores)
+    progress: bool  # show progress bars
+    cache_dir: Path  # caches shared by every run under run.output_dir (the search corpus index)
+
+    @classmethod
+    def of(cls, cfg: Config, role: str = ONE_ROLE, run_dir: Path | str | None = None) -> PolicySpec:
+        """The spec of `role` in the run of `cfg`, whose folder is `run_dir` (default `cfg.run_dir`,
+        the folder a resumed run is in now): the run folder itself for the one-role case, else
+        its sub-folder `<role>/`."""
+        run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
+        return cls(
+            role=role, folder=run_dir if role == ONE_ROLE else run_dir / role,
+            model=cfg.model, task=cfg.task, sampling=cfg.sampling, sft=cfg.sft, train=cfg.train, loss=cfg.loss,
+            advantage=cfg.advantage, eval=cfg.eval, agent=cfg.agent,
+            seed=cfg.run.seed, device=cfg.run.device, threads=cfg.run.threads, progress=cfg.run.progress,
+            cache_dir=Path(cfg.run.output_dir) / "cache",
+        )
