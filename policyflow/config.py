@@ -11,11 +11,12 @@ a number and a number is not true/false, and an integer field takes only whole n
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, ValidationInfo, model_serializer, model_validator
 
 from policyflow.config_sections import (  # noqa: F401  (re-exported: `from policyflow.config import AgentConfig`)
     ConfigError,
@@ -42,6 +43,14 @@ from policyflow.config_sections import (  # noqa: F401  (re-exported: `from poli
 )
 from policyflow.yamlfile import DuplicateKeyError, load_yaml, shown
 
+if TYPE_CHECKING:
+    from policyflow.policy import PolicySpec
+
+# A run with roles (issue 20): each role overrides the policy sections; the run-level ones are shared.
+POLICY_SECTIONS = ("model", "task", "sampling", "sft", "train", "loss", "advantage", "eval", "agent")
+RUN_SECTIONS = ("run", "pipeline", "checkpoint")
+# Not role names: the one-policy role, and what a run folder holds beside the role folders.
+RESERVED_ROLES = ("policy", "checkpoints", "reference", "base", "snapshots", "sft", "eval", "cache", "tensorboard", "wandb")
 
 
 class Config(Section):
@@ -57,11 +66,22 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Synchronous, one-step-off or asynchronous rollouts and training.")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="Multi-turn episodes: limits and context policy.")
+    roles: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "Several policies in one run (self-play: a challenger and a solver, a teacher and a student), one per role: "
+        "roles: {challenger: {...}, solver: {...}}. A role's mapping overrides the top-level policy sections "
+        f"({', '.join(POLICY_SECTIONS)}) key by key for that role, and takes what it leaves out from them; "
+        f"{', '.join(RUN_SECTIONS)} are the run's, set at the top level only. Each role is validated as a whole config "
+        "and writes under <run>/<role>/. From the command line: roles.solver.train.lr=1e-5. A role name is an identifier, "
+        "not policy. Empty = one policy, the run folder as always. Read by the self-play drivers (train refuses roles for now)."))
+
+    _role_configs: dict[str, Config] = PrivateAttr(default_factory=dict)  # role -> its whole config (`role_config`)
 
     @model_validator(mode="before")
     @classmethod
     def _stale_data_objective(cls, raw: Any) -> Any:
         """With stale data (η ≥ 1) the default objective is decoupled PPO (AReaL 2505.24298)."""
+        if isinstance(raw, dict) and (raw.get("roles", {}) is None or isinstance(raw.get("roles"), dict)):  # `roles:` / `solver:` left empty in YAML
+            raw = {**raw, "roles": {k: {} if v is None else v for k, v in (raw.get("roles") or {}).items()}}
         if not isinstance(raw, dict) or not isinstance(raw.get("pipeline", {}), dict) or not isinstance(raw.get("loss", {}), dict):
             return raw  # field validation reports the problem
         pipeline = raw.get("pipeline", {})
@@ -73,15 +93,17 @@ class Config(Section):
         return raw
 
     @model_validator(mode="after")
-    def _warn_stale_data_with_on_policy_loss(self) -> Config:
-        """η ≥ 1 with a loss other than decoupled_ppo is allowed, with one warning line."""
-        p = self.pipeline
+    def _warn_stale_data_with_on_policy_loss(self, info: ValidationInfo) -> Config:
+        """η ≥ 1 with a loss other than decoupled_ppo is allowed, with one warning line (a role's: only where its loss is its own)."""
+        p, role = self.pipeline, (info.context or {}).get("role")
+        if role is not None and self.loss.name == info.context["shared_loss"]:
+            return self  # said once for the top-level sections
         if p.eta >= 1 and self.loss.name != "decoupled_ppo":
-            LOG.warning(
+            LOG.warning(in_role(role,
                 f"warning: pipeline.mode={p.mode} (η {p.eta}) with loss.name={self.loss.name}: tokens up to {p.eta_hard} "
                 f"version{'s' if p.eta_hard != 1 else ''} old are trained with the sampling policy as π_old, so the trust region is centred on stale "
                 "weights, not the current ones; loss.name=decoupled_ppo corrects for this"
-            )
+            ))
         return self
 
     @model_validator(mode="after")
@@ -91,9 +113,96 @@ class Config(Section):
             raise ValueError(f"sampling.max_new_tokens={self.sampling.max_new_tokens} leaves no room for a prompt in the tiny model's model.tiny.max_positions={positions}; lower it or raise max_positions")
         return self
 
+    @model_validator(mode="after")
+    def _roles_are_whole_configs(self, info: ValidationInfo) -> Config:
+        """Each role's sections (the top-level ones with its overrides) pass every check a whole config does;
+        errors name roles.<role>.<section>.<field>. A role's mapping is kept as the values it sets, as validated."""
+        if (info.context or {}).get("role") is not None or not self.roles:
+            return self
+        shared = self.model_dump(exclude={"roles"})
+        kept = {}
+        for role, override in self.roles.items():
+            _check_role(role, override)
+            try:
+                whole = Config.model_validate(_overlay(Config, shared, override), context={"role": role, "shared_loss": self.loss.name})
+            except ValidationError as err:
+                raise ValueError(in_role(role, _describe(err.errors()[0]))) from None
+            self._role_configs[role] = whole
+            kept[role] = _pick(Config, whole.model_dump(), override)
+        self.__dict__["roles"] = kept  # frozen: set once, here, as validated (so config.yaml holds 1e-05, not '1e-5')
+        return self
+
+    @model_serializer(mode="wrap")
+    def _one_policy_has_no_roles(self, handler: Any) -> dict[str, Any]:
+        """A one-policy config dumps as it always did (config.yaml, trackers, `policyflow config`): no `roles: {}`."""
+        data = handler(self)
+        if not self.roles and isinstance(data, dict):
+            data.pop("roles", None)
+        return data
+
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
+
+    def role_config(self, role: str) -> Config:
+        """The whole config `role` trains with: the top-level sections with the role's overrides, and no roles."""
+        if role not in self._role_configs:
+            raise ConfigError(f"there is no role {role!r} in roles ({', '.join(self.roles) or 'none: a one-policy run'})")
+        return self._role_configs[role]
+
+    def policy_specs(self, run_dir: Path | str | None = None) -> list[PolicySpec]:
+        """One `PolicySpec` per policy the run trains: "policy" (the run folder) without roles, else one per role
+        (each under `<run_dir>/<role>/`), in the order the roles are written."""
+        from policyflow.policy import PolicySpec  # policy.py imports this module
+
+        return [PolicySpec.of(self, role, run_dir) for role in self.roles] if self.roles else [PolicySpec.of(self, run_dir=run_dir)]
+
+
+def _check_role(role: str, override: dict[str, Any]) -> None:
+    """A role name is an identifier other than the reserved ones; a role sets policy sections only."""
+    if not (role.isidentifier() and role.isascii()):
+        raise ValueError(f"roles.{role}: a role name is an identifier (letters, digits and _, not starting with a digit), e.g. solver; it names the role's folder <run>/<role>/")
+    if role in RESERVED_ROLES:
+        why = "the role of a one-policy run (no roles)" if role == "policy" else "a name the run folder uses for its own files"
+        raise ValueError(f"roles.{role}: {role!r} is {why}; name the role otherwise (e.g. challenger, solver); reserved: {', '.join(RESERVED_ROLES)}")
+    for key in override:
+        if key in RUN_SECTIONS:
+            raise ValueError(f"roles.{role}.{key}: {key} is the run's, shared by every role; set it at the top level ({key}.*), not under roles; a role sets only {', '.join(POLICY_SECTIONS)}")
+        if key not in POLICY_SECTIONS:
+            hint = difflib.get_close_matches(str(key), POLICY_SECTIONS, n=1)
+            did_you_mean = f" (did you mean roles.{role}.{hint[0]}?)" if hint else ""
+            raise ValueError(f"unknown config key roles.{role}.{key}{did_you_mean}; allowed keys here: {', '.join(POLICY_SECTIONS)}")
+
+
+def _overlay(model: type[BaseModel], base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override` laid over it key by key, down through the sections (a leaf, a dict-valued one such as task.options included, is replaced whole)."""
+    merged = dict(base)
+    for key, value in override.items():
+        sub = _section_type(model, key)
+        merged[key] = _overlay(sub, base[key], value) if sub and isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def _pick(model: type[BaseModel], values: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """The keys `override` sets, with their validated values from `values`."""
+    picked = {}
+    for key, value in override.items():
+        sub = _section_type(model, key)
+        picked[key] = _pick(sub, values[key], value) if sub and isinstance(value, dict) else values[key]
+    return picked
+
+
+def _section_type(model: type[BaseModel], key: Any) -> type[BaseModel] | None:
+    annotation = getattr(model.model_fields.get(key), "annotation", None)
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+_POLICY_FIELD = re.compile(rf"(?<![\w.])(?=(?:{'|'.join(POLICY_SECTIONS)})(?:\.\w|=))")
+
+
+def in_role(role: str | None, message: str) -> str:
+    """A message about the policy sections, with each field named as the role's: train.lr → roles.solver.train.lr."""
+    return message if role is None else _POLICY_FIELD.sub(f"roles.{role}.", message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +266,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:
-        child = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:  # absent, or left empty in YAML (`solver:`)
+            child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
         node = child

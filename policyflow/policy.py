@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from policyflow.config import Config
+from policyflow.config import Config, ConfigError
 from policyflow.config_sections import (
     AdvantageConfig,
     AgentConfig,
@@ -58,12 +58,20 @@ class PolicySpec:
     def of(cls, cfg: Config, role: str = ONE_ROLE, run_dir: Path | str | None = None) -> PolicySpec:
         """The spec of `role` in the run of `cfg`, whose folder is `run_dir` (default `cfg.run_dir`,
         the folder a resumed run is in now): the run folder itself for the one-role case, else
-        its sub-folder `<role>/`."""
+        its sub-folder `<role>/`. A config with `roles` gives each role its own sections
+        (`Config.role_config`) and has no one-role policy: `of(cfg)` is refused in one line, so the
+        one-policy commands (train, sft, eval) refuse a run with roles before they write anything."""
         run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
+        if cfg.roles and role == ONE_ROLE:
+            raise ConfigError(
+                f"this config has roles ({', '.join(cfg.roles)}), which are read by the self-play drivers (issue 20 §2-3, not built yet); "
+                "train, sft and eval serve one policy: remove roles (its settings go at the top level) to run one"
+            )
+        sections = cfg.role_config(role) if cfg.roles else cfg  # run-level settings (seed, device, ...) are the same in both
         return cls(
             role=role, folder=run_dir if role == ONE_ROLE else run_dir / role,
-            model=cfg.model, task=cfg.task, sampling=cfg.sampling, sft=cfg.sft, train=cfg.train, loss=cfg.loss,
-            advantage=cfg.advantage, eval=cfg.eval, agent=cfg.agent,
+            model=sections.model, task=sections.task, sampling=sections.sampling, sft=sections.sft, train=sections.train,
+            loss=sections.loss, advantage=sections.advantage, eval=sections.eval, agent=sections.agent,
             seed=cfg.run.seed, device=cfg.run.device, threads=cfg.run.threads, progress=cfg.run.progress,
             cache_dir=Path(cfg.run.output_dir) / "cache",
         )

@@ -12,7 +12,9 @@
   where it runs, where the same model now lies). The folder may have been copied or moved:
   `run.output_dir` and `run.name` are taken from where it is now (`resume_location`), and
   nothing inside it names it by an absolute path. Anything else (task, model, sampling, loss, batch shape, pipeline) would make
-  the checkpoint continue a different experiment, and is refused. Allowed changes are recorded
+  the checkpoint continue a different experiment, and is refused; in a run with roles the same
+  rules apply to each role's settings (`roles.<role>.train.steps`), and the roles themselves
+  may not change. Allowed changes are recorded
   as a `{"resumed_at_step": ...}` line in metrics.jsonl. Lines written after the checkpoint's
   step (by a run that stopped before its next checkpoint) are dropped from metrics.jsonl and
   samples.jsonl, so no step is ever logged twice.
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from policyflow.checkpoint import latest_checkpoint, latest_good_checkpoint, protected_folder
-from policyflow.config import Config, ConfigError, read_yaml, validate_config
+from policyflow.config import POLICY_SECTIONS, RUN_SECTIONS, Config, ConfigError, read_yaml, validate_config
 
 LOCK_FILE = "run.lock"
 # What a run writes (deleted by run.overwrite=true) ...
@@ -191,7 +193,7 @@ def _prepare_resume(cfg: Config, folder: RunFolder) -> None:
         key, (old, new) = refused[0], folder.resume_overrides[refused[0]]
         raise ConfigError(
             f"--resume cannot change {key} ({old!r} in the run's config.yaml, {new!r} now): the checkpoint was trained with "
-            f"the saved value; a resume may change only {', '.join(RESUMABLE)}; start a new run (another run.name) to change it"
+            f"the saved value; a resume may change only {', '.join(RESUMABLE)} (a role's too: roles.<role>.train.steps); start a new run (another run.name) to change it"
         )
     folder.checkpoint, notes = latest_good_checkpoint(folder.path)
     folder.notes += notes
@@ -228,12 +230,30 @@ def read_saved_config(run_dir: Path) -> Config:
 
 
 def changed_settings(before: Config, after: Config) -> dict[str, list]:
-    """`{"section.key": [before, after]}` for every leaf setting that differs."""
-    a, b = _flatten(before.model_dump(mode="json")), _flatten(after.model_dump(mode="json"))
-    return {key: [a.get(key), b.get(key)] for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)}
+    """`{"section.key": [before, after]}` for every leaf setting that differs. A run with roles is
+    compared role by role: `roles` (the role names), the run-level sections, and each role's whole
+    sections as it trains with them, `roles.<role>.section.key` (a change to a shared top-level
+    section is a change to every role that does not override it)."""
+    a, b = _settings(before), _settings(after)
+    changed = {key: [a.get(key), b.get(key)] for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)}
+    if "roles" in changed:  # other roles, or none: the rest differs by name only, so say this first
+        changed = {"roles": changed.pop("roles"), **changed}
+    return changed
+
+
+def _settings(cfg: Config) -> dict:
+    if not cfg.roles:
+        return _flatten(cfg.model_dump(mode="json")) | {"roles": None}
+    flat = _flatten(cfg.model_dump(mode="json", include=set(RUN_SECTIONS))) | {"roles": list(cfg.roles)}
+    for role in cfg.roles:
+        flat |= _flatten(cfg.role_config(role).model_dump(mode="json", include=set(POLICY_SECTIONS)), f"roles.{role}.")
+    return flat
 
 
 def resumable(key: str) -> bool:
+    """Whether a resume may change `key`; a role's setting `roles.<role>.section.key` as the same top-level one."""
+    if key.startswith("roles."):
+        key = key.split(".", 2)[2] if key.count(".") >= 2 else key
     return any(key == allowed or (allowed.endswith(".*") and key.startswith(allowed[:-1])) for allowed in RESUMABLE)
 
 
