@@ -10,6 +10,10 @@ Three kinds of asyncio task share the buffer (one loop, no locks):
   group the worker held, so they are issued again to another worker, and starts a
   replacement. The buffer's ledger guarantees that nothing is lost and nothing is trained
   twice: a requeued task can only be reissued, and a finished task is put only once.
+
+Problems come from a `problems.ProblemSource`, asked for index `next_index`, then the next, each
+once (a resume starts from `LoopState.next_problem`): by default the task's `train_problem(i)`;
+problems made at run time come through a `problems.RecordedSource`, which replays them on resume.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from policyflow.config import PipelineConfig
 from policyflow.policy import PolicySpec
 from policyflow.runtime import Handle, Runtime, WorkerDied
 from policyflow.session import build_task
-from policyflow.tasks.base import Problem
+from policyflow.problems import IndexedSource, ProblemSource
 from policyflow.types import Sample
 from policyflow.weights import should_update
 from policyflow.workers import GroupSpec, RolloutWorker
@@ -62,11 +66,11 @@ class RolloutPool:
     def __init__(
         self, runtime: Runtime, spec: PolicySpec, pipeline: PipelineConfig, store, buffer: RolloutBuffer, *,
         next_index: int, worker_cls: type = RolloutWorker, rng_states: list | None = None, cpus: float = 1,
-        problems: Callable[[int], Problem] | None = None,
+        source: ProblemSource | None = None,
     ) -> None:
         self.runtime, self.spec, self.pipeline, self.store, self.buffer = runtime, spec, pipeline, store, buffer
-        self.next_index = next_index  # the first training problem never issued
-        self.problems = problems  # index -> problem; None: the task's training set (built on first use)
+        self.next_index = next_index  # the first training problem never issued (LoopState.next_problem)
+        self.source = source  # the problems, by issue index; None: the task's training set (built on first use)
         self._next_spec: GroupSpec | None = None
         self.worker_cls = worker_cls
         self.cpus = cpus
@@ -171,7 +175,7 @@ class RolloutPool:
         while True:
             specs = []
             while True:
-                spec = self._peek()
+                spec = await self._peek()
                 if not self.buffer.try_admit(spec.task_id):
                     break
                 if spec.index == self.next_index:
@@ -182,13 +186,17 @@ class RolloutPool:
             else:
                 await self.buffer.changed()
 
-    def _peek(self) -> GroupSpec:
+    async def _peek(self) -> GroupSpec:
+        """The next group to admit: the oldest requeued one, else problem `next_index`, asked of
+        the source once (it waits here, unadmitted, while the buffer is full)."""
         for payload in self.buffer.requeued.values():  # oldest requeued first
             return payload
         if self._next_spec is None or self._next_spec.index != self.next_index:
-            if self.problems is None:
-                self.problems = build_task(self.spec).train_problem
-            self._next_spec = GroupSpec(task_id(self.next_index), self.next_index, self.problems(self.next_index))
+            if self.source is None:
+                self.source = IndexedSource(build_task(self.spec).train_problem)
+            index = self.next_index
+            problem = await self.source.problem(index)
+            self._next_spec = GroupSpec(task_id(index), index, problem)
         return self._next_spec
 
     async def _dispatch(self, specs: list[GroupSpec]) -> None:

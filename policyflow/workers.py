@@ -6,7 +6,9 @@ inline runtime's, or the loop of the process that hosts them).
 `RolloutWorker` owns one `AsyncEngine` and runs episodes on it: each submitted group is a
 task that runs the G episodes of its problem (`EpisodeRunner.run_group`); all episodes of all
 groups await the one engine, which batches whatever is in flight. Finished groups are collected
-by `poll`. Weight updates come from the snapshot store with `update_weights`, in one of three
+by `poll`. The worker's task is given what the worker holds (`agent.env.WorkerResources`: its
+engine by role, its tokenizer, frozen models, tool pools) once, with `Task.attach`, so a group
+builder's reward may come from a model. Weight updates come from the snapshot store with `update_weights`, in one of three
 swap modes:
 
 * continue — swap between two decode steps; in-flight requests keep their KV cache and their
@@ -39,7 +41,7 @@ from typing import Any
 import torch
 
 from policyflow.agent.context import context_policy
-from policyflow.agent.env import group_builder
+from policyflow.agent.env import WorkerResources, group_builder
 from policyflow.checkpoint import LoopState, load_state, save_checkpoint, save_model_folder, set_rng_state, verify_checkpoint
 from policyflow.config import CheckpointConfig
 from policyflow.engine import AsyncEngine, SamplingParams
@@ -98,6 +100,8 @@ class RolloutWorker:
         self.engine = AsyncEngine(model, self.tokenizer, version=version, max_batch=engine_slots, generator=generator)
         self.engine.update_weights(state, version)
         self.runner = episode_runner(spec, self.engine, self.tokenizer, sampling_params(spec, self.task))
+        self.resources = WorkerResources(spec.role, generators={spec.role: self.engine}, tokenizer=self.tokenizer)
+        self.task.attach(self.resources)  # once, before any group builder is made: rewards may come from a model
         self._open: dict[str, asyncio.Task] = {}  # task id -> the task running its group
         self._held: deque[GroupSpec] = deque()  # submitted during a drain: start after the swap
         self._draining = False  # a drain swap waits for the running groups to finish

@@ -43,15 +43,18 @@ call's context plus what came after it starts a new training row (`tokens.episod
 Tasks and envs depend one way: a task declares its envs with `Task.group_builder(problem)`
 (`tasks/base.py`; single-turn tasks inherit `SingleTurnGroupBuilder`, tool tasks return a
 `tool_env.ToolGroupBuilder`), and `agent/` never imports `tasks/`: what it needs of a task is
-the `SingleTurnTask` protocol below.
+the `SingleTurnTask` protocol below. A builder that needs what the rollout worker holds (its
+engine, frozen models, tool pools: a reward from a model) reads the `WorkerResources` its task
+was given (`Task.attach`, `Task.resources`).
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from policyflow.problems import Problem, Score
@@ -225,6 +228,40 @@ class SingleTurnGroupBuilder(EnvGroupBuilder):
             raise ValueError(f"task {self.task.name!r}: score() returned {len(score.rewards)} rewards for {n} completions")
         parts = [{"correct": float(score.correct[j])} | {name: values[j] for name, values in score.parts.items()} for j in range(n)]
         return GroupScore(list(score.rewards), parts, score.errors)
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """What a rollout worker holds that its episodes' builders may use (DESIGN.md §6: rewards from
+    models), built once per worker (`workers.RolloutWorker`) and handed to its task with
+    `Task.attach` before the first group builder is made.
+
+    role: the policy this worker samples for (`PolicySpec.role`).
+    generators: the worker's generators by the role of the policy they run (`engine.Generator`:
+        `AsyncEngine`, or a client of an endpoint); `generators[role]` is the worker's own engine,
+        the one its episodes sample from.
+    tokenizer: the tokenizer of the worker's own policy (prompts for `generate` are token ids).
+    models: frozen models by name (a reward model, a judge, a frozen solver), empty until a run
+        configures one.
+    tools: tool pools by name (`tools.ToolPool`) the worker shares across its episodes.
+
+    Read-only views: the record is the same for every builder of the worker.
+    """
+
+    role: str
+    generators: Mapping[str, Any] = field(default_factory=dict)
+    tokenizer: Any = None
+    models: Mapping[str, Any] = field(default_factory=dict)
+    tools: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("generators", "models", "tools"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    @property
+    def generator(self) -> Any:
+        """The worker's own generator (`generators[role]`)."""
+        return self.generators[self.role]
 
 
 class GroupSource(Protocol):

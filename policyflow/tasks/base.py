@@ -19,7 +19,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from policyflow.agent.env import EnvGroupBuilder, SingleTurnGroupBuilder
+from policyflow.agent.env import EnvGroupBuilder, SingleTurnGroupBuilder, WorkerResources
 from policyflow.problems import Problem, Score
 
 if TYPE_CHECKING:
@@ -47,6 +47,9 @@ class Task(ABC):
     # runner (`Env.observation_wrap`) and SFT demonstrations read it from here; either way
     # `tokens.render_observation` adds it around the cut content. Chat models ignore it.
     observation_wrap: tuple[str, str] = ("", "")
+    # What the rollout worker running this task holds (its engine, frozen models, tool pools),
+    # given by `attach` before the first `group_builder` call; None outside a rollout worker.
+    resources: WorkerResources | None = None
 
     @abstractmethod
     def train_problem(self, index: int) -> Problem:
@@ -82,8 +85,17 @@ class Task(ABC):
         whole group at once (`agent.env.SingleTurnGroupBuilder`). A multi-turn task returns its
         own: `agent.tool_env.ToolGroupBuilder` runs parse → tools → observe → answer for any
         tools, answer check and reward parts (search_qa is one such configuration), or any
-        `EnvGroupBuilder` of yours (`agent/env.py` documents the `Env` interface)."""
+        `EnvGroupBuilder` of yours (`agent/env.py` documents the `Env` interface).
+
+        In a rollout worker, `self.resources` holds what the worker holds (`attach`): a builder
+        whose reward comes from a model takes it from there."""
         return SingleTurnGroupBuilder(self, problem)
+
+    def attach(self, resources: WorkerResources) -> None:
+        """Called once by the rollout worker that runs this task, before its first `group_builder`
+        call, with what the worker holds (`agent.env.WorkerResources`: its generator by role, frozen
+        models, tool pools); kept as `self.resources`. Override it to set up from them (call super)."""
+        self.resources = resources
 
     def sft_completion(self, problem: Problem) -> str:
         """The reference completion used for the supervised warm-start."""
