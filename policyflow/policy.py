@@ -64,7 +64,7 @@ class PolicySpec:
         run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
         if cfg.roles and role == ONE_ROLE:
             raise ConfigError(
-                f"this config has roles ({', '.join(cfg.roles)}), which are read by the self-play drivers (issue 20 §2-3, not built yet); "
+                f"this config has roles ({', '.join(cfg.roles)}), which are read by the self-play trainers (R-Zero, RLT), not in this version yet; "
                 "train, sft and eval serve one policy: remove roles (its settings go at the top level) to run one"
             )
         sections = cfg.role_config(role) if cfg.roles else cfg  # run-level settings (seed, device, ...) are the same in both

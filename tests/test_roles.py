@@ -154,11 +154,11 @@ def test_train_refuses_roles_in_one_line_before_writing_anything(tmp_path: Path,
     runs = tmp_path / "runs"
     assert main(["train", f"run.output_dir={runs}", "roles.solver.train.lr=1e-5", "roles.challenger.task.name=countdown"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("policyflow: config error: this config has roles (solver, challenger), which are read by the self-play drivers (issue 20 §2-3")
+    assert err.startswith("policyflow: config error: this config has roles (solver, challenger), which are read by the self-play trainers (R-Zero, RLT), not in this version yet")
     assert "\n" not in err and not runs.exists()
     for command in (["sft"], ["eval"]):
         assert main([*command, f"run.output_dir={runs}", "roles.solver.train.lr=1e-5"]) == 2
-        assert "read by the self-play drivers" in capsys.readouterr().err and not runs.exists()
+        assert "read by the self-play trainers" in capsys.readouterr().err and not runs.exists()
 
 
 def test_resume_rules_apply_role_by_role(tmp_path: Path) -> None:
