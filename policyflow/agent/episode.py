@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from collections.abc import Sequence
 
 from policyflow.agent.context import full_context
 from policyflow.agent.env import ContextPolicy, Env, EnvGroupBuilder, StepResult
@@ -99,10 +100,12 @@ class EpisodeRunner:
         """The same runner with some sampling settings changed (e.g. temperature=0 for greedy evaluation)."""
         return EpisodeRunner(self.generator, self.tokenizer, dataclasses.replace(self.params, **changes), self.agent, chat_template=self.chat_template, context=self.context)
 
-    async def run_group(self, builder: EnvGroupBuilder, n: int, *, task_id: str) -> tuple[Group, int]:
-        """The `n` episodes of `builder`'s problem, run at once; returns the group and its reward-error count."""
+    async def run_group(self, builder: EnvGroupBuilder, n: int, *, task_id: str, runners: Sequence[EpisodeRunner] | None = None) -> tuple[Group, int]:
+        """The `n` episodes of `builder`'s problem, run at once; returns the group and its reward-error count.
+        `runners`: episode j runs on `runners[j]` (evaluation: each on its own seeded generator); default this one."""
         envs = await builder.make_envs(n)
-        trajectories = list(await asyncio.gather(*(self.run(env, id=f"{task_id}/{j}", task_id=task_id) for j, env in enumerate(envs))))
+        runners = runners or [self] * n
+        trajectories = list(await asyncio.gather(*(r.run(env, id=f"{task_id}/{j}", task_id=task_id) for j, (env, r) in enumerate(zip(envs, runners)))))
         errors = 0
         score = await builder.score_group(trajectories)
         if score is not None:

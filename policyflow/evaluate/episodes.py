@@ -94,20 +94,11 @@ def episode_runner_on(runner: EpisodeRunner, generator) -> EpisodeRunner:
 
 
 async def run_problem(runner: EpisodeRunner, task: Task, problem: Problem, n: int, *, seeds: Sequence[tuple[int, str, int, int] | None], budget: int | None, task_id: str) -> list[Trajectory]:
-    """`n` episodes of `problem`, episode j on its own `SeededCalls(seeds[j], budget)`, scored as
-    `EpisodeRunner.run_group` scores a group (the builder's `score_group` added to each)."""
-    builder = group_builder(task, problem)
-    envs = await builder.make_envs(n)
-    trajectories = list(await asyncio.gather(*(
-        episode_runner_on(runner, SeededCalls(runner.generator, seed, budget)).run(env, id=f"{task_id}/{j}", task_id=task_id)
-        for j, (env, seed) in enumerate(zip(envs, seeds))
-    )))
-    score = await builder.score_group(trajectories)
-    if score is not None:
-        for t, reward, parts in zip(trajectories, score.rewards, score.parts):
-            t.reward += reward
-            t.reward_parts = {k: t.reward_parts.get(k, 0.0) + parts.get(k, 0.0) for k in t.reward_parts | parts}
-    return trajectories
+    """`n` episodes of `problem` as `EpisodeRunner.run_group` runs a group, episode j on its own
+    `SeededCalls(seeds[j], budget)`."""
+    runners = [episode_runner_on(runner, SeededCalls(runner.generator, seed, budget)) for seed in seeds]
+    group, _ = await runner.run_group(group_builder(task, problem), n, task_id=task_id, runners=runners)
+    return group.trajectories
 
 
 async def run_set(

@@ -32,9 +32,14 @@ class EvalResult:
         return scalars | {f"{prefix}{k}": float(v) for k, v in self.pass_at.items()} | splits
 
 
+def k_ladder(n: int) -> list[int]:
+    """The default k for n samples per prompt: 1, 2, 4, ... below n, and n."""
+    return sorted({2**i for i in range(n.bit_length()) if 2**i < n} | {n})
+
+
 def pass_at_ks(n: int) -> list[int]:
-    """The k reported for n samples per prompt: powers of two below n, and n."""
-    return sorted({2**i for i in range(1, n.bit_length()) if 2**i < n} | {n}) if n > 1 else []
+    """The k of the training headline's pass@k: the ladder without 1 (pass@1 is accuracy_sampled)."""
+    return [k for k in k_ladder(n) if k > 1]
 
 
 def correct_counts(groups_P: Sequence[Sequence[Trajectory]]) -> list[int]:

@@ -35,7 +35,7 @@ from pathlib import Path
 from policyflow.agent.episode import EpisodeRunner
 from policyflow.evaluate.budget import BudgetPoint, accuracy_by_budget
 from policyflow.evaluate.episodes import episode_answer, is_correct, run_sets
-from policyflow.evaluate.headline import EvalResult, correct_counts, headline
+from policyflow.evaluate.headline import EvalResult, correct_counts, headline, k_ladder
 from policyflow.metrics import Estimate, avg_at_k_estimate, maj_at_k_estimate, mean_estimate, pass_at_k_estimate
 from policyflow.tasks.base import Problem, Task, TaskError
 from policyflow.tasks.jsonl import RowFormat, read_rows
@@ -125,7 +125,7 @@ def report_ks(n: int, asked: Sequence[int] = ()) -> list[int]:
     """The k of pass@k and maj@k: `asked` (each at most n), else 1, 2, 4, ... below n, and n."""
     if bad := [k for k in asked if not 1 <= k <= n]:
         raise ValueError(f"eval.pass_k={list(asked)}: k={bad[0]} needs 1 <= k <= eval.samples_per_prompt={n}; raise eval.samples_per_prompt or drop it")
-    return sorted(set(asked)) if asked else sorted({2**i for i in range(n.bit_length()) if 2**i < n} | {n})
+    return sorted(set(asked)) if asked else k_ladder(n)
 
 
 def _mean(values: Sequence[float]) -> float | None:
