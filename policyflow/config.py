@@ -37,6 +37,7 @@ from policyflow.config_sections import (  # noqa: F401  (re-exported: `from poli
     EvalConfig,
     CheckpointConfig,
     AgentConfig,
+    SelfPlayConfig,
     LOG,
     TRACKERS,
     MODE_DEFAULTS,
@@ -48,7 +49,9 @@ if TYPE_CHECKING:
 
 # A run with roles (issue 20): each role overrides the policy sections; the run-level ones are shared.
 POLICY_SECTIONS = ("model", "task", "sampling", "sft", "train", "loss", "advantage", "eval", "agent")
-RUN_SECTIONS = ("run", "pipeline", "checkpoint")
+RUN_SECTIONS = ("run", "pipeline", "checkpoint", "selfplay")
+# The roles each self-play method runs (selfplay.method), in the order it trains them.
+SELFPLAY_ROLES = {"none": (), "rzero": ("challenger", "solver"), "rlt": ("teacher", "student")}
 # Not role names: the one-policy role, and what a run folder holds beside the role folders.
 RESERVED_ROLES = ("policy", "checkpoints", "reference", "base", "snapshots", "sft", "eval", "cache", "tensorboard", "wandb")
 
@@ -66,6 +69,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Synchronous, one-step-off or asynchronous rollouts and training.")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="Multi-turn episodes: limits and context policy.")
+    selfplay: SelfPlayConfig = Field(default_factory=SelfPlayConfig, description="Two roles that make their own data: R-Zero (rzero) or RLT (rlt).")
     roles: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
         "Several policies in one run (self-play: a challenger and a solver, a teacher and a student), one per role: "
         "roles: {challenger: {...}, solver: {...}}. A role's mapping overrides the top-level policy sections "
@@ -132,12 +136,27 @@ class Config(Section):
         self.__dict__["roles"] = kept  # frozen: set once, here, as validated (so config.yaml holds 1e-05, not '1e-5')
         return self
 
+    @model_validator(mode="after")
+    def _roles_of_the_method(self, info: ValidationInfo) -> Config:
+        """selfplay.method names the roles its run has: rzero challenger and solver; rlt teacher and student
+        (roles without a method load, and `policyflow train` refuses them: `coordinator.train`)."""
+        if (info.context or {}).get("role") is not None:
+            return self
+        method, roles = self.selfplay.method, set(self.roles)
+        wanted = SELFPLAY_ROLES[method]
+        if method != "none" and roles != set(wanted):
+            raise ValueError(f"selfplay.method={method} runs the roles {' and '.join(wanted)}, each under roles (roles: {{{': {}, '.join(wanted)}: {{}}}} at least); got {', '.join(self.roles) or 'none'}")
+        return self
+
     @model_serializer(mode="wrap")
     def _one_policy_has_no_roles(self, handler: Any) -> dict[str, Any]:
-        """A one-policy config dumps as it always did (config.yaml, trackers, `policyflow config`): no `roles: {}`."""
+        """A one-policy config dumps as it always did (config.yaml, trackers, `policyflow config`): no `roles: {}`
+        and no selfplay section while selfplay.method is none."""
         data = handler(self)
         if not self.roles and isinstance(data, dict):
             data.pop("roles", None)
+            if self.selfplay.method == "none":
+                data.pop("selfplay", None)
         return data
 
     @property

@@ -349,3 +349,23 @@ class AgentConfig(Section):
         if self.code_open == self.code_close:
             raise ValueError(f"agent.code_open and agent.code_close are both {self.code_open!r}: one marker cannot say where code starts and where it ends; give two different markers (e.g. <code> and </code>)")
         return self
+
+
+class SelfPlayConfig(Section):
+    """Runs with two roles that make their own data (issue 20; `policyflow/selfplay/`): which method
+    drives them, and its settings. The run's, like pipeline: set at the top level, never under roles."""
+
+    method: Literal["none", "rzero", "rlt"] = Field("none", description="none: a one-policy run (no roles); rzero: R-Zero challenger/solver self-play (arXiv 2508.05004; roles challenger and solver); rlt: RLT teacher rewards (arXiv 2506.08388; roles teacher and student). A run with roles needs one of rzero or rlt.")
+    iterations: int = Field(3, ge=1, le=1000, description="rzero: challenger phase + solver phase, alternated this many times.")
+    challenger_steps: int = Field(5, ge=1, description="rzero: GRPO steps of the challenger per iteration (the paper's 5).")
+    solver_steps: int = Field(15, ge=1, description="rzero: GRPO steps of the solver per iteration (the paper's 15).")
+    questions: int = Field(8000, ge=1, description="rzero: problems the challenger writes per iteration for the solver's training set, before the band filter (the paper's 8000).")
+    votes: int = Field(10, ge=2, description="rzero: m, the frozen solver's answers per problem; their majority is the pseudo-label and p̂ the share that agrees with it (the paper's 10).")
+    band: float = Field(0.2, ge=0, le=0.5, description="rzero: δ, a problem joins the solver's set when |p̂ − ½| ≤ δ (0.2 keeps 3..7 agreeing answers of 10, the paper's band).")
+    repetition_distance: float = Field(0.5, gt=0, le=1, description="rzero: problems of one challenger group closer than this in 1 − BLEU (sacrebleu sentence BLEU / 100) fall in one cluster for the repetition penalty.")
+    repetition_weight: float = Field(1.0, ge=0, description="rzero: λ of the repetition penalty λ·|C|/n, |C| the size of the problem's cluster among the n problems of its group.")
+    rlt_kl_coef: float = Field(3.0, ge=0, description="rlt: λ in r = r_SS − λ·r_KL (3: the authors' released recipe, SakanaAI/RLT cfgs/run_cfg/teacher_rlt.yaml).")
+    rlt_alpha: float = Field(0.01, ge=0, description="rlt: α, the weight of the min (r_SS) and max (r_KL) terms beside the means (0.01: the same recipe).")
+    rlt_student_temperature: float = Field(0.7, gt=0, description="rlt: the temperature of the frozen student's distribution in both reward terms (the authors' released recipe reads it at 0.7); the teacher's is its sampling.temperature.")
+    rlt_distill_problems: int = Field(2000, ge=1, description="rlt: training problems the trained teacher explains once; fresh students are fine-tuned on them, with its explanations or with the bare solutions, for the comparison.")
+    rlt_distill_steps: int = Field(400, ge=1, description="rlt: supervised steps of each fresh student in the comparison (the student's sft.batch_size, lr, warmup and weight decay; no early stop), the same for every arm.")

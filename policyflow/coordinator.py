@@ -32,7 +32,7 @@ import yaml
 from policyflow.agent.context import context_policy
 from policyflow.buffer import RolloutBuffer
 from policyflow.checkpoint import LoopState, check_destination, save_model_folder
-from policyflow.config import Config
+from policyflow.config import Config, ConfigError
 from policyflow.evaluate import EvalResult, write_report
 from policyflow.logging import JsonlWriter, Progress, RunTotals, plot_run
 from policyflow.policy import PolicySpec
@@ -48,7 +48,14 @@ from policyflow.workers import RolloutWorker, TrainerWorker, check_probe
 
 
 def train(cfg: Config, *, resume: Path | None = None, log=print) -> dict:
-    """Warm-start (fresh runs), then RL for `train.steps` steps; returns the summary written to summary.json."""
+    """Warm-start (fresh runs), then RL for `train.steps` steps; returns the summary written to summary.json.
+    A config with roles runs its self-play method instead (`selfplay.METHODS[selfplay.method]`)."""
+    if cfg.roles:
+        if cfg.selfplay.method == "none":
+            raise ConfigError(f"roles ({', '.join(cfg.roles)}) are trained by a self-play method: set selfplay.method=rzero (roles challenger and solver) or rlt (teacher and student), or remove roles")
+        from policyflow.selfplay.driver import METHODS, run_with_roles  # the self-play drivers import this module
+
+        return asyncio.run(run_with_roles(cfg, METHODS[cfg.selfplay.method], resume=resume, log=log))
     return asyncio.run(run_rl(cfg, resume=resume, log=log))
 
 
@@ -84,17 +91,17 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
         log(f"{await trainer.call('describe')}; pipeline: {p.mode} (η {p.eta}, η_hard {p.eta_hard}, {p.swap_mode}), {p.rollout_workers} rollout worker(s), {p.runtime} runtime; run folder: {run_dir}")
         if checkpoint is None:
             loop, worker_rng = LoopState(), []
-            metrics_log = _open_trackers(cfg, run_dir, first_step=0)
+            metrics_log = open_run_trackers(cfg, run_dir, first_step=0)
             if spec.sft.max_steps > 0:
-                sft = await _warm_start(trainer, metrics_log)
+                sft = await warm_start_logged(trainer, metrics_log)
                 log(f"SFT warm-start: {sft['steps']} steps, {sft['seconds']:.0f}s, greedy held-out accuracy {sft['accuracy_greedy']:.1%}")
             await trainer.call("begin_rl")  # the KL reference (and with LoRA the adapter's base) is the model RL starts from
             loop.eval_before = await trainer.call("evaluate")
             metrics_log.write({"step": 0, "wall_seconds": 0.0, **EvalResult(**loop.eval_before).as_metrics()})
-            log(_accuracy_line("before RL", loop.eval_before))
+            log(accuracy_line("before RL", loop.eval_before))
         else:
             loop, worker_rng = await trainer.call("restore", str(checkpoint))
-            metrics_log = _open_trackers(cfg, run_dir, first_step=loop.step + 1)
+            metrics_log = open_run_trackers(cfg, run_dir, first_step=loop.step + 1)
             log(f"resumed from {checkpoint} at step {loop.step}; {len(loop.in_flight_task_ids)} group(s) in flight then are dropped")
             metrics_log.write({"resumed_at_step": loop.step, "checkpoint": str(checkpoint), "overrides": folder.resume_overrides})
         totals = RunTotals(loop.counters)  # cumulative counters continue from the checkpoint's
@@ -104,7 +111,7 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
             refill_limit=spec.train.max_resample_rounds * B, start_version=loop.version,
         )
         pool = RolloutPool(runtime, spec, p, store, buffer, next_index=loop.next_problem, worker_cls=worker_cls, rng_states=worker_rng, cpus=threads)
-        await pool.start(before_producing=lambda: _probe_engines(trainer, pool, loop.version, spec))  # a bad weight hand-over stops the run here
+        await pool.start(before_producing=lambda: probe_engines(trainer, pool, loop.version, spec))  # a bad weight hand-over stops the run here
 
         run = PolicyRun(
             spec, trainer, pool, buffer, loop, totals, samples_log, Progress(spec.train.steps, loop.step, spec.progress),
@@ -128,7 +135,7 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
             if pending is not None:
                 metrics_log.write(pending)
             if run.checkpointed_at != loop.step:
-                await _checkpoint(run)
+                await save_policy_checkpoint(run)
             raise RunInterrupted(f"interrupted at step {loop.step}; resume with `policyflow train --resume {run_dir}`", stop.signum)
         await pool.stop()
 
@@ -136,7 +143,7 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
         loop.wall_seconds = time.perf_counter() - run.wall_start
         if pending is not None:  # one line per step: the last step's metrics and the final evaluation
             metrics_log.write(pending | EvalResult(**eval_after).as_metrics())  # wall_seconds: when the step ended
-        final = await _checkpoint(run)
+        final = await save_policy_checkpoint(run)
     finally:
         if pool is not None:
             await pool.stop()
@@ -162,7 +169,7 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
         summary["eval_report"] = str(eval_report(cfg, Path(final), step=loop.step)[1])
         log(f"evaluation report: {summary['eval_report']}")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log(_accuracy_line("after RL ", eval_after))
+    log(accuracy_line("after RL ", eval_after))
     log(f"plot: {plot}\nsummary: {run_dir / 'summary.json'}\ncheckpoint: {final}")
     return summary
 
@@ -196,10 +203,11 @@ class PolicyRun:
         return self.loop.step >= self.spec.train.steps or time.perf_counter() - self.wall_start >= budget
 
 
-async def rl_step(run: PolicyRun, stop: StopOnCtrlC) -> dict | None:
+async def rl_step(run: PolicyRun, stop: StopOnCtrlC, *, advance: bool = True) -> dict | None:
     """One RL step of one policy: wait for a batch → train_step → eval, checkpoint → weight update →
     its metrics line, which is returned for the caller to write (None: Ctrl-C came while waiting,
-    and the step did not begin)."""
+    and the step did not begin). `advance=False` (a self-play phase's last step): the engines keep
+    their weights and no new group is admitted, since the pool stops after this step."""
     spec, trainer, pool, buffer, loop = run.spec, run.trainer, run.pool, run.buffer, run.loop
     B = spec.train.prompts_per_step
     step_start = time.perf_counter()
@@ -218,16 +226,12 @@ async def rl_step(run: PolicyRun, stop: StopOnCtrlC) -> dict | None:
         metrics |= EvalResult(**await trainer.call("evaluate")).as_metrics()
     loop.wall_seconds = time.perf_counter() - run.wall_start
     if run.checkpoint_every and loop.step % run.checkpoint_every == 0 and loop.step < spec.train.steps:
-        await _checkpoint(run)
+        await save_policy_checkpoint(run)
         run.checkpointed_at = loop.step
     # 4. Engines take the new weights (eagerly, or when they lag more than max_lag), then
     #    the admission window moves one batch.
-    await pool.update_weights(loop.version)
-    if not run.probed_trained:  # before new groups start (sync: the engines are idle)
-        gap = await _probe_engines(trainer, pool, loop.version, spec)
-        run.probed_trained = gap is not None
-        metrics |= {"async/probe_logprob_gap": gap} if run.probed_trained else {}
-    buffer.set_version(loop.version)
+    if advance:
+        await advance_pool(run, metrics)
     # 5. Metrics: this batch, the buffer (staleness, waste), the engines, the clock.
     pool_metrics = pool.metrics()
     now = time.perf_counter()
@@ -245,7 +249,18 @@ async def rl_step(run: PolicyRun, stop: StopOnCtrlC) -> dict | None:
     return line
 
 
-async def _probe_engines(trainer, pool: RolloutPool, version: int, spec: PolicySpec) -> float | None:
+async def advance_pool(run: PolicyRun, metrics: dict) -> None:
+    """Engines take the new weights (probed once a trained version reaches them), then the
+    admission window moves one batch (`rl_step`'s part 4)."""
+    await run.pool.update_weights(run.loop.version)
+    if not run.probed_trained:  # before new groups start (sync: the engines are idle)
+        gap = await probe_engines(run.trainer, run.pool, run.loop.version, run.spec)
+        run.probed_trained = gap is not None
+        metrics |= {"async/probe_logprob_gap": gap} if run.probed_trained else {}
+    run.buffer.set_version(run.loop.version)
+
+
+async def probe_engines(trainer, pool: RolloutPool, version: int, spec: PolicySpec) -> float | None:
     """The engines holding `version` continue a prompt greedily and the trainer recomputes the
     log-probs (`workers.check_probe`): a `PolicyMismatch` line when they disagree beyond the
     dtype's tolerance. Returns the largest gap seen, or None when no engine holds `version`."""
@@ -255,7 +270,7 @@ async def _probe_engines(trainer, pool: RolloutPool, version: int, spec: PolicyS
     return max(gaps) if gaps else None
 
 
-async def _checkpoint(run: PolicyRun) -> str:
+async def save_policy_checkpoint(run: PolicyRun) -> str:
     """Weights, optimizer, RNG (trainer and engines) and the loop state, in the policy's folder; in-flight groups are recorded as dropped."""
     ledger = run.buffer.ledger()
     run.loop.next_problem = run.pool.next_index
@@ -264,7 +279,7 @@ async def _checkpoint(run: PolicyRun) -> str:
     return await run.trainer.call("save_checkpoint", run.loop, await run.pool.rng_states())
 
 
-def _accuracy_line(label: str, result: dict) -> str:
+def accuracy_line(label: str, result: dict) -> str:
     splits = ", ".join(f"{k} {v:.1%}" for k, v in result.get("accuracy_sampled_by_split", {}).items())
     return f"held-out accuracy {label}: greedy {result['accuracy_greedy']:.1%}, sampled {result['accuracy_sampled']:.1%}" + (f" ({splits})" if splits else "")
 
@@ -272,11 +287,11 @@ def _accuracy_line(label: str, result: dict) -> str:
 SAMPLE_GROUPS = 4  # groups per written step in samples.jsonl, each with all its episodes (run.samples_every)
 
 
-def _open_trackers(cfg: Config, run_dir: Path, first_step: int) -> MetricsWriter:
+def open_run_trackers(cfg: Config, run_dir: Path, first_step: int) -> MetricsWriter:
     return open_trackers(run_dir, cfg.run.trackers, first_step=first_step, run_name=run_dir.name, config=cfg.model_dump(mode="json"))
 
 
-async def _warm_start(trainer, metrics_log: MetricsWriter, poll_s: float = 0.5) -> dict:
+async def warm_start_logged(trainer, metrics_log: MetricsWriter, poll_s: float = 0.5) -> dict:
     """The trainer's SFT warm-start, its metric lines written through `metrics_log` as they come
     (polled every `poll_s` while it runs in the trainer's helper thread: `warm_start_live`)."""
     sft = asyncio.ensure_future(trainer.call("warm_start_live"))

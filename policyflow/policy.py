@@ -23,6 +23,7 @@ from policyflow.config_sections import (
     ModelConfig,
     SFTConfig,
     SamplingConfig,
+    SelfPlayConfig,
     TaskConfig,
     TrainConfig,
 )
@@ -53,6 +54,8 @@ class PolicySpec:
     threads: int  # run.threads (0: the process's share of the cores)
     progress: bool  # show progress bars
     cache_dir: Path  # caches shared by every run under run.output_dir (the search corpus index)
+    selfplay: SelfPlayConfig  # the run's self-play settings, which a job reads (the challenger's votes, RLT's λ)
+    job: str = "solve"  # what the policy does with its task (`selfplay.jobs.JOBS`): solve it, or write its problems, or explain its solutions
 
     @classmethod
     def of(cls, cfg: Config, role: str = ONE_ROLE, run_dir: Path | str | None = None) -> PolicySpec:
@@ -64,8 +67,8 @@ class PolicySpec:
         run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
         if cfg.roles and role == ONE_ROLE:
             raise ConfigError(
-                f"this config has roles ({', '.join(cfg.roles)}), which are read by the self-play trainers (R-Zero, RLT), not in this version yet; "
-                "train, sft and eval serve one policy: remove roles (its settings go at the top level) to run one"
+                f"this config has roles ({', '.join(cfg.roles)}), which only `policyflow train` runs (selfplay.method); "
+                "sft and eval serve one policy: remove roles (its settings go at the top level), or evaluate a role's checkpoint with --model"
             )
         sections = cfg.role_config(role) if cfg.roles else cfg  # run-level settings (seed, device, ...) are the same in both
         return cls(
@@ -73,5 +76,5 @@ class PolicySpec:
             model=sections.model, task=sections.task, sampling=sections.sampling, sft=sections.sft, train=sections.train,
             loss=sections.loss, advantage=sections.advantage, eval=sections.eval, agent=sections.agent,
             seed=cfg.run.seed, device=cfg.run.device, threads=cfg.run.threads, progress=cfg.run.progress,
-            cache_dir=Path(cfg.run.output_dir) / "cache",
+            cache_dir=Path(cfg.run.output_dir) / "cache", selfplay=cfg.selfplay,
         )

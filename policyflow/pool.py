@@ -66,13 +66,14 @@ class RolloutPool:
     def __init__(
         self, runtime: Runtime, spec: PolicySpec, pipeline: PipelineConfig, store, buffer: RolloutBuffer, *,
         next_index: int, worker_cls: type = RolloutWorker, rng_states: list | None = None, cpus: float = 1,
-        source: ProblemSource | None = None,
+        source: ProblemSource | None = None, worker_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.runtime, self.spec, self.pipeline, self.store, self.buffer = runtime, spec, pipeline, store, buffer
         self.next_index = next_index  # the first training problem never issued (LoopState.next_problem)
         self.source = source  # the problems, by issue index; None: the task's training set (built on first use)
         self._next_spec: GroupSpec | None = None
         self.worker_cls = worker_cls
+        self.worker_kwargs = dict(worker_kwargs or {})  # more constructor arguments of each worker (models=: frozen models)
         self.cpus = cpus
         self.restarts = 0
         self.slots: list[_Slot] = []
@@ -167,7 +168,7 @@ class RolloutPool:
         rng = self._rng_states[i] if generation == 0 and i < len(self._rng_states) else None
         handle = await self.runtime.spawn(
             self.worker_cls, self.spec, self.store, seed=seed, engine_slots=self.pipeline.engine_slots, rng=rng,
-            name=f"rollout-{i}", cpus=self.cpus,
+            name=f"rollout-{i}", cpus=self.cpus, **self.worker_kwargs,
         )
         return _Slot(i, handle, version=await handle.call("held_version"))
 

@@ -46,9 +46,9 @@ from policyflow.config import POLICY_SECTIONS, RUN_SECTIONS, Config, ConfigError
 
 LOCK_FILE = "run.lock"
 # What a run writes (deleted by run.overwrite=true) ...
-RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", "plot.png", "config.yaml", "checkpoints", "snapshots", "reference", "base", "tensorboard", "wandb", "view.html")
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", "plot.png", "config.yaml", "checkpoints", "snapshots", "reference", "base", "tensorboard", "wandb", "view.html", "selfplay.jsonl", "problems.jsonl")
 # ... and what makes a folder hold a run (a run that failed before its first metrics line left only config.yaml).
-RUN_MARKERS = ("metrics.jsonl", "samples.jsonl", "summary.json", "checkpoints")
+RUN_MARKERS = ("metrics.jsonl", "samples.jsonl", "summary.json", "checkpoints", "selfplay.jsonl")
 # Settings a resume may change (a trailing ".*" covers a whole section); every other change is refused.
 RESUMABLE = (
     "train.steps", "train.time_budget_s", "run.log_every", "run.samples_every", "run.progress", "run.threads",
@@ -119,6 +119,7 @@ class RunFolder:
     lock: RunLock
     checkpoint: Path | None = None
     notes: list[str] = field(default_factory=list)
+    role_checkpoints: dict[str, Path] = field(default_factory=dict)  # a run with roles: each role's checkpoint to resume from
     resume_overrides: dict[str, list] = field(default_factory=dict)  # setting -> [saved, now]
 
     def close(self) -> None:
@@ -143,9 +144,9 @@ def existing_run_files(run_dir: Path, names: tuple[str, ...] = RUN_FILES) -> lis
     return [name for name in names if (run_dir / name).exists()]
 
 
-def clear_run(run_dir: Path) -> list[str]:
-    """Delete an old run's files (run.overwrite=true); returns what was deleted."""
-    found = existing_run_files(run_dir)
+def clear_run(run_dir: Path, roles: tuple[str, ...] = ()) -> list[str]:
+    """Delete an old run's files, and the folders of `roles` (run.overwrite=true); returns what was deleted."""
+    found = existing_run_files(run_dir, RUN_FILES + roles)
     for name in found:
         target = run_dir / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
@@ -174,13 +175,14 @@ def open_run_folder(cfg: Config, resume: Path | None = None) -> RunFolder:
 
 
 def _prepare_fresh(cfg: Config, folder: RunFolder) -> None:
-    found = existing_run_files(folder.path, RUN_MARKERS)
+    roles = tuple(cfg.roles)
+    found = existing_run_files(folder.path, RUN_MARKERS + roles)
     if found and not cfg.run.overwrite:
         raise ConfigError(
             f"run folder {str(folder.path)!r} already holds a run ({', '.join(found)}); continue it with "
             f"`policyflow train --resume {folder.path}`, choose another run.name, or set run.overwrite=true to delete it first"
         )
-    deleted = clear_run(folder.path)
+    deleted = clear_run(folder.path, roles)
     if found:
         folder.notes.append(f"run.overwrite=true: deleted the previous run's {', '.join(deleted)} in {folder.path}")
 
@@ -195,6 +197,9 @@ def _prepare_resume(cfg: Config, folder: RunFolder) -> None:
             f"--resume cannot change {key} ({old!r} in the run's config.yaml, {new!r} now): the checkpoint was trained with "
             f"the saved value; a resume may change only {', '.join(RESUMABLE)} (a role's too: roles.<role>.train.steps); start a new run (another run.name) to change it"
         )
+    if cfg.roles:
+        _prepare_role_resume(cfg, folder)
+        return
     folder.checkpoint, notes = latest_good_checkpoint(folder.path)
     folder.notes += notes
     if folder.checkpoint is None:
@@ -205,6 +210,22 @@ def _prepare_resume(cfg: Config, folder: RunFolder) -> None:
         dropped = drop_lines_after(folder.path / name, step)
         if dropped:
             folder.notes.append(f"{name}: dropped {dropped} line(s) written after step {step} (they are run again)")
+
+
+def _prepare_role_resume(cfg: Config, folder: RunFolder) -> None:
+    """A run with roles resumes each role from its own newest good checkpoint (`<run>/<role>/checkpoints`);
+    each role's metric and sample lines written after it are dropped (they are run again)."""
+    for role in cfg.roles:
+        found, notes = latest_good_checkpoint(folder.path / role)
+        folder.notes += notes
+        if found is None:
+            raise ConfigError(f"--resume {str(folder.path)!r}: no checkpoint of role {role} under {folder.path / role / 'checkpoints'} (the run stopped before its warm-start ended); start a new run with another run.name")
+        folder.role_checkpoints[role] = found
+        step = int(found.name[5:])
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            dropped = drop_lines_after(folder.path / role / name, step)
+            if dropped:
+                folder.notes.append(f"{role}/{name}: dropped {dropped} line(s) written after step {step} (they are run again)")
 
 
 def resume_location(run_dir: Path) -> list[str]:

@@ -22,6 +22,7 @@ from policyflow.lora import is_adapter_folder, load_merged
 from policyflow.model import ModelLoadError, load_tokenizer, build_char_tokenizer, build_tiny, check_model_folder, load_pretrained
 from policyflow.policy import PolicySpec
 from policyflow.tasks import configured_task
+from policyflow.selfplay.jobs import job_task
 from policyflow.tasks.base import Problem, Task
 from policyflow.tasks.jsonl import RowFormat
 from policyflow.tasks.length import PromptFit
@@ -63,7 +64,7 @@ def build_task(spec: PolicySpec, tokenizer=None, context: int | None = None) -> 
 
     `tokenizer` and `context` (the model's max positions) default to those of model.path or the tiny model.
     """
-    task = configured_task(spec)
+    task = job_task(configured_task(spec), spec)  # the task as the policy's job uses it (R-Zero's challenger writes its problems)
     if tokenizer is None:
         tokenizer, context = _tokenizer_and_context(spec)
     if context:

@@ -34,6 +34,7 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from policyflow.agent.env import WorkerResources, group_builder
 from policyflow.checkpoint import LoopState, load_state, save_checkpoint, save_model_folder, set_rng_state, verify_checkpoint
 from policyflow.config import CheckpointConfig
 from policyflow.engine import AsyncEngine, SamplingParams
+from policyflow.frozen import FrozenModel, FrozenSource
 from policyflow.logging import Progress
 from policyflow.lora import RUN_BASE_REF, adapter_base_path, attach_lora, is_adapter_folder, is_lora, load_adapter, lora_weights
 from policyflow.model import load_pretrained, num_parameters
@@ -88,7 +90,8 @@ class RolloutWorker:
     sequences decoded at once (pipeline.engine_slots). Construct it inside the process (and
     loop) that runs it."""
 
-    def __init__(self, spec: PolicySpec, store, *, seed: int, engine_slots: int, rng: torch.Tensor | None = None) -> None:
+    def __init__(self, spec: PolicySpec, store, *, seed: int, engine_slots: int, rng: torch.Tensor | None = None,
+                 models: Mapping[str, FrozenSource] | None = None) -> None:
         model, self.tokenizer = load_policy(spec)
         self.spec = spec
         self.task = build_task(spec, self.tokenizer, model_context(model.config))
@@ -100,7 +103,8 @@ class RolloutWorker:
         self.engine = AsyncEngine(model, self.tokenizer, version=version, max_batch=engine_slots, generator=generator)
         self.engine.update_weights(state, version)
         self.runner = episode_runner(spec, self.engine, self.tokenizer, sampling_params(spec, self.task))
-        self.resources = WorkerResources(spec.role, generators={spec.role: self.engine}, tokenizer=self.tokenizer)
+        frozen = {name: FrozenModel.open(source, seed=seed) for name, source in (models or {}).items()}  # e.g. R-Zero's frozen solver
+        self.resources = WorkerResources(spec.role, generators={spec.role: self.engine}, tokenizer=self.tokenizer, models=frozen)
         self.task.attach(self.resources)  # once, before any group builder is made: rewards may come from a model
         self._open: dict[str, asyncio.Task] = {}  # task id -> the task running its group
         self._held: deque[GroupSpec] = deque()  # submitted during a drain: start after the swap
@@ -176,6 +180,8 @@ class RolloutWorker:
         for task in self._open.values():
             task.cancel()
         self.engine.close()
+        for frozen in self.resources.models.values():
+            frozen.close()
         self._news.set()
 
     # -- groups ------------------------------------------------------------------------------

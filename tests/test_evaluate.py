@@ -132,8 +132,8 @@ def test_sampled_episodes_do_not_depend_on_batching(small_config) -> None:
 
 
 def test_the_accuracy_line_names_each_split() -> None:
-    from policyflow.coordinator import _accuracy_line
+    from policyflow.coordinator import accuracy_line
 
     result = {"accuracy_greedy": 0.5, "accuracy_sampled": 0.25, "accuracy_sampled_by_split": {"one_lookup": 0.375, "two_lookups": 0.0}}
-    assert _accuracy_line("after RL", result) == "held-out accuracy after RL: greedy 50.0%, sampled 25.0% (one_lookup 37.5%, two_lookups 0.0%)"
-    assert _accuracy_line("after RL", {"accuracy_greedy": 0.5, "accuracy_sampled": 0.25}) == "held-out accuracy after RL: greedy 50.0%, sampled 25.0%"
+    assert accuracy_line("after RL", result) == "held-out accuracy after RL: greedy 50.0%, sampled 25.0% (one_lookup 37.5%, two_lookups 0.0%)"
+    assert accuracy_line("after RL", {"accuracy_greedy": 0.5, "accuracy_sampled": 0.25}) == "held-out accuracy after RL: greedy 50.0%, sampled 25.0%"

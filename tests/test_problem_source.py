@@ -89,7 +89,7 @@ B = 2
 async def _train(spec: PolicySpec, source: ProblemSource, *, steps: int, next_problem: int = 0, version: int = 0) -> tuple[list[tuple[str, str, str]], int]:
     """`steps` steps of the RL loop's shape (sync: η 0) against a real RolloutPool fed by `source`:
     the (task id, prompt, answer) of every trained group in order, and `next_problem` when it stopped
-    (what `coordinator._checkpoint` saves as `LoopState.next_problem`)."""
+    (what `coordinator.save_policy_checkpoint` saves as `LoopState.next_problem`)."""
     cfg = load_config(None, [*SMALL, "pipeline.rollout_workers=2"])
     buffer = RolloutBuffer(B, eta=0, start_version=version)
     pool = RolloutPool(InlineRuntime(), spec, cfg.pipeline, store=None, buffer=buffer, next_index=next_problem, worker_cls=EchoWorker, source=source)

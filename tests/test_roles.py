@@ -154,11 +154,14 @@ def test_train_refuses_roles_in_one_line_before_writing_anything(tmp_path: Path,
     runs = tmp_path / "runs"
     assert main(["train", f"run.output_dir={runs}", "roles.solver.train.lr=1e-5", "roles.challenger.task.name=countdown"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("policyflow: config error: this config has roles (solver, challenger), which are read by the self-play trainers (R-Zero, RLT), not in this version yet")
-    assert "\n" not in err and not runs.exists()
+    assert err == ("policyflow: config error: roles (solver, challenger) are trained by a self-play method: set selfplay.method=rzero "
+                   "(roles challenger and solver) or rlt (teacher and student), or remove roles")
+    assert not runs.exists()
+    assert main(["train", f"run.output_dir={runs}", "selfplay.method=rzero", "roles.solver.train.lr=1e-5"]) == 2
+    assert "selfplay.method=rzero runs the roles challenger and solver" in capsys.readouterr().err and not runs.exists()
     for command in (["sft"], ["eval"]):
         assert main([*command, f"run.output_dir={runs}", "roles.solver.train.lr=1e-5"]) == 2
-        assert "read by the self-play trainers" in capsys.readouterr().err and not runs.exists()
+        assert "which only `policyflow train` runs (selfplay.method); sft and eval serve one policy" in capsys.readouterr().err and not runs.exists()
 
 
 def test_resume_rules_apply_role_by_role(tmp_path: Path) -> None:
@@ -180,5 +183,5 @@ def test_resume_rules_apply_role_by_role(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         open_run_folder(_selfplay(tmp_path, "roles.teacher.train.lr=2e-5"), resume=saved.run_dir)
     assert str(err.value).startswith("--resume cannot change roles (['challenger', 'solver'] in the run's config.yaml, ['challenger', 'solver', 'teacher'] now)")
-    with pytest.raises(ConfigError, match="no checkpoint under"):  # the settings pass; only the checkpoint is missing
+    with pytest.raises(ConfigError, match="no checkpoint of role challenger under"):  # the settings pass; only the checkpoints are missing
         open_run_folder(_selfplay(tmp_path, "roles.solver.train.steps=9", "train.time_budget_s=60"), resume=saved.run_dir)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from policyflow.tasks.base import Problem, Score, Task, TaskError, check_batch, sample_distinct, sample_excluding, seeded_rng
 
 _LEADING_INTEGER = re.compile(r"-?[0-9]+")
+_WRITTEN = re.compile(r"([0-9]{1,9})\+([0-9]{1,9})=")  # a problem as a model writes it (`read_problem`)
 Operands = tuple[int, int]
 # The trivial set (`Task.trivial_problems`): sums a model should answer at once.
 TRIVIAL_SUMS: tuple[Operands, ...] = ((1, 1), (2, 2), (1, 2), (3, 1), (0, 0), (2, 5), (4, 4), (0, 7), (5, 3), (6, 1))
@@ -29,6 +30,18 @@ def _digit_range(digits: int) -> range:
 def _operand_key(pair: Operands) -> Operands:
     """The canonical key of an addition problem: the unordered operand pair."""
     return (min(pair), max(pair))
+
+
+def column_trace(a: int, b: int) -> str:
+    """Column addition of a+b from the units up, one `x+y[+1]=s` per column (the `+1` a carry), comma-separated."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        digits = [int(d[i]) for d in (da, db) if i < len(d)] + [1] * carry
+        total = sum(digits)
+        steps.append("+".join(map(str, digits)) + f"={total}")
+        carry = total // 10
+    return ",".join(steps)
 
 
 class ArithmeticTask(Task):
@@ -81,6 +94,31 @@ class ArithmeticTask(Task):
     def is_held_out(self, problem: Problem) -> bool:
         """Whether a problem's operand pair (in either order) belongs to the held-out set."""
         return _operand_key((problem.columns["a"], problem.columns["b"])) in self._held_out_keys
+
+    def read_problem(self, text: str) -> Problem | None:
+        """`a+b=` as written by a model: operands in digits, without leading zeros, of min..max digits,
+        and not a held-out pair in either order (those are never trained on); else None."""
+        match = _WRITTEN.fullmatch(text.strip())
+        if match is None:
+            return None
+        a, b = match.group(1), match.group(2)
+        allowed = range(self.min_digits, self.max_digits + 1)
+        if any(len(x) not in allowed or (len(x) > 1 and x[0] == "0") for x in (a, b)):
+            return None
+        if _operand_key((int(a), int(b))) in self._held_out_keys:
+            return None
+        return Problem(id=f"arithmetic:written:{a}+{b}", prompt=f"{a}+{b}=", answer="")
+
+    def true_answer(self, problem: Problem) -> str | None:
+        """The sum a written prompt `a+b=` asks for (R-Zero measures its pseudo-labels against it)."""
+        match = _WRITTEN.fullmatch(problem.prompt)
+        return str(int(match.group(1)) + int(match.group(2))) if match else None
+
+    def explanation(self, problem: Problem) -> str | None:
+        """The column additions from the units up, carry included: `47+85=` -> `"7+5=12,4+8+1=13"`
+        (`7+85=` -> `"7+5=12,8+1=9"`: a column with one digit adds only it). The sum is the last
+        column's result followed by the other columns' last digits, right to left (132)."""
+        return column_trace(problem.columns["a"], problem.columns["b"])
 
     def extract_answer(self, completion: str) -> str | None:
         """The leading integer after stripping whitespace (`" 357\\n"` -> `"357"`), or None."""

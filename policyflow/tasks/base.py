@@ -101,6 +101,12 @@ class Task(ABC):
         """The reference completion used for the supervised warm-start."""
         return problem.answer
 
+    def explanation(self, problem: Problem) -> str | None:
+        """A short worked explanation that leads from `problem`'s prompt to its answer (not the answer
+        itself), or None when the task has none (the default). RLT's teacher is warm-started on these
+        and its student reads them (`selfplay/teacher.py`); arithmetic writes a column-addition trace."""
+        return None
+
     def sft_problem(self, index: int) -> Problem:
         """The index-th warm-start problem; by default the index-th training problem (`sft.py`
         asks from index `SFT_PROBLEM_OFFSET` on, so RL starts on problems SFT never showed)."""
@@ -131,6 +137,19 @@ class Task(ABC):
         override it when other answers are right too (countdown: any valid expression).
         """
         return answer is not None and answer.strip() == problem.answer.strip()
+
+    def read_problem(self, text: str) -> Problem | None:
+        """A problem of this task written by a model (R-Zero's challenger: `selfplay/challenger.py`), read
+        from `text`: a Problem with an empty answer, or None when `text` is not a well-formed problem of
+        this task, or is one of its held-out problems (a run must never train on them). The default reads
+        none, so the task cannot be a challenger's: override it to make it one (arithmetic does)."""
+        return None
+
+    def true_answer(self, problem: Problem) -> str | None:
+        """The right answer of a problem made at run time, where the task can compute it (arithmetic:
+        the sum); None where it cannot (the default). Read only to measure how often pseudo-labels are
+        right (R-Zero's log); never by training."""
+        return None
 
     def trivial_problems(self) -> Sequence[Problem]:
         """Problems the model should answer at once ("1+1="): evaluation measures the tokens spent
