@@ -8,7 +8,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 PIP_CONSTRAINT_FLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 ARGS ?=
 
-.PHONY: install demo search-demo search-code-demo code-demo test test-slow bench clean
+.PHONY: install demo search-demo search-code-demo code-demo rzero-demo rlt-demo test test-slow bench clean
 
 $(VENV)/.installed-$(CONSTRAINTS): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ search-code-demo: install
 
 code-demo: install
 	$(PY) -m policyflow train --config configs/code.yaml run.overwrite=true $(ARGS)
+
+rzero-demo: install
+	$(PY) -m policyflow train --config configs/rzero.yaml run.overwrite=true $(ARGS)
+
+rlt-demo: install
+	$(PY) -m policyflow train --config configs/rlt.yaml run.overwrite=true $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from policyflow.buffer import RolloutBuffer
@@ -66,6 +67,7 @@ class SelfPlay:
         self.cfg, self.folder, self.stop, self.log = cfg, folder, stop, log
         p = cfg.pipeline
         self.threads = thread_share(cfg.run.threads, processes=1 + p.rollout_workers if p.runtime == "process" else 1)
+        torch.set_num_threads(self.threads if p.runtime == "inline" else 1)  # as `coordinator._run_rl`: the driver computes little in the process runtime
         self.runtime = make_runtime(p.runtime)
         self.roles: dict[str, Role] = {}
 
