@@ -160,7 +160,7 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
         "final_checkpoint": final,
         "steps": loop.step,
         "plot": str(plot) if plot else None,
-        "pipeline": {"mode": p.mode, "runtime": p.runtime, "eta": p.eta, "eta_hard": p.eta_hard, "swap": p.swap_mode, "max_lag": p.max_lag, "rollout_workers": p.rollout_workers},
+        "pipeline": pipeline_summary(p),
         "groups": {name: len(getattr(ledger, name)) for name in ("trained", "buffered", "running", "requeued", "filtered", "stale")},
         "async": {k: v for k, v in totals.of(buffer.metrics() | pool.metrics()).items() if k.startswith("async/")},
         "resume_overrides": folder.resume_overrides,
@@ -172,6 +172,11 @@ async def _run_rl(cfg: Config, folder: RunFolder, log, worker_cls: type, stop: S
     log(accuracy_line("after RL ", eval_after))
     log(f"plot: {plot}\nsummary: {run_dir / 'summary.json'}\ncheckpoint: {final}")
     return summary
+
+
+def pipeline_summary(p) -> dict:
+    """summary.json's `pipeline`: how the run's rollouts and training were scheduled (pipeline.*)."""
+    return {"mode": p.mode, "runtime": p.runtime, "eta": p.eta, "eta_hard": p.eta_hard, "swap": p.swap_mode, "max_lag": p.max_lag, "rollout_workers": p.rollout_workers}
 
 
 @dataclass

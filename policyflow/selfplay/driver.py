@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,10 +25,11 @@ import torch
 import yaml
 
 from policyflow.buffer import RolloutBuffer
-from policyflow.checkpoint import LoopState
+from policyflow.checkpoint import LoopState, latest_checkpoint
 from policyflow.config import Config
 from policyflow.coordinator import PolicyRun, accuracy_line, open_run_trackers, probe_engines, rl_step, save_policy_checkpoint, warm_start_logged
 from policyflow.evaluate import EvalResult
+from policyflow.frozen import FrozenSource
 from policyflow.logging import JsonlWriter, Progress, RunTotals
 from policyflow.policy import PolicySpec
 from policyflow.pool import RolloutPool
@@ -58,6 +60,16 @@ class Role:
         """Its current weights (version loop.version) in its store, where its engines and frozen copies read them."""
         if self.loop.version not in self.store:
             await self.trainer.call("publish")
+
+    async def frozen(self) -> FrozenSource:
+        """Its current weights as a frozen model's source (`frozen.FrozenModel.open`), published first."""
+        await self.publish()
+        return FrozenSource(self.spec, self.store)
+
+    def summary(self) -> dict:
+        """summary.json's section of this role."""
+        final = latest_checkpoint(self.spec.folder)
+        return {"steps": self.loop.step, "folder": str(self.spec.folder), "final_checkpoint": str(final) if final else None}
 
 
 class SelfPlay:
@@ -154,6 +166,14 @@ class SelfPlay:
         await self.runtime.shutdown()
         for role in self.roles.values():
             role.metrics.close()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`text` to `path` through a temporary file renamed into place: a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 async def _rzero(selfplay: SelfPlay) -> dict:

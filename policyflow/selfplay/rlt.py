@@ -30,19 +30,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 from dataclasses import asdict
 
 import torch
 
-from policyflow.checkpoint import latest_checkpoint
 from policyflow.engine import AsyncEngine, SamplingParams
 from policyflow.evaluate import evaluate
-from policyflow.frozen import FrozenModel, FrozenSource
+from policyflow.coordinator import pipeline_summary
+from policyflow.frozen import FrozenModel
 from policyflow.logging import read_jsonl
 from policyflow.policy import PolicySpec
 from policyflow.problems import Problem
-from policyflow.selfplay.driver import Role, SelfPlay
+from policyflow.selfplay.driver import Role, SelfPlay, write_atomic
 from policyflow.selfplay.teacher import StudentTask, TeacherTask, reference_explanation
 from policyflow.session import build_task, episode_runner, load_policy, sampling_params
 from policyflow.sft import warm_start
@@ -69,7 +68,7 @@ async def rlt(sp: SelfPlay) -> dict:
     distill_set = [inner.train_problem(DISTILL_OFFSET + i) for i in range(s.rlt_distill_problems)]
     before = await explanations(sp, teacher, inner, distill_set)  # step 0: the warm-started teacher
     if teacher.loop.step < steps:
-        await sp.phase(teacher, steps - teacher.loop.step, models={"student": await frozen_source(student)}, label="teacher RL")
+        await sp.phase(teacher, steps - teacher.loop.step, models={"student": await student.frozen()}, label="teacher RL")
     teacher_after = await sp.evaluate(teacher)
     after = await explanations(sp, teacher, inner, distill_set)
     tables = {"bare": None, "teacher_before_rl": before, "teacher_after_rl": after,
@@ -93,16 +92,11 @@ async def rlt(sp: SelfPlay) -> dict:
             "arms": arms,
         },
         "steps": teacher.loop.step,
-        "pipeline": {"mode": p.mode, "runtime": p.runtime, "eta": p.eta, "eta_hard": p.eta_hard, "swap": p.swap_mode, "max_lag": p.max_lag, "rollout_workers": p.rollout_workers},
-        "roles": {r.spec.role: _role_summary(r) for r in (teacher, student)},
+        "pipeline": pipeline_summary(p),
+        "roles": {r.spec.role: r.summary() for r in (teacher, student)},
         "resume_overrides": sp.folder.resume_overrides,
     }
 
-
-async def frozen_source(role: Role) -> FrozenSource:
-    """The role's current weights as a frozen model's source (published first, unless its store has them)."""
-    await role.publish()
-    return FrozenSource(role.spec, role.store)
 
 
 async def explanations(sp: SelfPlay, teacher: Role, inner: Task, problems: list[Problem]) -> dict[str, str]:
@@ -111,15 +105,12 @@ async def explanations(sp: SelfPlay, teacher: Role, inner: Task, problems: list[
     path = teacher.spec.folder / EXPLANATIONS_DIR / f"step-{teacher.loop.step}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    model = FrozenModel.open(await frozen_source(teacher), seed=sp.cfg.run.seed)
+    model = FrozenModel.open(await teacher.frozen(), seed=sp.cfg.run.seed)
     try:
         table = await explain_all(model, TeacherTask(inner, teacher.spec), problems)
     finally:
         model.close()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(table))
     return table
 
 
@@ -170,7 +161,3 @@ def window_means(steps: list[dict]) -> dict | None:
         return None
     return {key: sum(line[key] for line in steps) / len(steps) for key in ("reward", "r_ss", "r_kl")} | {"steps": [line["step"] for line in steps]}
 
-
-def _role_summary(role: Role) -> dict:
-    final = latest_checkpoint(role.spec.folder)
-    return {"steps": role.loop.step, "folder": str(role.spec.folder), "final_checkpoint": str(final) if final else None}

@@ -28,18 +28,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from policyflow.checkpoint import latest_checkpoint
 from policyflow.engine import SamplingParams
-from policyflow.frozen import FrozenModel, FrozenSource
+from policyflow.coordinator import pipeline_summary
+from policyflow.frozen import FrozenModel
 from policyflow.logging import JsonlWriter, read_jsonl
 from policyflow.problems import Problem
 from policyflow.selfplay.challenger import Vote, vote
-from policyflow.selfplay.driver import Role, SelfPlay
+from policyflow.selfplay.driver import Role, SelfPlay, write_atomic
 from policyflow.session import build_task
 from policyflow.tasks.base import Task
 from policyflow.tokens import task_prompt_ids
@@ -73,7 +72,7 @@ async def rzero(sp: SelfPlay) -> dict:
     log = JsonlWriter(log_path)
     for it in range(done, s.iterations):
         if challenger.loop.step < (it + 1) * Kc:
-            await sp.phase(challenger, (it + 1) * Kc - challenger.loop.step, models={"solver": await frozen_source(solver)}, label=f"challenger {it + 1}/{s.iterations}")
+            await sp.phase(challenger, (it + 1) * Kc - challenger.loop.step, models={"solver": await solver.frozen()}, label=f"challenger {it + 1}/{s.iterations}")
         problems, stats = await solver_set(sp, it, challenger, solver, task)
         sp.log(f"iteration {it + 1}: {stats['kept']} of {stats['distinct']} distinct problems kept (p̂ within ½ ± {s.band}); pseudo-labels right: {_share(stats['pseudo_label_accuracy'])}")
         await sp.phase(solver, (it + 1) * Ks - solver.loop.step, source=SetSource(problems), label=f"solver {it + 1}/{s.iterations}")
@@ -93,16 +92,11 @@ async def rzero(sp: SelfPlay) -> dict:
         "eval_after": eval_after,
         "iterations": iterations,
         "steps": challenger.loop.step + solver.loop.step,
-        "pipeline": {"mode": p.mode, "runtime": p.runtime, "eta": p.eta, "eta_hard": p.eta_hard, "swap": p.swap_mode, "max_lag": p.max_lag, "rollout_workers": p.rollout_workers},
-        "roles": {r.spec.role: _role_summary(r) for r in (challenger, solver)},
+        "pipeline": pipeline_summary(p),
+        "roles": {r.spec.role: r.summary() for r in (challenger, solver)},
         "resume_overrides": sp.folder.resume_overrides,
     }
 
-
-async def frozen_source(role: Role) -> FrozenSource:
-    """The role's current weights as a frozen model's source (published first: its store holds them)."""
-    await role.publish()
-    return FrozenSource(role.spec, role.store)
 
 
 async def solver_set(sp: SelfPlay, it: int, challenger: Role, solver: Role, task: Task) -> tuple[list[Problem], dict]:
@@ -113,8 +107,8 @@ async def solver_set(sp: SelfPlay, it: int, challenger: Role, solver: Role, task
         record = json.loads(path.read_text())
         return [Problem(p["id"], p["prompt"], p["answer"], p.get("metadata") or {}) for p in record["problems"]], record["stats"]
     s = sp.cfg.selfplay
-    writer = FrozenModel.open(await frozen_source(challenger), seed=sp.cfg.run.seed)
-    judge = FrozenModel.open(await frozen_source(solver), seed=sp.cfg.run.seed)
+    writer = FrozenModel.open(await challenger.frozen(), seed=sp.cfg.run.seed)
+    judge = FrozenModel.open(await solver.frozen(), seed=sp.cfg.run.seed)
     try:
         written = await write_problems(writer, build_task(challenger.spec), s.questions, _seed(sp.cfg.run.seed, "write", it))
         distinct = list({p.prompt: p for p in written if p is not None}.values())
@@ -132,7 +126,7 @@ async def solver_set(sp: SelfPlay, it: int, challenger: Role, solver: Role, task
     problems = [Problem(f"rzero:{it + 1}:{k}", p.prompt, v.label, {"p_hat": v.p_hat}) for k, (p, v) in enumerate(kept)]
     stats = set_statistics(task, written, distinct, votes, kept, s.votes)
     record = {"stats": stats, "problems": [{"id": p.id, "prompt": p.prompt, "answer": p.answer, "metadata": dict(p.columns)} for p in problems]}
-    _write_atomic(path, json.dumps(record))
+    write_atomic(path, json.dumps(record))
     return problems, stats
 
 
@@ -172,10 +166,6 @@ def _challenger_reward(challenger: Role, it: int, Kc: int) -> float | None:
     return sum(line["rollout/reward_mean"] for line in lines) / len(lines) if lines else None
 
 
-def _role_summary(role: Role) -> dict:
-    final = latest_checkpoint(role.spec.folder)
-    return {"steps": role.loop.step, "folder": str(role.spec.folder), "final_checkpoint": str(final) if final else None}
-
 
 def _seed(seed: int, what: str, it: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}/{what}/{it}".encode(), digest_size=6).digest(), "big")
@@ -189,11 +179,5 @@ def _keep_lines(path: Path, keep) -> None:
     """Rewrite a JSONL log with only the lines `keep` accepts (a resume runs the others again)."""
     if path.is_file():
         lines = [line for line in read_jsonl(path) if keep(line)]
-        _write_atomic(path, "".join(json.dumps(line) + "\n" for line in lines))
+        write_atomic(path, "".join(json.dumps(line) + "\n" for line in lines))
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
