@@ -126,8 +126,7 @@ class SelfPlay:
         its workers holding the frozen models `models` (name -> `frozen.FrozenSource`); the role is
         checkpointed at the end. Returns the steps' metric lines (also written to its metrics)."""
         spec, p, loop = role.spec, self.cfg.pipeline, role.loop
-        if role.store.latest_version != loop.version:  # start() or the last phase may have published it already
-            await role.publish()  # version loop.version, which the phase's engines start from
+        await role.publish()  # version loop.version, which the phase's engines start from
         buffer = RolloutBuffer(
             spec.train.prompts_per_step, p.eta, p.eta_hard, filters=("dynamic_sampling",) if spec.train.dynamic_sampling else (),
             refill_limit=spec.train.max_resample_rounds * spec.train.prompts_per_step, start_version=loop.version,

@@ -98,7 +98,6 @@ async def rlt(sp: SelfPlay) -> dict:
     }
 
 
-
 async def explanations(sp: SelfPlay, teacher: Role, inner: Task, problems: list[Problem]) -> dict[str, str]:
     """The teacher's greedy explanation of each problem with its current weights, by problem id; recorded in
     <run>/teacher/explanations/step-<N>.json (N: its RL steps) and read back from there by a resumed run."""

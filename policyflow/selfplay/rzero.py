@@ -98,7 +98,6 @@ async def rzero(sp: SelfPlay) -> dict:
     }
 
 
-
 async def solver_set(sp: SelfPlay, it: int, challenger: Role, solver: Role, task: Task) -> tuple[list[Problem], dict]:
     """Iteration `it`'s pseudo-labelled problems and their statistics: read back when recorded (a
     resume), else made by the frozen challenger and solver and recorded before any is trained on."""
@@ -164,7 +163,6 @@ def _challenger_reward(challenger: Role, it: int, Kc: int) -> float | None:
     """The mean training reward of the challenger's steps in iteration `it` (from its metrics.jsonl)."""
     lines = [line for line in read_jsonl(challenger.spec.folder / "metrics.jsonl") if it * Kc < line.get("step", 0) <= (it + 1) * Kc and "rollout/reward_mean" in line]
     return sum(line["rollout/reward_mean"] for line in lines) / len(lines) if lines else None
-
 
 
 def _seed(seed: int, what: str, it: int) -> int:
