@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import sacrebleu
 
-from policyflow.agent.env import EnvGroupBuilder, GroupScore, SingleTurnEnv
+from policyflow.agent.env import EnvGroupBuilder, GroupScore, SingleTurnGroupBuilder
 from policyflow.engine import SamplingParams
 from policyflow.problems import Problem, Score
 from policyflow.tasks.base import Task, TaskError
@@ -165,14 +165,8 @@ class ChallengerTask(Task):
         return ChallengerGroup(self, problem)
 
 
-class ChallengerGroup(EnvGroupBuilder):
+class ChallengerGroup(SingleTurnGroupBuilder):
     """G problems written for one prompt, rewarded together (the repetition penalty compares them)."""
-
-    def __init__(self, task: ChallengerTask, problem: Problem) -> None:
-        self.task, self.problem = task, problem
-
-    async def make_envs(self, n: int) -> list[SingleTurnEnv]:
-        return [SingleTurnEnv(self.task, self.problem) for _ in range(n)]
 
     async def score_group(self, trajectories) -> GroupScore:
         task, s = self.task, self.task.settings

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from policyflow.agent.env import EnvGroupBuilder, GroupScore, SingleTurnEnv, SingleTurnGroupBuilder
+from policyflow.agent.env import EnvGroupBuilder, GroupScore, SingleTurnGroupBuilder
 from policyflow.problems import Problem, Score
 from policyflow.selfplay.rlt_reward import pad_rows, rlt_rewards, token_kl, token_logprobs
 from policyflow.tasks.base import Task, TaskError, check_batch
@@ -104,14 +104,8 @@ class TeacherTask(Task):
         return TeacherGroup(self, problem)
 
 
-class TeacherGroup(EnvGroupBuilder):
+class TeacherGroup(SingleTurnGroupBuilder):
     """The G explanations of one problem, scored together (two batched forwards)."""
-
-    def __init__(self, task: TeacherTask, problem: Problem) -> None:
-        self.task, self.problem = task, problem
-
-    async def make_envs(self, n: int) -> list[SingleTurnEnv]:
-        return [SingleTurnEnv(self.task, self.problem) for _ in range(n)]
 
     async def score_group(self, trajectories) -> GroupScore:
         task, resources, s = self.task, self.task.resources, self.task.settings
