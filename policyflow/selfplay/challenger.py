@@ -3,7 +3,7 @@ rewarded for problems at the edge of a frozen solver's ability.
 
 For each problem the challenger writes, the frozen solver answers it m times (`selfplay.votes`);
 the most common answer is the pseudo-label and p̂ the share of the m answers that agree with it
-(`vote`). The challenger's reward (the paper's §3.2) is
+(`vote`). The challenger's reward, as the paper defines it, is
 
     r = 0                                  if the text is not a well-formed problem of the task
                                            (`Task.read_problem`: the format gate), else
