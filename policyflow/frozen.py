@@ -50,7 +50,7 @@ class FrozenModel:
         self.max_batch = max_batch
         self._pending: list[tuple[list[int], asyncio.Future]] = []
         self._flush: asyncio.Handle | None = None
-        self.forwards = 0  # batched forward passes run (a test and the metrics read it)
+        self.forwards = 0  # batched forward passes run (tests count them)
 
     @classmethod
     def open(cls, source: FrozenSource, *, seed: int = 0) -> FrozenModel:
@@ -62,10 +62,6 @@ class FrozenModel:
         frozen = cls(model, tokenizer, spec=source.spec, version=version, seed=seed)
         frozen.update(state, version)
         return frozen
-
-    @property
-    def version(self) -> int:
-        return self.engine.version
 
     def update(self, state_dict, version: int) -> None:
         """Take new weights (a state dict in the model's names, or a store's LoRA snapshot) as `version`."""

@@ -121,10 +121,10 @@ class SelfPlay:
             self.log(f"{name}: " + accuracy_line("before self-play", role.loop.eval_before))
         await role.trainer.call("save_checkpoint", role.loop, [])
 
-    async def phase(self, role: Role, steps: int, *, source: ProblemSource | None = None, models: dict | None = None, label: str = "") -> list[dict]:
+    async def phase(self, role: Role, steps: int, *, source: ProblemSource | None = None, models: dict | None = None, label: str = "") -> None:
         """`steps` RL steps of `role` on problems from `source` (default: its task's training set),
-        its workers holding the frozen models `models` (name -> `frozen.FrozenSource`); the role is
-        checkpointed at the end. Returns the steps' metric lines (also written to its metrics)."""
+        its workers holding the frozen models `models` (name -> `frozen.FrozenSource`), each step's
+        metric line written to the role's metrics; the role is checkpointed at the end."""
         spec, p, loop = role.spec, self.cfg.pipeline, role.loop
         await role.publish()  # version loop.version, which the phase's engines start from
         buffer = RolloutBuffer(
@@ -136,7 +136,6 @@ class SelfPlay:
         run = PolicyRun(spec, role.trainer, pool, buffer, loop, RunTotals(loop.counters), role.samples_log,
                         Progress(loop.step + steps, loop.step, spec.progress, desc=label or spec.role),
                         checkpoint_every=self.cfg.checkpoint.every, samples_every=self.cfg.run.samples_every, wall_start=role.wall_start)
-        lines: list[dict] = []
         self.stop.graceful = True  # from here Ctrl-C finishes the current step, checkpoints the role and stops
         try:
             await pool.start(before_producing=lambda: probe_engines(role.trainer, pool, loop.version, spec))
@@ -145,7 +144,6 @@ class SelfPlay:
                 if line is None:
                     break
                 role.metrics.write(line)
-                lines.append(line)
                 if self.stop.requested:
                     break
             run.progress.close()
@@ -156,7 +154,6 @@ class SelfPlay:
             await pool.stop()
         if self.stop.requested:
             raise RunInterrupted(f"interrupted at {spec.role} step {loop.step}; resume with `policyflow train --resume {self.folder.path}`", self.stop.signum)
-        return lines
 
     async def evaluate(self, role: Role) -> dict:
         return await role.trainer.call("evaluate")
